@@ -1,0 +1,129 @@
+"""Training checkpoints: complete, atomic, newest-complete-wins.
+
+Layout (``<run_dir>/checkpoints``)::
+
+    step-00001000/state.pt        models, EMA, optimisers, scaler, step, config (rank 0)
+    step-00001000/rng-rank0.pt    RNG states of every rank (one file each)
+    step-00001000/meta.json       written last inside the folder
+    .tmp-step-00001000/           a checkpoint being written; renamed when complete
+
+A folder named ``step-*`` only ever appears by an atomic rename of a finished temp folder,
+so a kill at any moment leaves either the previous set of checkpoints or the new one.
+All ranks must call :func:`save` (each writes its RNG file); the run folder must be on a
+filesystem every rank sees (the usual shared cluster filesystem).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the run."""
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_complete(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / "meta.json").is_file() and (p / "state.pt").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    done = list_complete(run_dir)
+    return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict, *,
+         rank: int, barrier: Callable[[], None], keep_last: int) -> Path:
+    """Write checkpoint ``step`` collectively; returns its final folder.
+
+    ``state_fn`` is called on rank 0 only (it gathers the model/optimizer state);
+    ``extra_rng`` holds per-rank generator states beyond the global ones.
+    """
+    root = ckpt_root(run_dir)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    barrier()
+    torch.save({**rng_state(), "extra": extra_rng}, tmp / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        torch.save(state_fn(), tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+        if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_complete(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def resolve(run_dir: str | Path, resume: str) -> Path | None:
+    """``auto`` -> newest complete checkpoint (or None); ``none`` -> None; else a path."""
+    if resume in ("", "none", "no"):
+        return None
+    if resume == "auto":
+        return latest(run_dir)
+    p = Path(resume)
+    if p.is_dir() and (p / "state.pt").is_file() and (p / "meta.json").is_file():
+        return p
+    if p.is_dir() and latest(p) is not None:  # a run folder was given
+        return latest(p)
+    raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (needs state.pt and meta.json)")
+
+
+def load(path: Path, rank: int) -> tuple[dict, dict | None]:
+    """Load the shared state and this rank's RNG file (None if the world size changed)."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}/state.pt: cannot be read ({e})") from e
+    rng_file = path / f"rng-rank{rank}.pt"
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    return state, rng

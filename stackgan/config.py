@@ -1,0 +1,281 @@
+"""Typed experiment configuration: every knob of a run, documented in one place.
+
+A run is described by one :class:`Config` built from a YAML file in ``configs/`` plus
+dotted ``key=value`` overrides from the command line (``optim.lr_g=5e-4``). Unknown keys
+and values of the wrong type are refused with a message that names the key, before any
+expensive work starts. The resolved config is written next to every output
+(``config.yaml`` in the run folder, and inside every checkpoint and export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (names the key)."""
+
+
+# --------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards
+    split: str = "train"  # split the trainer streams from
+    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    num_workers: int = 2  # loader worker processes per training process
+    shuffle_buffer: int = 1000  # samples held for shuffling (per worker)
+    emb_mode: Literal["one", "mean"] = "one"  # one of the 10 captions, or mean of emb_k
+    emb_k: int = 4  # captions averaged when emb_mode=mean (TF StackGAN uses 4)
+    on_corrupt: Literal["raise", "skip"] = "raise"  # corrupt shard: stop naming it, or skip + count
+    fixed_samples: int = 8  # captions used for the fixed-noise sample grids
+
+
+@dataclass
+class ModelConfig:
+    stage: Literal[1, 2] = 1
+    z_dim: int = 100  # noise dimension (Z_DIM)
+    cond_dim: int = 128  # conditioning-augmentation output (EMBEDDING_DIM / ef_dim)
+    gf_dim: int = 128  # generator base filters (GF_DIM)
+    df_dim: int = 64  # discriminator base filters (DF_DIM)
+    r_num: int = 4  # residual blocks in the stage-II generator
+    text_dim: int = 0  # 0 = take it from the shard metadata
+    spectral_norm: bool = False  # spectral norm on D's convolutions (stabiliser)
+    stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["bce", "hinge"] = "bce"  # bce = official StackGAN; hinge = stabiliser option
+    wrong: Literal["class", "shift", "perm"] = "class"  # how mismatched (wrong) pairs are drawn
+    kl_coef: float = 2.0  # weight of the conditioning-augmentation KL term in G's loss
+    uncond_coef: float = 1.0  # stage II: weight of the unconditional head (official: 1)
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lr_decay_epochs: float = 50.0  # halve both LRs every this many epochs (0 = never)
+    lr_decay_factor: float = 0.5
+    ema_decay: float = 0.999  # EMA of G's weights used for sampling (0 = off)
+    ema_start: int = 0  # steps before EMA starts tracking (copies G until then)
+    fused: bool = True  # fused / foreach Adam where the device supports it
+    grad_clip: float = 0.0  # clip grad norm of both nets (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/stage1"
+    seed: int = 0
+    steps: int = 0  # optimizer updates; 0 = derive from epochs and the shard metadata
+    epochs: float = 600.0  # StackGAN's unit, converted to steps when steps=0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    channels_last: bool = True
+    compile: bool = False  # torch.compile G and D
+    log_every: int = 50  # status line, JSONL, TensorBoard scalars
+    diag_every: int = 200  # D(real/wrong/fake), grad norms, diversity score
+    sample_every: int = 500  # fixed-noise sample grid
+    ckpt_every: int = 1000
+    keep_last: int = 3  # checkpoints kept in run_dir/checkpoints
+    diversity_warn: float = 0.05  # warn when the diversity score falls below this
+    tqdm: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overriding, checking
+# --------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only what is lossless."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        for a in allowed:  # "1" from the command line matches Literal[1]
+            if value == a or (isinstance(value, str) and not isinstance(a, str) and value == str(a)):
+                return a
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got str {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key}: NaN is not a valid value")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r} (known here: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {v!r}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, (dict,)):  # keep "a=b: c" literal
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a YAML file (optional) and ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        try:
+            _apply(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    for text in overrides:
+        parts, value = _parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        try:
+            _apply(cfg, nested)
+        except ConfigError as e:
+            raise ConfigError(f"command-line override {text!r}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type annotation cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "model.z_dim": cfg.model.z_dim,
+        "model.cond_dim": cfg.model.cond_dim,
+        "model.gf_dim": cfg.model.gf_dim,
+        "model.df_dim": cfg.model.df_dim,
+        "train.log_every": cfg.train.log_every,
+        "train.diag_every": cfg.train.diag_every,
+        "train.sample_every": cfg.train.sample_every,
+        "train.ckpt_every": cfg.train.ckpt_every,
+        "train.keep_last": cfg.train.keep_last,
+    }
+    for k, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    for k, v in {"optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d}.items():
+        if not v > 0:
+            raise ConfigError(f"{k} must be > 0, got {v}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+    if cfg.model.stage == 2 and cfg.model.gf_dim % 4:
+        raise ConfigError(f"model.gf_dim must be divisible by 4 for stage II, got {cfg.model.gf_dim}")
+    if cfg.model.stage == 1 and cfg.model.gf_dim % 2:
+        raise ConfigError(f"model.gf_dim must be even, got {cfg.model.gf_dim}")
+    if cfg.train.steps < 0 or cfg.train.epochs < 0:
+        raise ConfigError("train.steps and train.epochs must be >= 0")
+    if cfg.train.steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("set train.steps or train.epochs")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config saved by :func:`to_dict` (checkpoints, exports), with checking."""
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)
+
+
+def image_size(stage: int) -> int:
+    """Training resolution of a stage (StackGAN: 64 then 256)."""
+    return 64 if stage == 1 else 256

@@ -1,0 +1,1 @@
+"""Data: CUB/StackGAN layout reader, embedded bird set, shard preparation, training stream."""

@@ -1,0 +1,130 @@
+"""Shard-set metadata: the one file that describes a prepared shard folder.
+
+Layout of a prepared folder (written by ``shards/prepare.py``)::
+
+    <dir>/metadata.json
+    <dir>/train-000000.tar, train-000001.tar, ...
+    <dir>/test-000000.tar, ...
+
+One sample in a shard (webdataset convention: files sharing a ``__key__``):
+
+    ``__key__``   ``s0000123`` (running index, unique within the split)
+    ``name.txt``  the StackGAN key, e.g. ``002.Laysan_Albatross/Laysan_Albatross_0002_1027``
+    ``76.jpg``    bbox crop resized to 76x76 (stage I random-crops 64 from it)
+    ``304.jpg``   bbox crop resized to 304x304 (stage II random-crops 256)
+    ``emb.npy``   float32 (10, text_dim) caption embeddings
+    ``txt.json``  list of the 10 captions
+    ``cls``       class id (CUB's 1-based id, ASCII)
+    ``attr.npy``  uint8 (num_attributes,) attribute labels, when the source has them
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "stackgan-shards/1"
+
+
+class ShardError(RuntimeError):
+    """A shard folder or shard file that cannot be used (names the file)."""
+
+
+@dataclass
+class ShardInfo:
+    name: str  # file name relative to the shard folder
+    num_samples: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int
+    classes: list[int]  # class ids present in this split
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class ShardMeta:
+    root: Path
+    encoder: str  # text encoder the embeddings come from, e.g. "char-CNN-RNN"
+    text_dim: int
+    image_sizes: list[int]  # e.g. [76, 304]
+    captions_per_image: int
+    splits: dict[str, SplitInfo]
+    class_names: dict[int, str]
+    attributes: list[str]  # attribute names (CUB attributes.txt order), may be empty
+    source: dict = field(default_factory=dict)  # where the data came from (free form)
+
+    def urls(self, split: str) -> list[str]:
+        """Local paths of a split's shards, in order."""
+        if split not in self.splits:
+            raise ShardError(f"{self.root}/metadata.json has no split {split!r} (has {sorted(self.splits)})")
+        return [str(self.root / s.name) for s in self.splits[split].shards]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "encoder": {"name": self.encoder, "dim": self.text_dim},
+            "image_sizes": self.image_sizes,
+            "captions_per_image": self.captions_per_image,
+            "splits": {
+                k: {
+                    "num_samples": v.num_samples,
+                    "classes": v.classes,
+                    "shards": [s.__dict__ for s in v.shards],
+                }
+                for k, v in self.splits.items()
+            },
+            "class_names": {str(k): v for k, v in self.class_names.items()},
+            "attributes": self.attributes,
+            "source": self.source,
+        }
+
+
+def load_metadata(root: str | Path) -> ShardMeta:
+    """Read ``<root>/metadata.json``; a clear error if the folder is not a shard set."""
+    root = Path(root)
+    path = root / "metadata.json"
+    if not path.is_file():
+        raise ShardError(
+            f"{path} not found: {root} is not a prepared shard folder "
+            "(run `python shards/prepare.py --help`)"
+        )
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from e
+    if d.get("format") != FORMAT:
+        raise ShardError(f"{path}: format {d.get('format')!r}, expected {FORMAT!r}")
+    try:
+        splits = {
+            k: SplitInfo(
+                num_samples=int(v["num_samples"]),
+                classes=[int(c) for c in v["classes"]],
+                shards=[ShardInfo(**s) for s in v["shards"]],
+            )
+            for k, v in d["splits"].items()
+        }
+        return ShardMeta(
+            root=root,
+            encoder=d["encoder"]["name"],
+            text_dim=int(d["encoder"]["dim"]),
+            image_sizes=[int(s) for s in d["image_sizes"]],
+            captions_per_image=int(d["captions_per_image"]),
+            splits=splits,
+            class_names={int(k): v for k, v in d["class_names"].items()},
+            attributes=list(d.get("attributes") or []),
+            source=dict(d.get("source") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: missing or malformed field ({e!r})") from e
+
+
+def write_metadata(meta: ShardMeta) -> Path:
+    """Write metadata.json atomically (temp file + rename)."""
+    path = Path(meta.root) / "metadata.json"
+    tmp = path.with_name("metadata.json.tmp")
+    tmp.write_text(json.dumps(meta.to_json(), indent=1))
+    tmp.replace(path)
+    return path

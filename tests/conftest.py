@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny embedded bird set, prepared into real shards once per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cmd(args: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command from the repo root; show its output when it fails."""
+    env = {**os.environ, **kw.pop("env", {})}
+    p = subprocess.run(args, cwd=kw.pop("cwd", ROOT), env=env, capture_output=True, text=True, **kw)
+    if p.returncode != 0 and kw.get("check", True):
+        pass
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_birds(tmp_path_factory) -> Path:
+    """A 6-species x 6-image embedded set in the real CUB + StackGAN layout."""
+    out = tmp_path_factory.mktemp("birds")
+    p = run_cmd([sys.executable, "-m", "stackgan.data.birds", "--out", str(out), "--species", "6",
+                 "--images-per-species", "6", "--seed", "0"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_birds, tmp_path_factory) -> Path:
+    """The tiny set packed into webdataset shards (train + test) by shards/prepare.py."""
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    p = run_cmd([sys.executable, "shards/prepare.py", "--cub-root", str(tiny_birds / "CUB_200_2011"),
+                 "--birds-root", str(tiny_birds / "birds"), "--out", str(out), "--shard-size", "8",
+                 "--workers", "1"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    return out
