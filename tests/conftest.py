@@ -24,7 +24,7 @@ def run_cmd(args: list[str], **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_birds(tmp_path_factory) -> Path:
     """A 6-species x 6-image embedded set in the real CUB + StackGAN layout."""
-    out = tmp_path_factory.mktemp("birds")
+    out = tmp_path_factory.mktemp("birds") / "set"
     p = run_cmd([sys.executable, "-m", "stackgan.data.birds", "--out", str(out), "--species", "6",
                  "--images-per-species", "6", "--seed", "0"])
     assert p.returncode == 0, p.stdout + p.stderr

@@ -1,0 +1,84 @@
+"""Exponential moving average of the generator's weights, used for sampling.
+
+GAN generators oscillate; an EMA of their weights gives steadier, usually better samples
+at no training cost. The EMA model is a frozen deep copy of the *unwrapped* generator
+(DDP / ``torch.compile`` wrappers are peeled off), kept in eval mode. Before ``start``
+steps it simply copies the weights; after that ``ema = decay * ema + (1 - decay) * w``.
+Buffers (BatchNorm running statistics) and frozen parameters (the Stage-I generator inside
+a Stage-II generator) are copied, never averaged, so they stay bit-identical.
+The copy lives on the device the model was on when the EMA was made (move it with
+``ema.model.to(...)``); updates work across devices.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+__all__ = ["EMA", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Peel DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.999, start: int = 0):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA: decay must be in [0, 1), got {decay}")
+        if start < 0:
+            raise ValueError(f"EMA: start must be >= 0, got {start}")
+        self.decay, self.start = float(decay), int(start)
+        self.model = copy.deepcopy(unwrap(model))
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged generator (alias of ``model``)."""
+        return self.model
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold the current weights of ``model`` in; ``step`` is the optimizer step just done."""
+        src = unwrap(model)
+        ema_p = dict(self.model.named_parameters())
+        src_p = dict(src.named_parameters())
+        if ema_p.keys() != src_p.keys():
+            missing = sorted(set(ema_p) ^ set(src_p))[:5]
+            raise ValueError(f"EMA.update: model parameters differ from the EMA copy's (e.g. {missing})")
+        avg_e, avg_s, copy_e, copy_s = [], [], [], []
+        for name, pe in ema_p.items():
+            ps = src_p[name]
+            if step >= self.start and ps.requires_grad and pe.is_floating_point():
+                avg_e.append(pe)
+                avg_s.append(ps.detach().to(device=pe.device, dtype=pe.dtype))
+            else:
+                copy_e.append(pe)
+                copy_s.append(ps.detach())
+        if avg_e:
+            torch._foreach_lerp_(avg_e, avg_s, 1.0 - self.decay)
+        for pe, ps in zip(copy_e, copy_s):
+            pe.copy_(ps)
+        for (ne, be), (ns, bs) in zip(self.model.named_buffers(), src.named_buffers()):
+            if ne != ns:
+                raise ValueError(f"EMA.update: buffer {ns!r} does not match the EMA copy's {ne!r}")
+            be.copy_(bs)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "start": self.start, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"decay", "start", "model"} - set(state)
+        if missing:
+            raise ValueError(f"EMA.load_state_dict: state lacks {sorted(missing)}")
+        self.decay, self.start = float(state["decay"]), int(state["start"])
+        self.model.load_state_dict(state["model"])

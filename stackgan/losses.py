@@ -1,0 +1,171 @@
+"""StackGAN losses: matching-aware D loss, G loss, CA-Net KL, and wrong-pair selection.
+
+Everything works on logits (``binary_cross_entropy_with_logits``), in float32 whatever
+the autocast dtype of the logits, so the losses are safe under bf16/fp16 autocast.
+
+Official weights (StackGAN-Pytorch ``compute_discriminator_loss``)::
+
+    stage I  (no uncond head):  errD = real + (wrong + fake) / 2
+    stage II (uncond head):     errD = (real + u_real) / 2 + (fake + wrong + u_fake) / 3
+
+``uncond_coef`` (u) weighs the unconditional terms inside those two averages:
+``(real + u*u_real) / (1 + u) + (fake + wrong + u*u_fake) / (2 + u)``. At u = 1 this is
+exactly the official stage-II loss, at u = 0 exactly the stage-I one, so the balance
+between the real and the mismatched/fake side stays fixed. G (official
+``compute_generator_loss``): ``bce(fake, 1) + u * bce(u_fake, 1)``; the trainer adds
+``kl_coef * kl_loss(mu, logvar)``.
+
+Hinge option: the same structure with ``relu(1 - x)`` for real terms and ``relu(1 + x)``
+for wrong/fake terms; G minimises ``-mean(fake) - u * mean(u_fake)``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for the trainer)
+from stackgan.models import DOut
+
+__all__ = ["WrongPairs", "d_loss", "diversity_score", "g_loss", "kl_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
+
+LOSS_KINDS = ("bce", "hinge")
+WRONG_MODES = ("class", "shift", "perm")
+
+
+def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)), averaged over all elements (official)."""
+    if mu.shape != logvar.shape:
+        raise ValueError(f"kl_loss: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} differ in shape")
+    mu, logvar = mu.float(), logvar.float()
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean()
+
+
+# --------------------------------------------------------------------------------------
+# Wrong (mismatched) pairs
+# --------------------------------------------------------------------------------------
+class WrongPairs(NamedTuple):
+    """``index[i]``: whose condition is paired with real image i as a mismatched pair.
+
+    ``same_class``: how many of those pairs share the image's class (for ``class`` mode
+    these are the shift fallbacks of a batch where some class fills the batch; for
+    ``shift``/``perm`` it is a diagnostic). Unpack as ``idx, n_same = wrong_indices(...)``.
+    """
+
+    index: Tensor
+    same_class: int
+
+
+def wrong_indices(cls: Tensor, mode: str, generator: torch.Generator | None = None) -> WrongPairs:
+    """Pick the wrong condition for every real image of a batch.
+
+    * ``shift``: j = (i + 1) % B (the official PyTorch code pairs image i with text i+1);
+    * ``perm``: a uniformly random permutation (the seed; may pair i with itself);
+    * ``class``: a uniformly random j with ``cls[j] != cls[i]`` (official TensorFlow draws
+      wrong images of another class); where no such j exists, falls back to shift.
+
+    Random draws come from ``generator`` (else the global RNG of ``cls``'s device); the
+    number of draws does not depend on the labels, so the RNG stream stays reproducible.
+    """
+    if mode not in WRONG_MODES:
+        raise ValueError(f"wrong_indices: mode must be one of {WRONG_MODES}, got {mode!r}")
+    if cls.dim() != 1 or cls.numel() == 0 or cls.dtype.is_floating_point:
+        raise ValueError(f"wrong_indices: cls must be a non-empty 1-D integer tensor, got {cls.dtype} {tuple(cls.shape)}")
+    dev = generator.device if generator is not None else cls.device
+    c = cls.to(dev)
+    b = c.numel()
+    shift = (torch.arange(b, device=dev) + 1) % b
+    if mode == "shift":
+        idx = shift
+    elif mode == "perm":
+        idx = torch.randperm(b, generator=generator, device=dev)
+    else:
+        other = c[:, None] != c[None, :]
+        scores = torch.rand(b, b, generator=generator, device=dev).masked_fill(~other, -1.0)
+        idx = torch.where(other.any(1), scores.argmax(1), shift)
+    same = int((c[idx] == c).sum())
+    return WrongPairs(idx.to(cls.device), same)
+
+
+# --------------------------------------------------------------------------------------
+# Adversarial losses
+# --------------------------------------------------------------------------------------
+def _check_kind(kind: str) -> None:
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"loss kind must be one of {LOSS_KINDS}, got {kind!r}")
+
+
+def _pos(x: Tensor, kind: str) -> Tensor:
+    """Loss pushing logits x towards 'real / matching'."""
+    x = x.float()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(x, torch.ones_like(x))
+    return F.relu(1.0 - x).mean()
+
+
+def _neg(x: Tensor, kind: str) -> Tensor:
+    """Loss pushing logits x towards 'fake / mismatched'."""
+    x = x.float()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(x, torch.zeros_like(x))
+    return F.relu(1.0 + x).mean()
+
+
+def _score(x: Tensor, kind: str) -> Tensor:
+    """Detached mean D output for logging: probability for bce, raw logit for hinge."""
+    x = x.detach().float()
+    return (torch.sigmoid(x) if kind == "bce" else x).mean()
+
+
+def d_loss(real: DOut, fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Matching-aware discriminator loss over real / wrong / fake pairs.
+
+    ``real`` = D(real images, their condition, wrong_cond=...) so ``real.wrong`` holds the
+    mismatched-pair logits; ``fake`` = D(generated images, their condition). Returns the
+    loss and a dict of detached stats: ``d_real``, ``d_wrong``, ``d_fake`` (+ ``d_uncond_real``,
+    ``d_uncond_fake``) and the component losses ``loss_real``, ``loss_wrong``, ``loss_fake``
+    (+ ``loss_uncond_real``, ``loss_uncond_fake``).
+    """
+    _check_kind(kind)
+    if real.wrong is None:
+        raise ValueError("d_loss: real.wrong is None; run D(real_img, cond, wrong_cond=cond[idx]) for the real batch")
+    if (real.uncond is None) != (fake.uncond is None):
+        raise ValueError("d_loss: real and fake outputs must both have, or both lack, unconditional logits")
+    if uncond_coef < 0:
+        raise ValueError(f"d_loss: uncond_coef must be >= 0, got {uncond_coef}")
+    parts = {
+        "loss_real": _pos(real.cond, kind),
+        "loss_wrong": _neg(real.wrong, kind),
+        "loss_fake": _neg(fake.cond, kind),
+    }
+    stats = {"d_real": _score(real.cond, kind), "d_wrong": _score(real.wrong, kind), "d_fake": _score(fake.cond, kind)}
+    if real.uncond is None:
+        loss = parts["loss_real"] + (parts["loss_wrong"] + parts["loss_fake"]) / 2
+    else:
+        u = float(uncond_coef)
+        parts["loss_uncond_real"] = _pos(real.uncond, kind)
+        parts["loss_uncond_fake"] = _neg(fake.uncond, kind)
+        stats["d_uncond_real"] = _score(real.uncond, kind)
+        stats["d_uncond_fake"] = _score(fake.uncond, kind)
+        loss = (parts["loss_real"] + u * parts["loss_uncond_real"]) / (1 + u) + (
+            parts["loss_fake"] + parts["loss_wrong"] + u * parts["loss_uncond_fake"]
+        ) / (2 + u)
+    stats.update({k: v.detach() for k, v in parts.items()})
+    return loss, stats
+
+
+def g_loss(fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) -> Tensor:
+    """Adversarial generator loss (without the KL term, which the trainer adds)."""
+    _check_kind(kind)
+    if uncond_coef < 0:
+        raise ValueError(f"g_loss: uncond_coef must be >= 0, got {uncond_coef}")
+
+    def term(x: Tensor) -> Tensor:
+        return _pos(x, kind) if kind == "bce" else -x.float().mean()
+
+    loss = term(fake.cond)
+    if fake.uncond is not None:
+        loss = loss + uncond_coef * term(fake.uncond)
+    return loss

@@ -1,0 +1,405 @@
+"""StackGAN generators and discriminators, a faithful port of the official architecture.
+
+Layer for layer this is the official StackGAN-Pytorch network (CA-Net, Stage-I G/D,
+Stage-II G/D), with three changes that the distributed mixed-precision trainer needs:
+
+* discriminators end in **logits** (no ``Sigmoid``): the losses use
+  ``binary_cross_entropy_with_logits``, which autocast accepts;
+* a discriminator runs **every head inside ``forward``** and returns a :class:`DOut`:
+  ``D(img, cond, wrong_cond=None)`` encodes the images once, then gives the conditional
+  logits, the unconditional logits (stage II) and, when ``wrong_cond`` is given, the
+  logits of the same images paired with the wrong conditions. DDP only synchronises what
+  runs in ``forward``, so no head may be called from outside.
+* Stage II **freezes its Stage-I generator itself** (``requires_grad`` off, kept in eval
+  mode even when the stage-II model is put in train mode, run under ``no_grad``), so
+  neither its weights nor its BatchNorm statistics can move.
+
+Conventions kept from the official code: the generator input is ``cat(noise, c_code)``;
+CA-Net applies a ReLU to the whole ``fc`` output, so ``mu >= 0`` and ``logvar >= 0``
+(std >= 1) -- a quirk of the original kept for fidelity; the discriminator is conditioned
+on the (detached) CA mean ``mu`` of the generator, shape ``(B, cond_dim)``.
+
+Initialisation (official ``weights_init``): conv and linear weights N(0, 0.02), BatchNorm
+weight N(1, 0.02), biases 0 (the official code leaves the only conv bias -- the 4x4 logit
+conv -- at PyTorch's default; here it is 0).
+
+Spectral norm (``ModelConfig.spectral_norm``): every conv of D is wrapped with
+``torch.nn.utils.parametrizations.spectral_norm`` and D's BatchNorm layers are
+**removed** (as in SN-GAN: BN's data-dependent rescaling undoes the Lipschitz bound, and a
+D without BN has no batch statistics to keep in sync across D's several forward passes
+per step). Convs that lose their BN get a bias in its place.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.utils.parametrizations import spectral_norm as _sn
+
+from stackgan.config import ModelConfig, image_size
+
+__all__ = [
+    "CANet",
+    "DOut",
+    "Stage1D",
+    "Stage1G",
+    "Stage2D",
+    "Stage2G",
+    "build_discriminator",
+    "build_generator",
+    "count_parameters",
+    "init_weights",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
+def conv3x3(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1, bias=bias)
+
+
+def up_block(cin: int, cout: int) -> nn.Sequential:
+    """x2 nearest upsample, conv3x3, BN, ReLU (the official ``upBlock``)."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        conv3x3(cin, cout),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus identity, then ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            conv3x3(channels, channels),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            conv3x3(channels, channels),
+            nn.BatchNorm2d(channels),
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.block(x) + x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The official StackGAN initialisation, applied to every layer under ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (distinct) parameters; ``trainable_only`` skips frozen ones."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _check_input(name: str, t: Tensor, shape: tuple[int | None, ...]) -> None:
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------
+# Conditioning augmentation
+# --------------------------------------------------------------------------------------
+class CANet(nn.Module):
+    """Text embedding -> (c, mu, logvar) with c = mu + eps * exp(logvar / 2).
+
+    ``eps`` comes from ``torch.randn_like`` (the global RNG of the tensor's device), so a
+    caller that seeds that RNG controls it.
+    """
+
+    def __init__(self, text_dim: int, cond_dim: int):
+        super().__init__()
+        self.text_dim, self.cond_dim = text_dim, cond_dim
+        self.fc = nn.Linear(text_dim, cond_dim * 2, bias=True)
+        self.relu = nn.ReLU()
+
+    def forward(self, emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = self.relu(self.fc(emb))
+        mu, logvar = x[:, : self.cond_dim], x[:, self.cond_dim :]
+        std = torch.exp(0.5 * logvar)
+        return mu + torch.randn_like(std) * std, mu, logvar
+
+
+# --------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------
+class Stage1G(nn.Module):
+    """(emb, z) -> 64x64 image; FC to 4x4x(8 gf), four upsampling blocks, tanh."""
+
+    image_size = 64
+
+    def __init__(self, text_dim: int, z_dim: int = 100, cond_dim: int = 128, gf_dim: int = 128):
+        super().__init__()
+        if gf_dim < 2 or gf_dim % 2:
+            raise ValueError(f"Stage1G: gf_dim must be an even number >= 2, got {gf_dim}")
+        for k, v in {"text_dim": text_dim, "z_dim": z_dim, "cond_dim": cond_dim}.items():
+            if v <= 0:
+                raise ValueError(f"Stage1G: {k} must be > 0, got {v}")
+        self.text_dim, self.z_dim, self.cond_dim, self.gf_dim = text_dim, z_dim, cond_dim, gf_dim
+        ngf = self.ngf = gf_dim * 8
+        self.ca_net = CANet(text_dim, cond_dim)
+        self.fc = nn.Sequential(
+            nn.Linear(z_dim + cond_dim, ngf * 4 * 4, bias=False),
+            nn.BatchNorm1d(ngf * 4 * 4),
+            nn.ReLU(inplace=True),
+        )
+        self.upsample = nn.Sequential(
+            up_block(ngf, ngf // 2),  # 8x8
+            up_block(ngf // 2, ngf // 4),  # 16x16
+            up_block(ngf // 4, ngf // 8),  # 32x32
+            up_block(ngf // 8, ngf // 16),  # 64x64
+        )
+        self.img = nn.Sequential(conv3x3(ngf // 16, 3), nn.Tanh())
+        init_weights(self)
+
+    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _check_input("Stage1G emb", emb, (None, self.text_dim))
+        _check_input("Stage1G z", z, (emb.shape[0], self.z_dim))
+        c, mu, logvar = self.ca_net(emb)
+        h = self.fc(torch.cat((z, c), 1))  # official order: (noise, c_code)
+        h = h.view(-1, self.ngf, 4, 4)
+        return self.img(self.upsample(h)), mu, logvar
+
+
+class Stage2G(nn.Module):
+    """(emb, z) -> 256x256 image, refining a frozen Stage-I image of the same (emb, z).
+
+    The Stage-I generator is frozen here: its parameters stop requiring grad, it stays in
+    eval mode whatever ``train()`` is called with, and it runs under ``no_grad``.
+    """
+
+    image_size = 256
+
+    def __init__(self, stage1: Stage1G, text_dim: int, cond_dim: int = 128, gf_dim: int = 128,
+                 r_num: int = 4):
+        super().__init__()
+        if not isinstance(stage1, Stage1G):
+            raise TypeError(f"Stage2G: stage1 must be a Stage1G, got {type(stage1).__name__}")
+        if stage1.text_dim != text_dim:
+            raise ValueError(
+                f"Stage2G: text_dim {text_dim} differs from the stage-I generator's {stage1.text_dim}"
+            )
+        if gf_dim < 4 or gf_dim % 4:
+            raise ValueError(f"Stage2G: gf_dim must be a multiple of 4, got {gf_dim}")
+        if cond_dim <= 0 or r_num < 0:
+            raise ValueError(f"Stage2G: need cond_dim > 0 and r_num >= 0, got {cond_dim}, {r_num}")
+        self.text_dim, self.z_dim, self.cond_dim = text_dim, stage1.z_dim, cond_dim
+        self.gf_dim, self.r_num = gf_dim, r_num
+        ngf = gf_dim
+        self.ca_net = CANet(text_dim, cond_dim)
+        self.encoder = nn.Sequential(
+            conv3x3(3, ngf),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ngf, ngf * 2, 4, 2, 1, bias=False),  # 32x32
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ngf * 2, ngf * 4, 4, 2, 1, bias=False),  # 16x16
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(inplace=True),
+        )
+        self.hr_joint = nn.Sequential(
+            conv3x3(cond_dim + ngf * 4, ngf * 4),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(inplace=True),
+        )
+        self.residual = nn.Sequential(*[ResBlock(ngf * 4) for _ in range(r_num)])
+        self.upsample = nn.Sequential(
+            up_block(ngf * 4, ngf * 2),  # 32
+            up_block(ngf * 2, ngf),  # 64
+            up_block(ngf, ngf // 2),  # 128
+            up_block(ngf // 2, ngf // 4),  # 256
+        )
+        self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Tanh())
+        init_weights(self)  # before attaching stage1, so its loaded weights are untouched
+        stage1.requires_grad_(False)
+        stage1.eval()
+        self.stage1 = stage1
+
+    def train(self, mode: bool = True) -> "Stage2G":
+        super().train(mode)
+        self.stage1.eval()
+        return self
+
+    @torch.no_grad()
+    def low_res(self, emb: Tensor, z: Tensor) -> Tensor:
+        """The frozen Stage-I image (B, 3, 64, 64) for (emb, z), without autograd history."""
+        return self.stage1(emb, z)[0].detach()
+
+    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        low = self.low_res(emb, z)  # checks emb and z
+        c, mu, logvar = self.ca_net(emb)
+        h = self.encoder(low)
+        c = c.view(-1, self.cond_dim, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+        h = self.hr_joint(torch.cat((h, c), 1))
+        h = self.upsample(self.residual(h))
+        return self.img(h), mu, logvar
+
+
+# --------------------------------------------------------------------------------------
+# Discriminators
+# --------------------------------------------------------------------------------------
+class DOut(NamedTuple):
+    """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs."""
+
+    cond: Tensor
+    uncond: Tensor | None = None
+    wrong: Tensor | None = None
+
+
+def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
+    """conv (+BN) + LeakyReLU(0.2); without BN (spectral norm) the conv gets a bias."""
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, p, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
+class DLogits(nn.Module):
+    """The official ``D_GET_LOGITS``: 4x4 image code (+ tiled condition) -> one logit."""
+
+    def __init__(self, ndf: int, nef: int, bcondition: bool, sn: bool = False):
+        super().__init__()
+        self.nef, self.bcondition = nef, bcondition
+        if bcondition:
+            self.outlogits = nn.Sequential(
+                *_down(ndf * 8 + nef, ndf * 8, bn=not sn, k=3, s=1, p=1),
+                nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4),
+            )
+        else:
+            self.outlogits = nn.Sequential(nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4))
+
+    def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
+        if self.bcondition:
+            c = c.to(h.dtype).view(-1, self.nef, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+            h = torch.cat((h, c), 1)
+        return self.outlogits(h).flatten()
+
+
+class _Discriminator(nn.Module):
+    image_size: int
+
+    def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool):
+        super().__init__()
+        if df_dim <= 0 or cond_dim <= 0:
+            raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
+        self.df_dim, self.cond_dim, self.spectral_norm = df_dim, cond_dim, spectral_norm
+        self.encode_img = nn.Sequential(*self._encoder(df_dim, not spectral_norm, spectral_norm))
+        self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm)
+        self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if uncond else None
+        init_weights(self)
+        if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
+            for m in list(self.modules()):
+                if isinstance(m, nn.Conv2d):
+                    _sn(m)
+
+    def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, img: Tensor, cond: Tensor, wrong_cond: Tensor | None = None) -> DOut:
+        s = self.image_size
+        _check_input(f"{type(self).__name__} img", img, (None, 3, s, s))
+        _check_input(f"{type(self).__name__} cond", cond, (img.shape[0], self.cond_dim))
+        if wrong_cond is not None:
+            _check_input(f"{type(self).__name__} wrong_cond", wrong_cond, (img.shape[0], self.cond_dim))
+        h = self.encode_img(img)
+        cond_logits = self.get_cond_logits(h, cond)
+        wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
+        uncond = None if self.get_uncond_logits is None else self.get_uncond_logits(h)
+        return DOut(cond_logits, uncond, wrong)
+
+
+class Stage1D(_Discriminator):
+    """64x64 image + condition -> logits; conditional head only (as the official)."""
+
+    image_size = 64
+
+    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False)
+
+    def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        return [
+            nn.Conv2d(3, ndf, 4, 2, 1, bias=sn),  # 32
+            nn.LeakyReLU(0.2, inplace=True),
+            *_down(ndf, ndf * 2, bn),  # 16
+            *_down(ndf * 2, ndf * 4, bn),  # 8
+            *_down(ndf * 4, ndf * 8, bn),  # 4
+        ]
+
+
+class Stage2D(_Discriminator):
+    """256x256 image + condition -> conditional and unconditional logits."""
+
+    image_size = 256
+
+    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True)
+
+    def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        return [
+            nn.Conv2d(3, ndf, 4, 2, 1, bias=sn),  # 128
+            nn.LeakyReLU(0.2, inplace=True),
+            *_down(ndf, ndf * 2, bn),  # 64
+            *_down(ndf * 2, ndf * 4, bn),  # 32
+            *_down(ndf * 4, ndf * 8, bn),  # 16
+            *_down(ndf * 8, ndf * 16, bn),  # 8
+            *_down(ndf * 16, ndf * 32, bn),  # 4
+            *_down(ndf * 32, ndf * 16, bn, k=3, s=1, p=1),
+            *_down(ndf * 16, ndf * 8, bn, k=3, s=1, p=1),
+        ]
+
+
+# --------------------------------------------------------------------------------------
+# Factories (what the trainer, sampling and exports use)
+# --------------------------------------------------------------------------------------
+def _stage(mcfg: ModelConfig) -> int:
+    if mcfg.stage not in (1, 2):
+        raise ValueError(f"model.stage must be 1 or 2, got {mcfg.stage!r}")
+    return mcfg.stage
+
+
+def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None = None) -> nn.Module:
+    """Stage-I or Stage-II generator for ``mcfg.stage``; stage II needs the Stage-I G.
+
+    For stage II, ``mcfg.z_dim`` must equal the Stage-I generator's (both run on the same
+    noise); the Stage-I widths come from its own export and may differ from ``mcfg``.
+    """
+    stage = _stage(mcfg)
+    if text_dim <= 0:
+        raise ValueError(f"build_generator: text_dim must be > 0 (resolve it from the shards), got {text_dim}")
+    if mcfg.text_dim not in (0, text_dim):
+        raise ValueError(f"model.text_dim={mcfg.text_dim} does not match the text embeddings' dim {text_dim}")
+    if stage == 1:
+        if stage1 is not None:
+            raise ValueError("build_generator: stage1 is only used for model.stage=2")
+        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim)
+    if stage1 is None:
+        raise ValueError("build_generator: model.stage=2 needs the stage-I generator (stage1=...)")
+    if not isinstance(stage1, Stage1G):
+        raise TypeError(f"build_generator: stage1 must be a Stage1G, got {type(stage1).__name__}")
+    if stage1.z_dim != mcfg.z_dim:
+        raise ValueError(f"model.z_dim={mcfg.z_dim} differs from the stage-I generator's z_dim {stage1.z_dim}")
+    return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num)
+
+
+def build_discriminator(mcfg: ModelConfig) -> nn.Module:
+    """Stage-I or Stage-II discriminator; its condition input is G's ``mu`` (cond_dim)."""
+    cls = Stage1D if _stage(mcfg) == 1 else Stage2D
+    assert cls.image_size == image_size(mcfg.stage)
+    return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm)

@@ -1,0 +1,192 @@
+"""Losses against hand-computed references, wrong-pair selection, the diversity score."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stackgan.config import ModelConfig
+from stackgan.diversity import UNIFORM_L1, diversity_score, pairwise_l1
+from stackgan.losses import d_loss, g_loss, kl_loss, wrong_indices
+from stackgan.models import DOut, build_generator
+
+REAL = [2.0, -0.5, 0.3]
+WRONG = [0.7, -1.2, 0.1]
+FAKE = [-1.5, 0.4, 1.1]
+U_REAL = [1.0, 0.2, -0.3]
+U_FAKE = [-0.8, 0.9, 0.0]
+
+
+def t(xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def bce_pos(xs):  # -log sigmoid(x), plain math
+    return mean([-math.log(1 / (1 + math.exp(-x))) for x in xs])
+
+
+def bce_neg(xs):  # -log(1 - sigmoid(x))
+    return mean([-math.log(1 - 1 / (1 + math.exp(-x))) for x in xs])
+
+
+def sig_mean(xs):
+    return mean([1 / (1 + math.exp(-x)) for x in xs])
+
+
+def test_kl_matches_closed_form():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(kl_loss(mu, logvar), torch.distributions.kl_divergence(q, p).mean())
+    assert kl_loss(torch.zeros(3, 2), torch.zeros(3, 2)).item() == 0
+    with pytest.raises(ValueError, match="shape"):
+        kl_loss(torch.zeros(3, 2), torch.zeros(3, 3))
+
+
+def test_d_loss_stage1_bce_reference():
+    loss, st = d_loss(DOut(t(REAL), None, t(WRONG)), DOut(t(FAKE)), "bce")
+    ref = bce_pos(REAL) + (bce_neg(WRONG) + bce_neg(FAKE)) / 2
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert st["d_real"].item() == pytest.approx(sig_mean(REAL), rel=1e-5)
+    assert st["d_wrong"].item() == pytest.approx(sig_mean(WRONG), rel=1e-5)
+    assert st["d_fake"].item() == pytest.approx(sig_mean(FAKE), rel=1e-5)
+    assert st["loss_wrong"].item() == pytest.approx(bce_neg(WRONG), rel=1e-5)
+    assert "loss_uncond_real" not in st and not any(v.requires_grad for v in st.values())
+
+
+@pytest.mark.parametrize("u", [1.0, 0.5, 0.0])
+def test_d_loss_stage2_bce_reference(u):
+    real = DOut(t(REAL), t(U_REAL), t(WRONG))
+    fake = DOut(t(FAKE), t(U_FAKE))
+    loss, st = d_loss(real, fake, "bce", uncond_coef=u)
+    ref = (bce_pos(REAL) + u * bce_pos(U_REAL)) / (1 + u) + (
+        bce_neg(FAKE) + bce_neg(WRONG) + u * bce_neg(U_FAKE)
+    ) / (2 + u)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    if u == 1.0:  # the official compute_discriminator_loss, written out
+        official = (bce_pos(REAL) + bce_pos(U_REAL)) / 2 + (bce_neg(FAKE) + bce_neg(WRONG) + bce_neg(U_FAKE)) / 3
+        assert loss.item() == pytest.approx(official, rel=1e-5)
+    if u == 0.0:  # degenerates to the stage-I weighting
+        assert loss.item() == pytest.approx(bce_pos(REAL) + (bce_neg(WRONG) + bce_neg(FAKE)) / 2, rel=1e-5)
+    assert st["d_uncond_fake"].item() == pytest.approx(sig_mean(U_FAKE), rel=1e-5)
+
+
+def test_hinge_reference():
+    relu = lambda x: max(0.0, x)  # noqa: E731
+    real, fake = DOut(t(REAL), t(U_REAL), t(WRONG)), DOut(t(FAKE), t(U_FAKE))
+    loss, st = d_loss(real, fake, "hinge")
+    r = mean([relu(1 - x) for x in REAL])
+    ur = mean([relu(1 - x) for x in U_REAL])
+    w = mean([relu(1 + x) for x in WRONG])
+    f = mean([relu(1 + x) for x in FAKE])
+    uf = mean([relu(1 + x) for x in U_FAKE])
+    assert loss.item() == pytest.approx((r + ur) / 2 + (f + w + uf) / 3, rel=1e-5)
+    assert st["d_real"].item() == pytest.approx(mean(REAL), rel=1e-5)  # raw logits for hinge
+    loss1, _ = d_loss(DOut(t(REAL), None, t(WRONG)), DOut(t(FAKE)), "hinge")
+    assert loss1.item() == pytest.approx(r + (w + f) / 2, rel=1e-5)
+    assert g_loss(fake, "hinge", 0.5).item() == pytest.approx(-mean(FAKE) - 0.5 * mean(U_FAKE), rel=1e-5)
+
+
+def test_g_loss_bce_reference():
+    assert g_loss(DOut(t(FAKE)), "bce").item() == pytest.approx(bce_pos(FAKE), rel=1e-5)
+    got = g_loss(DOut(t(FAKE), t(U_FAKE)), "bce", uncond_coef=0.5).item()
+    assert got == pytest.approx(bce_pos(FAKE) + 0.5 * bce_pos(U_FAKE), rel=1e-5)
+
+
+def test_losses_are_float32_and_differentiable_from_bf16_logits():
+    x = t(FAKE).bfloat16().requires_grad_()
+    loss = g_loss(DOut(x))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    extreme = DOut(t([80.0, -80.0]), None, t([80.0, -80.0]))
+    assert torch.isfinite(d_loss(extreme, DOut(t([80.0, -80.0])))[0])  # no log(0)
+
+
+def test_bad_loss_arguments():
+    with pytest.raises(ValueError, match="wrong"):
+        d_loss(DOut(t(REAL)), DOut(t(FAKE)))
+    with pytest.raises(ValueError, match="kind"):
+        g_loss(DOut(t(FAKE)), "wgan")
+    with pytest.raises(ValueError, match="unconditional"):
+        d_loss(DOut(t(REAL), t(U_REAL), t(WRONG)), DOut(t(FAKE)))
+
+
+# ---- wrong pairs ----------------------------------------------------------------------
+def test_wrong_indices_shift_and_perm():
+    cls = torch.tensor([3, 3, 5, 7])
+    idx, same = wrong_indices(cls, "shift")
+    assert idx.tolist() == [1, 2, 3, 0] and same == 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx, same = wrong_indices(cls, "perm", g)
+        assert sorted(idx.tolist()) == [0, 1, 2, 3]
+        assert same == int((cls[idx] == cls).sum())
+    a = wrong_indices(cls, "perm", torch.Generator().manual_seed(1)).index
+    b = wrong_indices(cls, "perm", torch.Generator().manual_seed(1)).index
+    assert torch.equal(a, b)
+
+
+def test_wrong_indices_class_never_pairs_same_class_when_avoidable():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        cls = torch.randint(0, 4, (16,), generator=g)
+        idx, same = wrong_indices(cls, "class", g)
+        avoidable = torch.tensor([(cls != c).any() for c in cls])
+        assert not (cls[idx] == cls)[avoidable].any()
+        assert same == int((~avoidable).sum())
+    cls = torch.tensor([1, 1, 1, 2, 2])  # image 0 must draw uniformly from {3, 4}
+    counts = torch.zeros(5)
+    for _ in range(400):
+        counts[wrong_indices(cls, "class", g).index[0]] += 1
+    assert counts[3] + counts[4] == 400 and 140 < counts[3] < 260
+
+
+def test_wrong_indices_class_falls_back_to_shift_for_one_species():
+    idx, same = wrong_indices(torch.tensor([4, 4, 4]), "class", torch.Generator().manual_seed(0))
+    assert idx.tolist() == [1, 2, 0] and same == 3
+    idx, same = wrong_indices(torch.tensor([4, 4, 4, 9]), "class", torch.Generator().manual_seed(0))
+    assert idx[:3].tolist() == [3, 3, 3] and idx[3].item() in (0, 1, 2) and same == 0
+
+
+def test_wrong_indices_bad_input():
+    with pytest.raises(ValueError, match="mode"):
+        wrong_indices(torch.tensor([1, 2]), "random")
+    with pytest.raises(ValueError, match="integer"):
+        wrong_indices(torch.tensor([1.0, 2.0]), "shift")
+
+
+# ---- diversity ------------------------------------------------------------------------
+def test_pairwise_l1_normalisation():
+    x = torch.rand(1, 1, 3, 32, 32).expand(4, 3, 3, 32, 32)
+    assert pairwise_l1(x).abs().max().item() == 0  # identical samples -> 0
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(8, 4, 3, 32, 32, generator=g) * 2 - 1
+    assert (pairwise_l1(noise).mean() / UNIFORM_L1).item() == pytest.approx(1.0, abs=0.02)
+    a, b = torch.rand(2, 5, generator=g).unbind(0)
+    assert pairwise_l1(torch.stack([a, b])[None]).item() == pytest.approx((a - b).abs().mean().item(), rel=1e-5)
+
+
+def test_diversity_score_on_a_generator():
+    torch.manual_seed(0)
+    G = build_generator(ModelConfig(stage=1, z_dim=6, cond_dim=5, gf_dim=8), 7)
+    G.train()
+    emb = torch.randn(3, 7)
+    bn_before = {k: v.clone() for k, v in G.state_dict().items()}
+    rng = torch.get_rng_state()
+    s1 = diversity_score(G, emb, 4, torch.Generator().manual_seed(1))
+    s2 = diversity_score(G, emb, 4, torch.Generator().manual_seed(1))
+    assert s1 == s2 and 0 < s1 < 2
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG stream is untouched
+    assert G.training and all(torch.equal(v, G.state_dict()[k]) for k, v in bn_before.items())
+    with torch.no_grad():  # a collapsed G: output independent of noise and condition
+        G.fc[0].weight.zero_()
+    assert diversity_score(G, emb, 4, torch.Generator().manual_seed(1)) == 0
+    with pytest.raises(ValueError, match="z_per_caption"):
+        diversity_score(G, emb, 1, torch.Generator())

@@ -1,0 +1,173 @@
+"""The trainer end to end on real shards: stage I -> export -> stage II, resume, signals, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackgan import checkpoint as ckpt
+from stackgan.export import load_generator, read_export
+
+from .conftest import ROOT, run_cmd
+
+TINY = ["model.gf_dim=16", "model.df_dim=8", "model.z_dim=16", "model.cond_dim=16", "model.r_num=1",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16", "data.fixed_samples=2",
+        "train.log_every=2", "train.diag_every=4", "train.sample_every=5", "train.tqdm=false",
+        "optim.ema_decay=0.9"]
+
+
+def train_args(shards: Path, run_dir: Path, *extra: str, config: str = "configs/birds_stage1.yaml") -> list[str]:
+    return [sys.executable, "-m", "stackgan.train", "--config", config, f"data.shards={shards}",
+            f"train.run_dir={run_dir}", *TINY, *extra]
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def final_state(run_dir: Path) -> dict:
+    path = ckpt.latest(run_dir)
+    assert path is not None, f"no complete checkpoint in {run_dir}"
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a["step"] == b["step"]
+    for part in ("G", "D", "ema"):
+        pa, pb = (a[part], b[part]) if part != "ema" else (a[part]["model"], b[part]["model"])
+        assert pa.keys() == pb.keys()
+        for k in pa:
+            ta, tb = pa[k], pb[k]
+            if ta.dtype.is_floating_point:
+                assert torch.allclose(ta, tb, atol=atol, rtol=0), f"{part}.{k} differs by {(ta - tb).abs().max()}"
+            else:
+                assert torch.equal(ta, tb), f"{part}.{k} differs"
+    for opt in ("opt_g", "opt_d"):
+        for sid, s in a[opt]["state"].items():
+            for k, v in s.items():
+                assert torch.allclose(v.float(), b[opt]["state"][sid][k].float(), atol=atol, rtol=0), f"{opt}[{sid}].{k}"
+
+
+def test_stage1_then_stage2(tiny_shards, tmp_path):
+    s1 = tmp_path / "s1"
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=10", "train.ckpt_every=4", "train.keep_last=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    # run folder: resolved config, logs, TensorBoard, grids, kept checkpoints, export, marker
+    assert (s1 / "config.yaml").is_file() and (s1 / "COMPLETE").is_file()
+    assert (s1 / "samples" / "reals.png").is_file() and (s1 / "samples" / "step-00000010.png").is_file()
+    assert list((s1 / "tb").iterdir())
+    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000008", "step-00000010"]
+    recs = log_records(s1)
+    steps = [r["step"] for r in recs if "loss_d" in r]
+    assert steps == [2, 4, 6, 8, 10]
+    assert any("diversity" in r for r in recs) and any("d_real" in r for r in recs)
+    g1, info = load_generator(s1 / "export" / "generator.pt")
+    assert info.stage == 1 and info.image_size == 64 and info.step == 10
+    with torch.no_grad():
+        img, mu, logvar = g1(torch.randn(2, info.text_dim), torch.randn(2, info.z_dim))
+    assert img.shape == (2, 3, 64, 64)
+
+    s2 = tmp_path / "s2"
+    export1 = s1 / "export" / "generator.pt"
+    p = run_cmd(train_args(tiny_shards, s2, "train.steps=3", "train.ckpt_every=2", "data.batch_size=2",
+                           f"model.stage1_export={export1}", "train.sample_every=3",
+                           config="configs/birds_stage2.yaml"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    g2, info2 = load_generator(s2 / "export" / "generator.pt")
+    assert info2.stage == 2 and info2.image_size == 256
+    # the frozen stage-I generator inside stage II never changed
+    s1_weights = read_export(export1)["state_dict"]
+    final = final_state(s2)
+    for name, state in (("G", final["G"]), ("ema", final["ema"]["model"])):
+        for k, v in s1_weights.items():
+            assert torch.equal(state[f"stage1.{k}"], v), f"{name}: stage1.{k} changed during stage II"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_after_sigkill(tiny_shards, tmp_path, workers):
+    n = 8
+    common = [f"train.steps={2 * n}", f"train.ckpt_every={n}", f"data.num_workers={workers}", "train.keep_last=5"]
+    ref = tmp_path / "ref"
+    p = run_cmd(train_args(tiny_shards, ref, *common))
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(train_args(tiny_shards, run, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    target = run / "checkpoints" / f"step-{n:08d}"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "COMPLETE").exists(), "the run finished before it could be killed; raise n"
+    assert ckpt.latest(run) == target
+    p = run_cmd(train_args(tiny_shards, run, *common, "--resume", "auto"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout
+    assert_same_state(final_state(ref), final_state(run))
+
+
+def test_sigterm_saves_and_exits_for_requeue(tiny_shards, tmp_path):
+    run = tmp_path / "term"
+    args = train_args(tiny_shards, run, "train.steps=100000", "train.ckpt_every=100000", "train.log_every=1")
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "log.jsonl").exists() or not (run / "log.jsonl").read_text().count("\n") >= 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    path = ckpt.latest(run)
+    assert path is not None
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    logged = max(r["step"] for r in log_records(run) if "loss_d" in r)
+    assert state["step"] >= logged and state["step"] < 100000
+    assert (path / "rng-rank0.pt").is_file()
+
+
+def test_bad_input_exits_2_before_training(tiny_shards, tmp_path):
+    p = run_cmd(train_args(tiny_shards, tmp_path / "x", "model.text_dim=1024", "train.steps=2"))
+    assert p.returncode == 2 and "text_dim" in p.stderr
+    p = run_cmd(train_args(tmp_path / "nowhere", tmp_path / "y", "train.steps=2"))
+    assert p.returncode == 2 and "metadata.json" in p.stderr
+    p = run_cmd(train_args(tiny_shards, tmp_path / "z", "model.stage=2", "train.steps=2",
+                           f"model.stage1_export={tmp_path}/missing.pt"))
+    assert p.returncode == 2 and "missing.pt" in p.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_bf16_autocast_on_cpu(tiny_shards, tmp_path):
+    run = tmp_path / "bf16"
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=2", "train.mixed_precision=bf16", "train.log_every=1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [r for r in log_records(run) if "loss_d" in r]
+    assert len(recs) == 2 and all(abs(r["loss_d"]) < 1e4 and abs(r["loss_g"]) < 1e4 for r in recs)
+
+
+def test_fp16_on_cpu_says_it_runs_fp32(tiny_shards, tmp_path):
+    p = run_cmd(train_args(tiny_shards, tmp_path / "fp16", "train.steps=1", "train.mixed_precision=fp16"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "runs in fp32" in p.stdout + p.stderr
+
+
+@pytest.mark.distributed
+def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
+    run = tmp_path / "ddp"
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+            "--main_process_port", "29561", "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
+            f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3"]
+    p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    fin = [r for r in log_records(run) if r.get("event") == "finished"]
+    assert fin and fin[-1]["world_size"] == 2
+    assert len(fin[-1]["fingerprints"]) == 2 and fin[-1]["ranks_identical"], fin[-1]
+    assert (ckpt.latest(run) / "rng-rank1.pt").is_file()
