@@ -1,0 +1,181 @@
+"""The main job on the embedded default data, end to end, with pictures and numbers at the end.
+
+    python -m stackgan.demo [--out runs/demo] [--stage1-steps N] [--stage2-steps M] [--quick]
+
+1. generate the embedded bird set (procedural birds in the CUB + StackGAN layout) and pack
+   it into webdataset shards (``shards/prepare.py --embedded``);
+2. train stage I (``configs/birds_stage1.yaml``), then stage II from its export
+   (``configs/birds_stage2.yaml``) with ``python -m stackgan.train``;
+3. train the attribute judge on the real images, score both stages (judge consistency on
+   training captions and on the unseen test species, judge-feature Frechet distance,
+   diversity) with ``python -m stackgan.evaluate``;
+4. sample from free-text prompts with ``python -m stackgan.sample``;
+5. plot the losses and diagnostics and print a summary (also ``<out>/summary.json``).
+
+Every step is the same command a user would run by hand; each is skipped when its output
+is already complete (the trainer resumes, prepare is a no-op on finished shards).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "this bird has a red crown, blue wings and a white belly",
+    "a small yellow bird with black wings and a short pointed beak",
+    "this bird is mostly green with a grey belly and a long tail",
+    "a large bird with a white head, brown wings and an orange beak",
+]
+
+
+def _run(step: str, args: list[str], log_dir: Path) -> float:
+    """Run one stage as a subprocess, streaming its output; stop the demo if it fails."""
+    print(f"\n=== {step}: {' '.join(args)}", flush=True)
+    t0 = time.time()
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_dir / f"{step}.log", "w") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"demo: step {step!r} failed with exit status {rc} (log: {log_dir / (step + '.log')})")
+    return time.time() - t0
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_run(run_dir: Path, out: Path) -> Path:
+    """Loss curves, D(real/wrong/fake), diversity and throughput from log.jsonl, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = _records(run_dir / "log.jsonl")
+    train = [r for r in recs if "loss_d" in r]
+    diag = [r for r in recs if "diversity" in r]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
+    steps = [r["step"] for r in train]
+    ax[0].plot(steps, [r["loss_d"] for r in train], label="D loss")
+    ax[0].plot(steps, [r["loss_g"] for r in train], label="G loss (incl. KL)")
+    ax[0].set_title("losses")
+    for k in ("d_real", "d_wrong", "d_fake"):
+        if train and k in train[0]:
+            ax[1].plot(steps, [r[k] for r in train], label=k)
+    ax[1].set_title("D outputs (mean probability)")
+    if diag:
+        ax[2].plot([r["step"] for r in diag], [r["diversity"] for r in diag], label="diversity")
+        ax[2].plot([r["step"] for r in diag], [min(r["grad_norm_d"] or 0, 1e3) for r in diag], label="|grad D|")
+        ax[2].plot([r["step"] for r in diag], [min(r["grad_norm_g"] or 0, 1e3) for r in diag], label="|grad G|")
+        ax[2].set_yscale("log")
+    ax[2].set_title("diagnostics")
+    ax[3].plot(steps, [r["img_per_s"] for r in train])
+    ax[3].set_title("images / s")
+    for a in ax:
+        a.set_xlabel("step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stackgan.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run folder root")
+    p.add_argument("--data", default="data/birds-embedded", help="where the embedded set is generated")
+    p.add_argument("--shards", default="shards/birds-embedded")
+    p.add_argument("--species", type=int, default=20)
+    p.add_argument("--images-per-species", type=int, default=40)
+    p.add_argument("--stage1-steps", type=int, default=None, help="default: configs/birds_stage1.yaml")
+    p.add_argument("--stage2-steps", type=int, default=None, help="default: configs/birds_stage2.yaml")
+    p.add_argument("--quick", action="store_true", help="a 2-minute smoke run (few steps, small set)")
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.species, a.images_per_species = min(a.species, 8), min(a.images_per_species, 12)
+        a.stage1_steps, a.stage2_steps = a.stage1_steps or 30, a.stage2_steps or 6
+
+    out = Path(a.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    s1, s2 = out / "stage1", out / "stage2"
+    export1, export2 = s1 / "export" / "generator.pt", s2 / "export" / "generator.pt"
+
+    timings["prepare"] = _run("prepare", [
+        py, "shards/prepare.py", "--embedded", "--embedded-dir", a.data, "--out", a.shards,
+        "--species", str(a.species), "--images-per-species", str(a.images_per_species)], logs)
+
+    extra1 = [f"train.steps={a.stage1_steps}"] if a.stage1_steps else []
+    timings["stage1"] = _run("stage1", [
+        py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", f"data.shards={a.shards}",
+        f"train.run_dir={s1}", "train.tqdm=false", *extra1, *a.overrides], logs)
+
+    extra2 = [f"train.steps={a.stage2_steps}"] if a.stage2_steps else []
+    timings["stage2"] = _run("stage2", [
+        py, "-m", "stackgan.train", "--config", "configs/birds_stage2.yaml", f"data.shards={a.shards}",
+        f"train.run_dir={s2}", f"model.stage1_export={export1}", "train.tqdm=false", *extra2, *a.overrides], logs)
+
+    judge = Path(a.shards) / "judge.pt"
+    metrics = {}
+    for name, export in (("stage1", export1), ("stage2", export2)):
+        for split in ("train", "test"):
+            jsonl = out / f"metrics-{name}-{split}.jsonl"
+            if jsonl.exists():
+                jsonl.unlink()
+            timings[f"eval-{name}-{split}"] = _run(f"eval-{name}-{split}", [
+                py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards, "--split", split,
+                "--judge", str(judge), "--jsonl", str(jsonl)], logs)
+            metrics[f"{name}/{split}"] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
+                                          for r in _records(jsonl)}
+
+    prompt_file = out / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    timings["sample"] = _run("sample", [
+        py, "-m", "stackgan.sample", "--export", str(export2), "--prompts", str(prompt_file), "--n", "4",
+        "--seed", "0", "--out", str(out / "samples-from-text")], logs)
+
+    plots = [str(plot_run(s1, out / "plots" / "stage1.png")), str(plot_run(s2, out / "plots" / "stage2.png"))]
+    summary = {
+        "minutes": round((time.time() - t_start) / 60, 2),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "metrics": metrics,
+        "plots": plots,
+        "sample_grids": sorted(str(p) for p in (s1 / "samples").glob("step-*.png"))[-1:]
+        + sorted(str(p) for p in (s2 / "samples").glob("step-*.png"))[-1:],
+        "samples_from_text": str(out / "samples-from-text"),
+        "exports": [str(export1), str(export2)],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + "=" * 78)
+    print(f"StackGAN-HPC demo finished in {summary['minutes']} min -> {out}")
+    for key, ms in metrics.items():
+        parts = []
+        for m, r in ms.items():
+            shown = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
+            parts.append(f"{m}: " + ", ".join(f"{k}={v:.3g}" for k, v in list(shown.items())[:4]))
+        print(f"  {key:14s} " + " | ".join(parts))
+    print(f"  plots: {', '.join(plots)}")
+    print(f"  samples from text: {out / 'samples-from-text'}")
+    print(f"  summary: {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
