@@ -165,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def apply_updates(obj: Any, updates: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
@@ -176,7 +176,7 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {v!r}")
-            _apply(cur, v, key + ".")
+            apply_updates(cur, v, key + ".")
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
 
@@ -205,7 +205,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         try:
-            _apply(cfg, data)
+            apply_updates(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
     for text in overrides:
@@ -214,7 +214,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for part in reversed(parts):
             nested = {part: nested}
         try:
-            _apply(cfg, nested)
+            apply_updates(cfg, nested)
         except ConfigError as e:
             raise ConfigError(f"command-line override {text!r}: {e}") from None
     validate(cfg)
@@ -262,7 +262,7 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(data: dict) -> Config:
     """Rebuild a config saved by :func:`to_dict` (checkpoints, exports), with checking."""
     cfg = Config()
-    _apply(cfg, data)
+    apply_updates(cfg, data)
     validate(cfg)
     return cfg
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, _apply, image_size
+from .config import ConfigError, ModelConfig, apply_updates, image_size
 
 FORMAT = "stackgan-export/1"
 
@@ -43,7 +43,7 @@ class ExportInfo:
 
 def _model_cfg(d: dict) -> ModelConfig:
     m = ModelConfig()
-    _apply(m, d, "model.")
+    apply_updates(m, d, "model.")
     return m
 
 
