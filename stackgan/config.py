@@ -32,7 +32,7 @@ class DataConfig:
     split: str = "train"  # split the trainer streams from
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     num_workers: int = 2  # loader worker processes per training process
-    shuffle_buffer: int = 1000  # samples held for shuffling (per worker)
+    shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
     emb_mode: Literal["one", "mean"] = "one"  # one of the 10 captions, or mean of emb_k
     emb_k: int = 4  # captions averaged when emb_mode=mean (TF StackGAN uses 4)
     on_corrupt: Literal["raise", "skip"] = "raise"  # corrupt shard: stop naming it, or skip + count
@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 0  # optimizer updates; 0 = derive from epochs and the shard metadata
     epochs: float = 600.0  # StackGAN's unit, converted to steps when steps=0
+    time_limit_min: float = 0.0  # stop (checkpoint + export) after this many minutes of training; 0 = none
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     backend: Literal["ddp", "deepspeed"] = "ddp"
     channels_last: bool = True

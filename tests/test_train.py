@@ -18,7 +18,7 @@ from stackgan.export import load_generator, read_export
 from .conftest import ROOT, run_cmd
 
 TINY = ["model.gf_dim=16", "model.df_dim=8", "model.z_dim=16", "model.cond_dim=16", "model.r_num=1",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=16", "data.fixed_samples=2",
+        "data.batch_size=4", "data.num_workers=0", "data.fixed_samples=2",
         "train.log_every=2", "train.diag_every=4", "train.sample_every=5", "train.tqdm=false",
         "optim.ema_decay=0.9"]
 
