@@ -1,0 +1,275 @@
+"""DeepSpeed as the training backend: two ZeRO engines (G and D) for one GAN.
+
+Accelerate's DeepSpeed integration wraps one model per ``Accelerator``, and a GAN has two
+networks with two optimisers stepped alternately. What works (ZeRO-1 and ZeRO-2, any number
+of processes): two DeepSpeed plugins ``"G"`` and ``"D"``, one ``Accelerator`` per network
+(the second shares the first one's state), the plugin selected before each ``prepare``.
+Each engine then owns backward, gradient reduction, clipping (from its config) and the
+optimizer step. D's parameters are frozen while G's loss is backpropagated through D, so
+ZeRO-2 never sees D gradients outside D's own step (else it asserts "parameter ... has
+already been reduced").
+
+:class:`DeepSpeedGAN` is what the trainer (``stackgan/train.py``) uses in place of an
+``Accelerator`` when ``train.backend=deepspeed`` (or when launched with a DeepSpeed accelerate
+config, ``configs/accelerate/deepspeed_zero{1,2}.yaml``). Choices made here:
+
+* ZeRO stage from the launcher (``ACCELERATE_DEEPSPEED_ZERO_STAGE`` / a DeepSpeed config file),
+  default 2. Stage 3 is refused: G's update calls D's module directly, which needs D's
+  full weights on every rank (stages 1 and 2 keep them; stage 3 shards them).
+* ``mixed_precision=bf16`` uses DeepSpeed's ``torch_autocast`` mode: fp32 weights and fp32
+  ZeRO master copy, forward under ``torch.autocast(bf16)`` exactly as the DDP path, and
+  conv/linear gradients reduced in bf16. Weights stay fp32, so EMA, exports and the frozen
+  stage-I generator inside stage II are unchanged. ``fp16`` is refused on GPUs (it would
+  need DeepSpeed's loss scaling on fp16 weights; use bf16); on CPU it runs fp32 as with DDP.
+* The trainer's own per-step learning rate (StackGAN's halving schedule) is written into the
+  engines' optimizer param groups; no DeepSpeed scheduler. Gradient accumulation is 1.
+* Checkpoints: every rank writes its ZeRO partition with ``engine.save_checkpoint`` into a
+  ``deepspeed/`` folder that becomes part of the trainer's atomic checkpoint folder
+  (``deepspeed/{G,D}/``, plus DeepSpeed's ``zero_to_fp32.py``); rank 0's ``state.pt`` holds
+  the full weights, EMA, step and config. Resume restores both engines (same world size).
+* BatchNorm statistics stay per rank (DeepSpeed does not broadcast buffers); checkpoints and
+  exports hold rank 0's, which is also what DDP's ``broadcast_buffers`` leaves on rank 0.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+
+ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
+SUPPORTED_ZERO = (1, 2)
+BUCKET_ELEMENTS = 25_000_000  # largest ZeRO bucket we pick (100 MB fp32; DDP's is 25 MB)
+
+
+def launched_with_deepspeed() -> bool:
+    """True under ``accelerate launch`` with a DeepSpeed config (it sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    """Plain ``python`` (no launcher): a one-process rendezvous, else DeepSpeed looks for MPI."""
+    if "LOCAL_RANK" in os.environ or "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _import_deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo)
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401  (accelerate's DeepSpeed plugin needs it)
+    except ImportError as e:
+        raise ConfigError(
+            f"train.backend=deepspeed needs the deepspeed extra ({e}): "
+            "DS_BUILD_OPS=0 pip install -e '.[deepspeed]'"
+        ) from None
+    return deepspeed
+
+
+def _plugin(cfg: Config, precision: str):
+    """One network's DeepSpeed plugin: launcher settings plus what the trainer owns."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(gradient_accumulation_steps=1)  # stage/offload/config file: from the launcher
+    conf = plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in conf:
+            raise ConfigError(f"DeepSpeed config: remove the {key!r} section (the trainer builds Adam "
+                              "and its learning-rate schedule from optim.*)")
+    conf["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    conf["gradient_accumulation_steps"] = 1
+    conf["gradient_clipping"] = float(cfg.optim.grad_clip)  # 0 = off (not accelerate's 'auto' = 1.0)
+    conf["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    conf["steps_per_print"] = 2**62
+    return plugin
+
+
+def _fit_buckets(plugin, model: torch.nn.Module) -> None:
+    """ZeRO's gradient / all-gather bucket sizes (elements), unless a DeepSpeed config file sets
+    them: the network's trainable size, at most BUCKET_ELEMENTS. DeepSpeed's default (5e8
+    elements, a 2 GB fp32 buffer per engine) is larger than any StackGAN network, and accelerate's
+    'auto' needs a transformers ``model.config``."""
+    zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = min(BUCKET_ELEMENTS, -(-numel // 1024) * 1024)  # ZeRO wants a multiple of its alignment
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = size
+
+
+class DeepSpeedGAN:
+    """The part of an ``Accelerator`` the trainer uses, for two DeepSpeed engines.
+
+    ``prepare(G, D, opt_g, opt_d)`` returns the engines (``G``/``D``, callable like the
+    modules) and accelerate's optimizer wrappers (their ``param_groups`` are the real ones,
+    so the trainer's lr schedule applies; ``step``/``zero_grad`` are no-ops: use
+    :meth:`update`).
+    """
+
+    scaler = None  # no GradScaler: bf16 needs none, fp16 is refused
+
+    def __init__(self, cfg: Config):
+        if cfg.train.compile:
+            raise ConfigError("train.compile=true is not supported with train.backend=deepspeed")
+        _import_deepspeed()
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        use_cuda = torch.cuda.is_available()
+        precision, self.note = cfg.train.mixed_precision, None
+        if precision == "fp16":
+            if use_cuda:
+                raise ConfigError("train.backend=deepspeed: mixed_precision=fp16 is not supported; use bf16")
+            self.note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
+            precision = "no"
+        self.precision = precision
+        _single_process_env()
+        plugins = {"G": _plugin(cfg, precision), "D": _plugin(cfg, precision)}
+        self.zero_stage = int(plugins["G"].zero_stage)
+        if self.zero_stage not in SUPPORTED_ZERO:
+            raise ConfigError(f"DeepSpeed ZeRO stage {self.zero_stage}: the GAN backend supports stages "
+                              f"{SUPPORTED_ZERO} (stage 3 shards D's weights, which G's update reads whole)")
+        handlers = [] if use_cuda else [InitProcessGroupKwargs(backend="gloo")]
+        # mixed_precision="no" here: bf16 is DeepSpeed's torch_autocast (set in the plugins)
+        self.acc_g = Accelerator(mixed_precision="no", deepspeed_plugins=plugins, kwargs_handlers=handlers)
+        self.acc_d = Accelerator()  # shares acc_g's state and plugins; holds D's engine
+        self.G = self.D = None
+
+    # ---- what the trainer reads off an Accelerator ------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.acc_g.device
+
+    @property
+    def process_index(self) -> int:
+        return self.acc_g.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.acc_g.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.acc_g.is_main_process
+
+    def wait_for_everyone(self) -> None:
+        self.acc_g.wait_for_everyone()
+
+    def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.acc_g.unwrap_model(model)
+
+    def autocast(self):
+        """bf16 autocast for forwards outside an engine (G's pass through D, sample grids)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def prepare(self, G, D, opt_g, opt_d):
+        # DeepSpeed broadcasts and flattens weights as plain contiguous memory: channels_last
+        # weights are refused (and would not survive ZeRO's flattening anyway)
+        G = G.to(memory_format=torch.contiguous_format)
+        D = D.to(memory_format=torch.contiguous_format)
+        self.acc_g.state.select_deepspeed_plugin("G")
+        _fit_buckets(self.acc_g.state.deepspeed_plugin, G)
+        G, opt_g = self.acc_g.prepare(G, opt_g)
+        self.acc_d.state.select_deepspeed_plugin("D")
+        _fit_buckets(self.acc_d.state.deepspeed_plugin, D)
+        D, opt_d = self.acc_d.prepare(D, opt_d)
+        self.G, self.D = G, D
+        return G, D, opt_g, opt_d
+
+    # ---- DeepSpeed-specific ------------------------------------------------------------
+    def describe(self) -> str:
+        """One log line with what the engines themselves report (after :meth:`prepare`)."""
+        G = self.G
+        clip = G.gradient_clipping()
+        mode = "bf16 (torch autocast, fp32 weights)" if G.torch_autocast_enabled() else "fp32"
+        return (f"backend deepspeed: ZeRO-{G.zero_optimization_stage()}, one engine each for G and D, "
+                f"gradient clipping {clip if clip > 0 else 'off'}, {mode}")
+
+    @staticmethod
+    def update(engine, loss: torch.Tensor, diag: bool = False) -> float | None:
+        """Backward, gradient reduction, clipping and optimizer step of one engine.
+
+        Returns the global gradient norm (before clipping) when ``diag``.
+        """
+        engine.backward(loss)
+        engine.step()
+        if not diag:
+            return None
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
+                        *, keep_last: int) -> Path:
+        """:func:`stackgan.checkpoint.save` with both engines' files inside the same atomic folder.
+
+        Every rank writes its ZeRO partition (``engine.save_checkpoint``) into a staging
+        folder first; rank 0 moves it into the checkpoint's temporary folder while writing
+        ``state.pt``, so the folder appears (by rename) with the engines in it or not at all.
+        """
+        rank = self.process_index
+        staging = ckpt.ckpt_root(run_dir) / f".ds-step-{step:08d}"
+        if rank == 0:
+            for stale in ckpt.ckpt_root(run_dir).glob(".ds-step-*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.wait_for_everyone()
+        for tag, engine in (("G", self.G), ("D", self.D)):
+            engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        self.wait_for_everyone()
+
+        def state_with_engines() -> dict:  # rank 0, after every rank wrote its files
+            state = state_fn()
+            staging.rename(_pending_dir(run_dir, step) / ENGINES_DIR)
+            return state
+
+        return ckpt.save(run_dir, step, state_with_engines, extra_rng, rank=rank,
+                         barrier=self.wait_for_everyone, keep_last=keep_last)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore both engines (weights, ZeRO optimizer partitions) from a checkpoint folder."""
+        folder = Path(path) / ENGINES_DIR
+        for tag, engine in (("G", self.G), ("D", self.D)):
+            if not (folder / tag).is_dir():
+                raise ckpt.CheckpointError(f"{path}: no {ENGINES_DIR}/{tag} "
+                                           "(not written by the deepspeed backend)")
+            loaded, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ckpt.CheckpointError(f"{folder / tag}: DeepSpeed could not load it")
+
+
+def _pending_dir(run_dir: str | Path, step: int) -> Path:
+    """The temporary folder :func:`stackgan.checkpoint.save` is filling for ``step``."""
+    return ckpt.ckpt_root(run_dir) / f".tmp-step-{step:08d}"
+
+
+def check_resume(state: dict, backend: str, world_size: int, path: Path) -> None:
+    """A checkpoint resumes only on the backend that wrote it (optimizer state formats differ);
+    DeepSpeed's ZeRO partitions also need the same number of processes."""
+    wrote = state.get("backend", "ddp")
+    if wrote != backend:
+        raise ckpt.CheckpointError(f"{path}: written by the {wrote} backend; resume with train.backend="
+                                   f"{wrote} (or start a new run folder for train.backend={backend})")
+    if backend == "deepspeed" and state.get("world_size") != world_size:
+        raise ckpt.CheckpointError(
+            f"{path}: ZeRO optimizer state is sharded over {state.get('world_size')} processes; resume with "
+            f"that many (this run has {world_size}), or start a new run folder from its weights")
