@@ -74,11 +74,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict, *,
-         rank: int, barrier: Callable[[], None], keep_last: int) -> Path:
+         rank: int, barrier: Callable[[], None], keep_last: int,
+         rank_files: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint ``step`` collectively; returns its final folder.
 
     ``state_fn`` is called on rank 0 only (it gathers the model/optimizer state);
-    ``extra_rng`` holds per-rank generator states beyond the global ones.
+    ``extra_rng`` holds per-rank generator states beyond the global ones; ``rank_files``
+    (called on every rank with the temp folder) writes per-rank shards, e.g. DeepSpeed's
+    ZeRO optimizer partitions, so they are committed by the same rename.
     """
     root = ckpt_root(run_dir)
     name = f"step-{step:08d}"
@@ -91,6 +94,8 @@ def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng
         tmp.mkdir()
     barrier()
     torch.save({**rng_state(), "extra": extra_rng}, tmp / f"rng-rank{rank}.pt")
+    if rank_files is not None:
+        rank_files(tmp)
     barrier()
     if rank == 0:
         torch.save(state_fn(), tmp / "state.pt")
