@@ -33,7 +33,6 @@ config, ``configs/accelerate/deepspeed_zero{1,2}.yaml``). Choices made here:
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from contextlib import nullcontext
 from pathlib import Path
@@ -140,6 +139,12 @@ class DeepSpeedGAN:
             self.note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
             precision = "no"
         self.precision = precision
+        if precision == "bf16":
+            try:
+                import deepspeed.runtime.torch_autocast  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.backend=deepspeed with mixed_precision=bf16 needs a DeepSpeed with "
+                                  "torch_autocast support (tested: 0.19.8)") from None
         _single_process_env()
         plugins = {"G": _plugin(cfg, precision), "D": _plugin(cfg, precision)}
         self.zero_stage = int(plugins["G"].zero_stage)
@@ -221,28 +226,16 @@ class DeepSpeedGAN:
                         *, keep_last: int) -> Path:
         """:func:`stackgan.checkpoint.save` with both engines' files inside the same atomic folder.
 
-        Every rank writes its ZeRO partition (``engine.save_checkpoint``) into a staging
-        folder first; rank 0 moves it into the checkpoint's temporary folder while writing
-        ``state.pt``, so the folder appears (by rename) with the engines in it or not at all.
+        Every rank writes its ZeRO partitions (``engine.save_checkpoint`` is collective) into
+        the checkpoint's temporary folder, so the folder appears (by rename) with the
+        engines in it or not at all.
         """
-        rank = self.process_index
-        staging = ckpt.ckpt_root(run_dir) / f".ds-step-{step:08d}"
-        if rank == 0:
-            for stale in ckpt.ckpt_root(run_dir).glob(".ds-step-*"):  # left by a save that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.wait_for_everyone()
-        for tag, engine in (("G", self.G), ("D", self.D)):
-            engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        self.wait_for_everyone()
+        def engines(tmp: Path) -> None:
+            for tag, engine in (("G", self.G), ("D", self.D)):
+                engine.save_checkpoint(str(tmp / ENGINES_DIR), tag=tag, save_latest=False)
 
-        def state_with_engines() -> dict:  # rank 0, after every rank wrote its files
-            state = state_fn()
-            staging.rename(_pending_dir(run_dir, step) / ENGINES_DIR)
-            return state
-
-        return ckpt.save(run_dir, step, state_with_engines, extra_rng, rank=rank,
-                         barrier=self.wait_for_everyone, keep_last=keep_last)
+        return ckpt.save(run_dir, step, state_fn, extra_rng, rank=self.process_index,
+                         barrier=self.wait_for_everyone, keep_last=keep_last, rank_files=engines)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore both engines (weights, ZeRO optimizer partitions) from a checkpoint folder."""
@@ -255,11 +248,6 @@ class DeepSpeedGAN:
                                                load_lr_scheduler_states=False)
             if loaded is None:
                 raise ckpt.CheckpointError(f"{folder / tag}: DeepSpeed could not load it")
-
-
-def _pending_dir(run_dir: str | Path, step: int) -> Path:
-    """The temporary folder :func:`stackgan.checkpoint.save` is filling for ``step``."""
-    return ckpt.ckpt_root(run_dir) / f".tmp-step-{step:08d}"
 
 
 def check_resume(state: dict, backend: str, world_size: int, path: Path) -> None:

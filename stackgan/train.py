@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .backends import check_resume, launched_with_deepspeed
 from .config import Config, ConfigError, dump_config, image_size, load_config, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .export import ExportError, load_stage1_for_stage2, save_export
@@ -194,36 +195,42 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         out_real = D(real, cond, cond[widx])
         out_fake = D(fake.detach(), cond)
         loss_d, stats = d_loss(out_real, out_fake, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef)
-    opt_d.zero_grad(set_to_none=True)
-    acc.backward(loss_d)
-    gnorm_d = _grad_norm(D_inner) if diag else None
-    if cfg.optim.grad_clip > 0:
-        acc.clip_grad_norm_(D.parameters(), cfg.optim.grad_clip)
-    opt_d.step()
+    gnorm_d = _update(acc, D, opt_d, loss_d, cfg, diag)
 
-    D_inner.requires_grad_(False)
+    D_inner.requires_grad_(False)  # DeepSpeed ZeRO-2 also needs this (else D's grads get reduced twice)
     try:
         with acc.autocast():
             out_g = D_inner(fake, cond)
             kl = kl_loss(mu, logvar)
             loss_g = g_loss(out_g, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef) + cfg.loss.kl_coef * kl
-        opt_g.zero_grad(set_to_none=True)
-        acc.backward(loss_g)
+        gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)
-    gnorm_g = _grad_norm(acc.unwrap_model(G)) if diag else None
-    if cfg.optim.grad_clip > 0:
-        acc.clip_grad_norm_(G.parameters(), cfg.optim.grad_clip)
-    opt_g.step()
     return StepOut(loss_d.detach(), loss_g.detach(), kl.detach(), {k: v.detach() for k, v in stats.items()},
                    gnorm_d, gnorm_g)
+
+
+def _update(acc, model, opt, loss: torch.Tensor, cfg: Config, diag: bool) -> float | None:
+    """Backward, optional clipping and optimizer step of one network; its grad norm when ``diag``.
+
+    A DeepSpeed engine does all of it itself (reduction, clipping from its config, step).
+    """
+    if cfg.train.backend == "deepspeed":
+        return acc.update(model, loss, diag)
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    gnorm = _grad_norm(acc.unwrap_model(model)) if diag else None
+    if cfg.optim.grad_clip > 0:
+        acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return gnorm
 
 
 # --------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------
 def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> TrainResult:
-    from .data.stream import TrainStream, load_fixed_samples
+    from .data.stream import TrainStream, load_fixed_samples, to_unit_range
     from .ema import EMA
     from .grid import save_grid
     from .diversity import diversity_score
@@ -237,7 +244,14 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         stage1, stage1_cfg = load_stage1_for_stage2(cfg.model.stage1_export, text_dim, meta.encoder)
     resume_path = ckpt.resolve(cfg.train.run_dir, resume)
 
-    acc, precision, precision_note = _make_accelerator(cfg)
+    if cfg.train.backend == "deepspeed" or launched_with_deepspeed():
+        from .backends import DeepSpeedGAN  # two ZeRO engines in place of one Accelerator
+
+        cfg.train.backend = "deepspeed"  # also when chosen by a DeepSpeed accelerate config
+        acc = DeepSpeedGAN(cfg)
+        precision, precision_note = acc.precision, acc.note
+    else:
+        acc, precision, precision_note = _make_accelerator(cfg)
     device, rank, world = acc.device, acc.process_index, acc.num_processes
     main = acc.is_main_process
     run_dir = Path(cfg.train.run_dir)
@@ -279,10 +293,12 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     pair_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000)
     if resume_path is not None:
         state, rng = ckpt.load(resume_path, rank)
+        check_resume(state, cfg.train.backend, world, resume_path)
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        if cfg.train.backend == "ddp":  # DeepSpeed: optimizer state is in the engines' files, loaded after prepare
+            opt_g.load_state_dict(state["opt_g"])
+            opt_d.load_state_dict(state["opt_d"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         step = int(state["step"])
@@ -303,6 +319,10 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         log(f"torch.compile requested (compiles lazily on the first step; wrapped in {time.time() - t0:.1f}s)")
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     G_inner, D_inner = acc.unwrap_model(G), acc.unwrap_model(D)
+    if cfg.train.backend == "deepspeed":
+        log(acc.describe())
+        if resume_path is not None:
+            acc.load_checkpoint(resume_path)  # both engines: weights and ZeRO optimizer partitions
     if resume_path is not None and state.get("scaler") is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(state["scaler"])
 
@@ -312,8 +332,11 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         cfg.data.shards, cfg.data.split, size, cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
         world_size=world, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
         emb_mode=cfg.data.emb_mode, emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
     )
+    if resume_path is not None and state.get("stream") not in (None, stream.signature()):
+        log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
+            "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")
     fixed = load_fixed_samples(cfg.data.shards, cfg.data.split, cfg.data.fixed_samples, size)
     n_fixed = len(fixed["caption"])
     fixed_z = torch.randn(n_fixed, 4, cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
@@ -356,17 +379,21 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                       captions=list(fixed["caption"]))
 
     def state_fn() -> dict:
+        ds = cfg.train.backend == "deepspeed"  # its optimizer state is sharded: in the engines' files
         return {
             "G": G_inner.state_dict(), "D": D_inner.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "opt_g": None if ds else opt_g.state_dict(), "opt_d": None if ds else opt_d.state_dict(),
+            "backend": cfg.train.backend,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "step": step, "world_size": world, "config": to_dict(cfg),
+            "step": step, "world_size": world, "config": to_dict(cfg), "stream": stream.signature(),
             "text_encoder": meta.encoder, "text_dim": text_dim,
         }
 
     def save_checkpoint() -> Path:
         extra = {"z": z_gen.get_state(), "pair": pair_gen.get_state()}
+        if cfg.train.backend == "deepspeed":  # every rank also writes its engines' ZeRO partitions
+            return acc.save_checkpoint(run_dir, step, state_fn, extra, keep_last=cfg.train.keep_last)
         return ckpt.save(run_dir, step, state_fn, extra, rank=rank, barrier=acc.wait_for_everyone,
                          keep_last=cfg.train.keep_last)
 
@@ -394,22 +421,28 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     G.train()
     D.train()
     try:
+        t_begin = time.time()
         while step < n_steps:
             # agree on stopping at a step boundary (every rank saves the same step)
             if step % check_every == 0:
+                over = cfg.train.time_limit_min > 0 and time.time() - t_begin > 60 * cfg.train.time_limit_min
                 sig = stop.signum
                 if world > 1:
-                    t = torch.tensor([sig], device=device)
+                    t = torch.tensor([sig, int(over)], device=device)
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                    sig = int(t.item())
+                    sig, over = int(t[0].item()), bool(t[1].item())
                 if sig:
                     _check_finite(loss_acc, step, acc)
                     path = save_checkpoint()
                     log(f"signal {signal.Signals(sig).name}: checkpoint {path} saved at step {step}")
                     raise TrainInterrupted(sig, step)
+                if over:  # a wall-clock budget for this launch: finish here (checkpoint, export, COMPLETE)
+                    log(f"time limit of {cfg.train.time_limit_min} min reached at step {step}")
+                    n_steps = step
+                    break
 
             batch = next(batches)
-            real = batch["img"].to(device, non_blocking=True)
+            real = to_unit_range(batch["img"].to(device, non_blocking=True))
             if cfg.train.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             emb = batch["emb"].to(device, non_blocking=True)
@@ -476,6 +509,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                 _check_finite(loss_acc, step, acc)
                 save_checkpoint()
 
+        if step % cfg.train.sample_every:  # stopped early by the time limit: one last grid
+            sample_grid(step)
         _check_finite(loss_acc, step, acc)
         save_checkpoint()
         sync = _sync_report(acc, G_inner, D_inner)
