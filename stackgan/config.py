@@ -93,6 +93,10 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3  # checkpoints kept in run_dir/checkpoints
     diversity_warn: float = 0.05  # warn when the diversity score falls below this
+    metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
+    metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
+    metrics_samples: int = 500  # generated images per split for the judge metrics
+    judge: str = ""  # attribute judge file; "" = <shards>/judge.pt (trained there on first use)
     tqdm: bool = True
 
 

@@ -81,6 +81,12 @@ def check_inputs(cfg: Config) -> ShardMeta:
     need = 76 if cfg.model.stage == 1 else 304
     if need not in meta.image_sizes:
         raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
+    if cfg.train.metrics:
+        from .metrics import names as metric_names
+
+        unknown = [m for m in cfg.train.metrics.split(",") if m.strip() and m.strip() not in metric_names()]
+        if unknown:
+            raise ConfigError(f"train.metrics: unknown metric(s) {unknown}; known: {', '.join(metric_names())}")
     if cfg.model.stage == 2 and not cfg.model.stage1_export:
         raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")
     return meta
@@ -378,6 +384,23 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             save_grid(grid, run_dir / "samples" / f"step-{at:08d}.png", nrow=fixed_z.shape[1],
                       captions=list(fixed["caption"]))
 
+    eval_ctx = None
+
+    def snapshot_metrics(at: int) -> None:
+        """The configured metrics on the EMA generator, on every rank; rank 0 appends metrics.jsonl."""
+        nonlocal eval_ctx
+        from .metrics import EvalContext, compute
+
+        if eval_ctx is None:
+            eval_ctx = EvalContext(shards=cfg.data.shards, image_size=size, z_dim=cfg.model.z_dim,
+                                   text_encoder=meta.encoder, text_dim=text_dim, device=device,
+                                   judge=cfg.train.judge, judge_samples=cfg.train.metrics_samples, log=log)
+        gen = ema.module if ema is not None else G_inner
+        res = compute(cfg.train.metrics, gen, eval_ctx, step=at, jsonl=run_dir / "metrics.jsonl")
+        log(f"metrics at step {at}: " + "; ".join(
+            f"{name} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float) and k != "seconds")
+            for name, r in res.items()))
+
     def state_fn() -> dict:
         ds = cfg.train.backend == "deepspeed"  # its optimizer state is sharded: in the engines' files
         return {
@@ -505,6 +528,9 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                         "mode collapse? (try lower lr_d, loss.kind=hinge, model.spectral_norm=true)")
             if step % cfg.train.sample_every == 0 or step == n_steps:
                 sample_grid(step)
+            if cfg.train.metrics and cfg.train.metrics_every and step % cfg.train.metrics_every == 0 \
+                    and step < n_steps:
+                snapshot_metrics(step)
             if step % cfg.train.ckpt_every == 0 and step < n_steps:
                 _check_finite(loss_acc, step, acc)
                 save_checkpoint()
@@ -518,6 +544,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         if not sync["ranks_identical"]:
             log(f"WARNING: parameters differ across ranks: {sync['fingerprints']}")
         out = export()
+        if cfg.train.metrics:
+            snapshot_metrics(step)
         if main:
             (run_dir / "COMPLETE").write_text(json.dumps({"step": step, "time": time.time()}))
         log(f"finished {step} steps; generator export {out}")

@@ -57,7 +57,8 @@ def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 def test_stage1_then_stage2(tiny_shards, tmp_path):
     s1 = tmp_path / "s1"
-    p = run_cmd(train_args(tiny_shards, s1, "train.steps=10", "train.ckpt_every=4", "train.keep_last=2"))
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=10", "train.ckpt_every=4", "train.keep_last=2",
+                           "train.metrics=diversity", "train.metrics_every=5"))
     assert p.returncode == 0, p.stderr[-3000:]
     # run folder: resolved config, logs, TensorBoard, grids, kept checkpoints, export, marker
     assert (s1 / "config.yaml").is_file() and (s1 / "COMPLETE").is_file()
@@ -68,6 +69,8 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
     steps = [r["step"] for r in recs if "loss_d" in r]
     assert steps == [2, 4, 6, 8, 10]
     assert any("diversity" in r for r in recs) and any("d_real" in r for r in recs)
+    snaps = [json.loads(line) for line in (s1 / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["metric"], r["step"]) for r in snaps] == [("diversity", 5), ("diversity", 10)]
     g1, info = load_generator(s1 / "export" / "generator.pt")
     assert info.stage == 1 and info.image_size == 64 and info.step == 10
     with torch.no_grad():
@@ -137,6 +140,8 @@ def test_sigterm_saves_and_exits_for_requeue(tiny_shards, tmp_path):
 def test_bad_input_exits_2_before_training(tiny_shards, tmp_path):
     p = run_cmd(train_args(tiny_shards, tmp_path / "x", "model.text_dim=1024", "train.steps=2"))
     assert p.returncode == 2 and "text_dim" in p.stderr
+    p = run_cmd(train_args(tiny_shards, tmp_path / "x", "train.metrics=diversity,nonsense", "train.steps=2"))
+    assert p.returncode == 2 and "nonsense" in p.stderr
     p = run_cmd(train_args(tmp_path / "nowhere", tmp_path / "y", "train.steps=2"))
     assert p.returncode == 2 and "metadata.json" in p.stderr
     p = run_cmd(train_args(tiny_shards, tmp_path / "z", "model.stage=2", "train.steps=2",

@@ -1,0 +1,109 @@
+"""Score a generator export with the registered metrics.
+
+    python -m stackgan.evaluate --export runs/stage1/export/generator.pt \\
+        --shards shards/birds-embedded --metrics judge_consistency,judge_fd,diversity
+    python -m stackgan.evaluate --export ... --shards shards/cub --metrics inception_score,fid \\
+        --inception /path/inception_v3_google-0cc3c7bd.pth          # 30000 samples by default
+
+Results are printed and appended (one JSON line per metric) to ``metrics.jsonl`` in the
+run folder (``--jsonl`` to change). The attribute judge is read from ``--judge`` (default
+``<shards>/judge.pt``) and trained there first if the file does not exist. Under
+``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
+
+IS / FID here are monitoring figures (torchvision's Inception-v3 in PyTorch), not
+directly comparable with the StackGAN papers' TensorFlow Inception scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .data.meta import ShardError
+from .export import ExportError, load_generator
+from .metrics import EvalContext, MetricError, compute, names, rank_world
+from .metrics.judge import JudgeError
+
+DEFAULT_METRICS = "judge_consistency,judge_fd,diversity"
+
+
+def default_jsonl(export: str | Path) -> Path:
+    parent = Path(export).resolve().parent
+    return (parent.parent if parent.name == "export" else parent) / "metrics.jsonl"
+
+
+def _init_distributed(device: str) -> str:
+    """Join the process group torchrun describes (if any); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def format_results(results: dict[str, dict]) -> str:
+    lines = []
+    for name, res in results.items():
+        vals = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in res.items() if k != "note")
+        lines.append(f"{name}: {vals}")
+        if "note" in res:
+            lines.append(f"  ({res['note']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stackgan.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--export", required=True, help="generator export")
+    p.add_argument("--shards", required=True, help="the shard set the generator was trained on")
+    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated, from: {', '.join(names())}")
+    p.add_argument("--judge", default="", help="attribute judge file (default <shards>/judge.pt)")
+    p.add_argument("--inception", default="", help="Inception-v3 state_dict for inception_score / fid")
+    p.add_argument("--num-samples", type=int, default=30000, help="generated images for IS / FID")
+    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--judge-samples", type=int, default=1000,
+                   help="generated images per split, judge metrics")
+    p.add_argument("--judge-scope", choices=["caption", "image"], default="caption",
+                   help="score the attribute groups each caption states (default), or all of the image's")
+    p.add_argument("--diversity-captions", type=int, default=32)
+    p.add_argument("--diversity-z", type=int, default=8, help="images per caption for the diversity score")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jsonl", default="", help="results file (default <run folder>/metrics.jsonl)")
+    args = p.parse_args(argv)
+    try:
+        device = _init_distributed(args.device)
+        G, info = load_generator(args.export, device)
+        ctx = EvalContext.from_export(
+            info, args.shards, device=device, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
+            inception=args.inception, num_samples=args.num_samples, judge_samples=args.judge_samples,
+            judge_scope=args.judge_scope,
+            diversity_captions=args.diversity_captions, diversity_z=args.diversity_z,
+            is_splits=args.is_splits,
+        )
+        jsonl = Path(args.jsonl) if args.jsonl else default_jsonl(args.export)
+        results = compute(args.metrics, G, ctx, step=info.step, jsonl=jsonl,
+                          extra={"export": str(args.export), "stage": info.stage, "source": "evaluate"})
+    except (MetricError, ExportError, ShardError, JudgeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank_world()[0] == 0:
+        print(format_results(results))
+        print(f"appended to {jsonl}")
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

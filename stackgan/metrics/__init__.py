@@ -1,0 +1,16 @@
+"""Metrics for generators: a registry, runnable on all ranks, results appended to JSONL.
+
+    from stackgan.metrics import EvalContext, compute
+    ctx = EvalContext.from_export(info, shards="shards/birds-embedded")   # once
+    compute("judge_consistency,judge_fd,diversity", G, ctx, step=step, jsonl=run_dir / "metrics.jsonl")
+
+Registered metrics: ``judge_consistency``, ``judge_fd``, ``diversity`` (:mod:`.scores`,
+attribute judge in :mod:`.judge`), ``inception_score``, ``fid`` (:mod:`.inception`). Add
+one with ``@register("name")`` on a function ``fn(G, ctx) -> dict``. The built-in metric
+modules are imported on first use of :func:`compute`, :func:`get` or :func:`names`.
+"""
+from .core import (EvalContext, MetricError, all_sum, append_jsonl, compute, generate, get, my_batches,
+                   names, rank_world, register)
+
+__all__ = ["EvalContext", "MetricError", "all_sum", "append_jsonl", "compute", "generate", "get",
+           "my_batches", "names", "rank_world", "register"]

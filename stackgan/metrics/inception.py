@@ -1,0 +1,181 @@
+"""Inception Score and FID with Inception-v3 weights from a file the user gives.
+
+The network is torchvision's ``inception_v3`` architecture built empty
+(``weights=None, init_weights=False``) and filled with ``load_state_dict`` from the
+given path; nothing is ever downloaded. torchvision's ImageNet weights
+(``inception_v3_google-0cc3c7bd.pth``) fit, and so does any state_dict with the same
+parameter names (the number of classes and the auxiliary head are read from the file).
+
+Images in [-1, 1] (the generator's range, which is also the input scaling of Google's
+Inception weights, so ``transform_input`` stays off) are resized bilinearly to 299.
+IS uses the softmax of the logits, FID the 2048-d pool features.
+
+These are **monitoring figures**: a PyTorch port of Inception with PyTorch resizing does
+not reproduce the TensorFlow Inception graph the StackGAN papers scored with, so the
+numbers are not directly comparable with published IS / FID values.
+
+Protocol defaults (the papers'): ``num_samples`` = 30000 generated images over the
+test split's captions (every test image with its caption 0, then caption 1, ...), IS
+over 10 splits, FID against all real test images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .core import EvalContext, MetricError, generate, rank_world, register, resize
+from .evalset import iter_images, to_tensor
+from .scores import split_data
+from .stats import GaussianSums, ISSums, frechet_distance, frechet_distance_of_samples
+
+NOTE = ("monitoring figure (torchvision Inception-v3 in PyTorch); not directly comparable with the "
+        "papers' TensorFlow Inception IS/FID")
+TAG = 14
+
+_TRUNK = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+    "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool",
+)
+
+
+class InceptionError(MetricError):
+    """Inception weights that are missing, unreadable or of another architecture."""
+
+
+class InceptionV3(nn.Module):
+    """Inception-v3 returning (pool features (B, 2048), logits (B, classes))."""
+
+    def __init__(self, net: nn.Module, size: int = 299):
+        super().__init__()
+        if size < 75:
+            raise ValueError(f"Inception-v3 needs inputs of at least 75 px, got {size}")
+        self.net = net.eval()
+        self.size = size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.to(next(self.net.parameters()).device, torch.float32)
+        x = resize(x, self.size)
+        for name in _TRUNK:
+            x = getattr(self.net, name)(x)
+        pool = torch.flatten(x, 1)
+        return pool, self.net.fc(pool)
+
+
+def load_inception(path: str | Path, device: str | torch.device = "cpu", size: int = 299) -> InceptionV3:
+    """Build torchvision's Inception-v3 empty and load the state_dict at ``path`` into it."""
+    from torchvision.models import inception_v3
+
+    path = Path(path)
+    if not path.is_file():
+        raise InceptionError(
+            f"Inception-v3 weights not found: {path} (give a torchvision inception_v3 state_dict, e.g. "
+            "inception_v3_google-0cc3c7bd.pth; nothing is downloaded)"
+        )
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InceptionError(f"{path}: cannot read Inception weights ({e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise InceptionError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    fc = sd.get("fc.weight")
+    if fc is None or fc.ndim != 2 or fc.shape[1] != 2048:
+        raise InceptionError(f"{path}: no fc.weight of shape (classes, 2048): not an Inception-v3 state_dict")
+    aux = any(k.startswith("AuxLogits.") for k in sd)
+    net = inception_v3(weights=None, aux_logits=aux, init_weights=False, num_classes=fc.shape[0],
+                       transform_input=False)
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise InceptionError(f"{path}: weights do not fit torchvision's inception_v3: {str(e)[:600]}") from e
+    if missing or unexpected:
+        raise InceptionError(
+            f"{path}: weights do not fit torchvision's inception_v3: {len(missing)} missing "
+            f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})"
+        )
+    return InceptionV3(net, size).to(device).eval()
+
+
+@torch.no_grad()
+def features(net: InceptionV3, images: torch.Tensor,
+             batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool features, logits) of a set of images in [-1, 1], batched, on the CPU."""
+    pools, logits = [], []
+    for i in range(0, len(images), batch_size):
+        p, lg = net(images[i : i + batch_size])
+        pools.append(p.cpu())
+        logits.append(lg.cpu())
+    return torch.cat(pools), torch.cat(logits)
+
+
+def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two feature sets held in memory (single process)."""
+    return frechet_distance_of_samples(a.numpy(), b.numpy())
+
+
+# --------------------------------------------------------------------------------------
+# Registered metrics (one shared pass per compute call)
+# --------------------------------------------------------------------------------------
+def _net(ctx: EvalContext) -> InceptionV3:
+    key = ("inception", ctx.inception, ctx.inception_size, str(ctx.device))
+    if key not in ctx.cache:
+        ctx.cache[key] = load_inception(ctx.inception, ctx.device, ctx.inception_size)
+    return ctx.cache[key]
+
+
+def _real(ctx: EvalContext, net: InceptionV3) -> GaussianSums:
+    key = ("inception_real", ctx.inception, ctx.inception_size, ctx.image_size)
+    if key not in ctx.cache:
+        rank, world = rank_world()
+        sums = GaussianSums(2048)
+        buf: list[np.ndarray] = []
+        for img in iter_images(ctx.meta, "test", ctx.stored_size, rank=rank, world=world):
+            buf.append(img)
+            if len(buf) == ctx.batch_size:
+                sums.add(net(to_tensor(np.stack(buf)))[0])
+                buf = []
+        if buf:
+            sums.add(net(to_tensor(np.stack(buf)))[0])
+        ctx.cache[key] = sums.reduce()
+    return ctx.cache[key]
+
+
+def _pass(G, ctx: EvalContext) -> dict:
+    call = ctx.cache.setdefault("call", {})
+    if "inception" in call:
+        return call["inception"]
+    net = _net(ctx)
+    data = split_data(ctx, "test")
+    s, c, n = len(data), data.emb.shape[1], ctx.num_samples
+    perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
+    i = np.arange(n)
+    emb = data.emb[perm[i % s], (i // s) % c]
+    feats, is_sums = GaussianSums(2048), ISSums(ctx.is_splits, net.net.fc.out_features)
+    for lo, hi, img in generate(G, ctx, emb, TAG):
+        pool, logits = net(img)
+        feats.add(pool)
+        is_sums.add(logits, torch.arange(lo, hi) * ctx.is_splits // n)
+    out = {"feats": feats.reduce(), "is": is_sums.reduce(), "real": _real(ctx, net), "n": n}
+    call["inception"] = out
+    return out
+
+
+@register("inception_score", requires=("inception",))
+def inception_score_metric(G, ctx: EvalContext) -> dict:
+    p = _pass(G, ctx)
+    mean, std = p["is"].score()
+    return {"mean": mean, "std": std, "splits": ctx.is_splits, "n": p["n"], "note": NOTE}
+
+
+@register("fid", requires=("inception",))
+def fid_metric(G, ctx: EvalContext) -> dict:
+    p = _pass(G, ctx)
+    fid = frechet_distance(*p["feats"].mean_cov(), *p["real"].mean_cov())
+    return {"fid": fid, "n_gen": p["n"], "n_real": int(p["real"].n), "note": NOTE}

@@ -1,0 +1,198 @@
+"""Judge-based scores on an attribute-labelled shard set, and the diversity score.
+
+* ``judge_consistency``: for each generated image, the share of its caption's attributes
+  the judge sees (:mod:`.judge`). The caption's attributes are the attribute groups it
+  mentions (:mod:`.captions`) with the values of the source image's labels (``attr.npy``;
+  captions describe their image truthfully); ``EvalContext.judge_scope="image"`` scores
+  all the image's attributes instead. It is reported for captions of held-out train-split
+  images (``train``) and of the test split's unseen species (``test``), next to the same
+  judge's score on the *real* images of those captions (``real_*``, the reference the
+  quality targets are relative to) and two chance levels: generated images scored
+  against shuffled captions (``shuffled_*``) and random noise images scored against real
+  captions (``chance_random``).
+* ``judge_fd``: Frechet distance between generated and real images in the judge's
+  penultimate feature space (FID's formula with a feature net that knows birds' parts).
+* ``diversity``: mean pairwise L1 between images of the same caption with different
+  noise, divided by 2/3 (``score``: the trainer's normalisation, see
+  :mod:`stackgan.diversity`) and by the same distance between random real test images
+  (``vs_real``). Images are compared at 64x64. A collapsed generator drifts towards 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stackgan.diversity import UNIFORM_L1, pairwise_l1
+
+from .core import EvalContext, _seed, all_sum, generate, my_batches, rank_world, register, resize
+from .captions import caption_scope
+from .evalset import SplitData, is_holdout, load_split, to_tensor
+from .judge import Judge, ensure_judge, share
+from .stats import GaussianSums, frechet_distance
+
+TAGS = {"train": 11, "test": 12, "diversity": 13}
+NOISE_IMAGES = 512  # random images for the chance level
+DIVERSITY_REAL = 256  # real test images for the diversity reference
+
+
+def split_data(ctx: EvalContext, split: str, holdout_mod: int = 0) -> SplitData:
+    """Captions, embeddings, attributes and 64px real crops of a split (cached). For the
+    train split only the judge's held-out keys, so real scores are not on its training set."""
+    key = ("split", split, holdout_mod)
+    if key not in ctx.cache:
+        select = (lambda k: is_holdout(k, holdout_mod)) if split == "train" and holdout_mod else None
+        ctx.cache[key] = load_split(ctx.meta, split, image=76, select=select)
+    return ctx.cache[key]
+
+
+def _items(data: SplitData, n: int, seed: int, tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items to generate: (sample index, caption index, shuffled partner item) x n.
+    Samples are taken in a random order (so a small n still spans the species)."""
+    rng = np.random.default_rng([seed, tag])
+    perm = rng.permutation(len(data))
+    sample = perm[np.arange(n) % len(data)]
+    cap = rng.integers(data.emb.shape[1], size=n)
+    partner = rng.permutation(n)
+    return sample, cap, partner
+
+
+def targets(ctx: EvalContext, data: SplitData, sample: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Attribute labels to score item (sample, caption) against: the source image's labels,
+    restricted to the groups the caption states (``ctx.judge_scope == "caption"``, see
+    :mod:`.captions`) or all of them (``"image"``)."""
+    att = data.attr[sample]
+    if ctx.judge_scope == "image":
+        return att
+    key = ("scope", id(data))
+    if key not in ctx.cache:
+        ctx.cache[key] = caption_scope(data.captions, ctx.meta.attributes)
+    return att * ctx.cache[key][sample, cap]
+
+
+def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
+    """The judge on real images (and on noise): independent of G, cached on the context."""
+    key = ("judge_real", split, ctx.judge_scope)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    data = split_data(ctx, split, judge.holdout_mod)
+    n = len(data)
+    rng = np.random.default_rng([ctx.seed, TAGS[split], 7])
+    partner = rng.permutation(n)
+    tgt = targets(ctx, data, np.arange(n), rng.integers(data.emb.shape[1], size=n))  # one caption each
+    feats = GaussianSums(judge.net.feature_dim)
+    noise_feats = GaussianSums(judge.net.feature_dim)
+    acc = {k: torch.zeros((), dtype=torch.float64)
+           for k in ("own", "own_n", "shuf", "shuf_n", "rand", "rand_n")}
+    for lo, hi in my_batches(n, ctx.batch_size):
+        logits, f = judge(to_tensor(data.img[lo:hi]))
+        feats.add(f)
+        for name, att in (("own", tgt[lo:hi]), ("shuf", tgt[partner[lo:hi]])):
+            s, c = share(*judge.hits(logits, att))
+            acc[name] += s
+            acc[name + "_n"] += c
+    n_noise = min(NOISE_IMAGES, max(n, 2))
+    for lo, hi in my_batches(n_noise, ctx.batch_size):
+        g = torch.Generator().manual_seed(_seed(ctx.seed, TAGS[split], lo, 5))
+        x = torch.rand(hi - lo, 3, 64, 64, generator=g) * 2 - 1
+        logits, f = judge(x)
+        noise_feats.add(f)
+        s, c = share(*judge.hits(logits, tgt[np.arange(lo, hi) % n]))
+        acc["rand"] += s
+        acc["rand_n"] += c
+    out = {"acc": all_sum(acc), "feats": feats.reduce(), "noise": noise_feats.reduce(), "n": n}
+    ctx.cache[key] = out
+    return out
+
+
+def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
+    """The judge on generated images for ``ctx.judge_samples`` captions (per compute call)."""
+    key = ("judge_gen", split)
+    call = ctx.cache.setdefault("call", {})
+    if key in call:
+        return call[key]
+    data = split_data(ctx, split, judge.holdout_mod)
+    sample, cap, partner = _items(data, ctx.judge_samples, ctx.seed, TAGS[split])
+    emb = data.emb[sample, cap]
+    tgt = targets(ctx, data, sample, cap)
+    feats = GaussianSums(judge.net.feature_dim)
+    acc = {k: torch.zeros((), dtype=torch.float64) for k in ("own", "own_n", "shuf", "shuf_n")}
+    for lo, hi, img in generate(G, ctx, emb, TAGS[split]):
+        logits, f = judge(img)
+        feats.add(f)
+        for name, att in (("own", tgt[lo:hi]), ("shuf", tgt[partner[lo:hi]])):
+            s, c = share(*judge.hits(logits, att))
+            acc[name] += s
+            acc[name + "_n"] += c
+    out = {"acc": all_sum(acc), "feats": feats.reduce(), "n": len(sample)}
+    call[key] = out
+    return out
+
+
+def _mean(acc: dict, name: str) -> float:
+    n = float(acc[name + "_n"])
+    return float(acc[name]) / n if n else float("nan")
+
+
+@register("judge_consistency", requires=("attributes",))
+def judge_consistency(G, ctx: EvalContext) -> dict:
+    judge = ensure_judge(ctx)
+    out: dict = {}
+    for split in ("train", "test"):
+        real = _real_pass(ctx, judge, split)["acc"]
+        gen = _gen_pass(G, ctx, judge, split)["acc"]
+        out[split] = _mean(gen, "own")
+        out[f"real_{split}"] = _mean(real, "own")
+        out[f"ratio_{split}"] = out[split] / out[f"real_{split}"] if out[f"real_{split}"] else float("nan")
+        out[f"shuffled_{split}"] = _mean(gen, "shuf")
+        out[f"n_{split}"] = int(gen["own_n"])
+    test_real = _real_pass(ctx, judge, "test")["acc"]
+    out["chance_shuffled_real"] = _mean(test_real, "shuf")
+    out["chance_random"] = _mean(test_real, "rand")
+    margin = out["real_test"] - max(out["chance_shuffled_real"], out["chance_random"])
+    if not margin > 0.2 and rank_world()[0] == 0 and not ctx.cache.get("warned_judge"):
+        ctx.cache["warned_judge"] = True
+        ctx.log(f"WARNING: the judge sees real test images only {margin:.2f} above chance "
+                f"({ctx.judge_path}); its consistency ratios say little. Train it longer or on more images.")
+    return out
+
+
+@register("judge_fd", requires=("attributes",))
+def judge_fd(G, ctx: EvalContext) -> dict:
+    judge = ensure_judge(ctx)
+    out: dict = {}
+    for split in ("test", "train"):
+        real = _real_pass(ctx, judge, split)
+        gen = _gen_pass(G, ctx, judge, split)
+        out[split] = frechet_distance(*gen["feats"].mean_cov(), *real["feats"].mean_cov())
+        if split == "test":  # ceiling reference: noise images vs real ones
+            out["noise_test"] = frechet_distance(*real["noise"].mean_cov(), *real["feats"].mean_cov())
+    return out
+
+
+def _real_diversity(ctx: EvalContext) -> float:
+    if "div_real" not in ctx.cache:
+        data = split_data(ctx, "test")
+        idx = np.random.default_rng([ctx.seed, TAGS["diversity"]]).permutation(len(data))[:DIVERSITY_REAL]
+        x = to_tensor(data.img[np.sort(idx)])
+        ctx.cache["div_real"] = float(pairwise_l1(x[None])[0]) if len(x) >= 2 else float("nan")
+    return ctx.cache["div_real"]
+
+
+@register("diversity")
+def diversity(G, ctx: EvalContext) -> dict:
+    data = split_data(ctx, "test")
+    k, m = ctx.diversity_captions, ctx.diversity_z
+    sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])
+    emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
+    bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
+    acc = {"sum": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
+    for lo, hi, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs):
+        x = resize(img, 64).cpu()
+        d = pairwise_l1(x.reshape(-1, m, *x.shape[1:]))
+        acc["sum"] += d.double().sum()
+        acc["n"] += len(d)
+    acc = all_sum(acc)
+    gen = float(acc["sum"] / acc["n"])
+    real = _real_diversity(ctx)
+    return {"score": gen / UNIFORM_L1, "vs_real": gen / real if real else float("nan"),
+            "real": real / UNIFORM_L1, "captions": k, "z_per_caption": m}

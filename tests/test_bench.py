@@ -1,0 +1,115 @@
+"""The benchmark: its baseline is the original step (same losses), its rewrite is exact, it runs.
+
+Everything here uses tiny networks; the real figures come from ``python -m stackgan.bench``
+(see docs/performance.md).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stackgan import bench
+
+
+@pytest.fixture(scope="module")
+def acc():
+    return bench.make_accelerator("cpu")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_original_step_gives_our_losses(acc, stage):
+    """Same weights, inputs, CA noise and wrong pairs: the sigmoid + BCELoss original and our
+    logits step give the same D, G and KL losses for two steps (the second after both
+    optimisers moved), and the same parameters afterwards."""
+    r = bench.check_original_matches(bench.tiny_case(stage), acc, steps=2)
+    assert r["max_loss_diff"] < 1e-5, r["losses"]
+    assert r["max_param_diff"] < 5e-5
+    first = r["losses"][0]["original"]
+    assert all(v == v and abs(v) < 1e3 for v in first)  # real numbers, not NaN
+    assert r["losses"][0]["original"] != r["losses"][1]["original"]  # the second step saw updated weights
+
+
+def test_check_detects_a_different_step(acc):
+    """The comparison is sensitive: the original's own wrong pairs (features[:-1] with
+    cond[1:]) differ from our full-batch shift, and the check sees it."""
+    case = bench.tiny_case(1)
+    G, D = bench.build_models(case, "cpu")
+    orig = bench.OriginalStep(G, D)
+    b = bench.make_batch(case, "cpu", seed=3)
+    torch.manual_seed(0)
+    official = orig.d_loss(b.real, *G(b.emb, b.z)[:2], widx=None)[0].detach()
+    torch.manual_seed(0)
+    shifted = orig.d_loss(b.real, *G(b.emb, b.z)[:2], widx=b.widx)[0].detach()
+    assert abs(float(official) - float(shifted)) > 1e-4
+
+
+def test_upconv_is_exact():
+    """Nearest x2 upsample + 3x3 conv == the 4x4 stride-2 transposed form: values and grads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+    new = bench.upsample_conv3x3(x, w)
+    assert new.shape == ref.shape
+    assert torch.allclose(new, ref, atol=1e-10)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, (x, w), g), torch.autograd.grad(new, (x, w), g)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_use_upconv_keeps_the_generator(acc):
+    """Swapping G's up-blocks keeps the state-dict keys and the outputs (stage II: both Gs)."""
+    case = bench.tiny_case(2)
+    G, _ = bench.build_models(case, "cpu")
+    G2, _ = bench.build_models(case, "cpu")
+    assert bench.use_upconv(G2, min_size=1) == 8  # 4 in stage II + 4 in the frozen stage-I G
+    assert not any(isinstance(m, nn.Upsample) for m in G2.modules())
+    assert G.state_dict().keys() == G2.state_dict().keys()
+    G.eval(), G2.eval()
+    emb, z = torch.randn(2, case.text), torch.randn(2, case.z)
+    torch.manual_seed(1)
+    a = G(emb, z)[0]
+    torch.manual_seed(1)
+    b = G2(emb, z)[0]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_bad_options_are_refused(capsys):
+    assert bench.main(["--only", "stage1,nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+
+
+def test_quick_run_writes_the_report(tmp_path, capsys):
+    """The whole pipeline on tiny networks: workers, interleaved timing, FLOPs, fp32 and
+    bf16 (the same precision loop the CUDA mode runs), 1 vs 2 DDP processes, JSON + table."""
+    out = tmp_path / "b.json"
+    rc = bench.main(["--quick", "--only", "peak,stage1,bf16,procs", "--out", str(out)])
+    text = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    assert rc == 0, rep["errors"]
+    assert rep["machine"]["torch"] == torch.__version__ and rep["load_start"]
+    assert rep["peak"]["matmul"]["fp32"]["gflops"] > 0
+    assert {r["layer"] for r in rep["peak"]["conv"]} == {c[0] for c in bench.CONV_LAYERS}
+    cases = {(c["name"], c["precision"]): c for c in rep["cases"]}
+    assert set(cases) == {("tiny-s1-b4", "fp32"), ("tiny-s1-b4", "bf16")}
+    for c in cases.values():
+        runners = c["runners"]
+        assert set(runners) == {"ours", "original", "ours-upconv"}
+        for name, r in runners.items():
+            assert r["s_per_iter"] > 0 and r["img_per_s"] > 0 and r["flops"] > 0
+            assert r["gflops_per_s"] > 0 and r["frac_matmul"] > 0
+            assert r["peak_mem_mb"] > 50
+        assert runners["ours"]["peak_mem_isolated"] and "vs_original" in runners["ours"]
+        # the rewrite does less arithmetic; the original also computes D's weight grads in G's step
+        assert runners["ours-upconv"]["flops"] < runners["ours"]["flops"] < runners["original"]["flops"]
+    procs = {r["processes"]: r for r in rep["procs"]}
+    assert set(procs) == {1, 2} and procs[2]["global_batch"] == procs[1]["global_batch"]
+    assert all(r["img_per_s"] > 0 for r in procs.values())
+    assert "| tiny-s1-b4 | bf16 | ours |" in text and "x original" in text
