@@ -50,6 +50,7 @@ class ModelConfig:
     text_dim: int = 0  # 0 = take it from the shard metadata
     emb_scale: float = 1.0  # multiplies the text embedding before CA-Net; unit-norm sentence embeddings
     # (all-MiniLM-L6-v2, 384-d) need ~sqrt(dim) = 19.6, or mu ~ 0 and D ignores the text
+    ca_act: Literal["relu", "leaky"] = "relu"  # CA-Net activation: relu = official PyTorch, leaky = official TF
     spectral_norm: bool = False  # spectral norm on D's convolutions (stabiliser)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 

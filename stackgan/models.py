@@ -123,11 +123,15 @@ class CANet(nn.Module):
     caller that seeds that RNG controls it.
     """
 
-    def __init__(self, text_dim: int, cond_dim: int, emb_scale: float = 1.0):
+    def __init__(self, text_dim: int, cond_dim: int, emb_scale: float = 1.0, act: str = "relu"):
         super().__init__()
         self.text_dim, self.cond_dim, self.emb_scale = text_dim, cond_dim, float(emb_scale)
         self.fc = nn.Linear(text_dim, cond_dim * 2, bias=True)
-        self.relu = nn.ReLU()
+        # "relu": official PyTorch (mu, logvar >= 0; the KL term can drive every unit to 0 and
+        # cut the text off); "leaky": official TensorFlow StackGAN (leaky ReLU, slope 0.2)
+        if act not in ("relu", "leaky"):
+            raise ValueError(f"CANet: act must be 'relu' or 'leaky', got {act!r}")
+        self.relu = nn.ReLU() if act == "relu" else nn.LeakyReLU(0.2)
 
     def forward(self, emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # emb_scale: unit-norm sentence embeddings (384-d MiniLM) would leave fc's N(0, 0.02)
@@ -148,7 +152,7 @@ class Stage1G(nn.Module):
     image_size = 64
 
     def __init__(self, text_dim: int, z_dim: int = 100, cond_dim: int = 128, gf_dim: int = 128,
-                 emb_scale: float = 1.0):
+                 emb_scale: float = 1.0, ca_act: str = "relu"):
         super().__init__()
         if gf_dim < 2 or gf_dim % 2:
             raise ValueError(f"Stage1G: gf_dim must be an even number >= 2, got {gf_dim}")
@@ -157,7 +161,7 @@ class Stage1G(nn.Module):
                 raise ValueError(f"Stage1G: {k} must be > 0, got {v}")
         self.text_dim, self.z_dim, self.cond_dim, self.gf_dim = text_dim, z_dim, cond_dim, gf_dim
         ngf = self.ngf = gf_dim * 8
-        self.ca_net = CANet(text_dim, cond_dim, emb_scale)
+        self.ca_net = CANet(text_dim, cond_dim, emb_scale, ca_act)
         self.fc = nn.Sequential(
             nn.Linear(z_dim + cond_dim, ngf * 4 * 4, bias=False),
             nn.BatchNorm1d(ngf * 4 * 4),
@@ -191,7 +195,7 @@ class Stage2G(nn.Module):
     image_size = 256
 
     def __init__(self, stage1: Stage1G, text_dim: int, cond_dim: int = 128, gf_dim: int = 128,
-                 r_num: int = 4, emb_scale: float = 1.0):
+                 r_num: int = 4, emb_scale: float = 1.0, ca_act: str = "relu"):
         super().__init__()
         if not isinstance(stage1, Stage1G):
             raise TypeError(f"Stage2G: stage1 must be a Stage1G, got {type(stage1).__name__}")
@@ -206,7 +210,7 @@ class Stage2G(nn.Module):
         self.text_dim, self.z_dim, self.cond_dim = text_dim, stage1.z_dim, cond_dim
         self.gf_dim, self.r_num = gf_dim, r_num
         ngf = gf_dim
-        self.ca_net = CANet(text_dim, cond_dim, emb_scale)
+        self.ca_net = CANet(text_dim, cond_dim, emb_scale, ca_act)
         self.encoder = nn.Sequential(
             conv3x3(3, ngf),
             nn.ReLU(inplace=True),
@@ -392,14 +396,14 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     if stage == 1:
         if stage1 is not None:
             raise ValueError("build_generator: stage1 is only used for model.stage=2")
-        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale)
+        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act)
     if stage1 is None:
         raise ValueError("build_generator: model.stage=2 needs the stage-I generator (stage1=...)")
     if not isinstance(stage1, Stage1G):
         raise TypeError(f"build_generator: stage1 must be a Stage1G, got {type(stage1).__name__}")
     if stage1.z_dim != mcfg.z_dim:
         raise ValueError(f"model.z_dim={mcfg.z_dim} differs from the stage-I generator's z_dim {stage1.z_dim}")
-    return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale)
+    return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale, ca_act=mcfg.ca_act)
 
 
 def build_discriminator(mcfg: ModelConfig) -> nn.Module:
