@@ -102,12 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-species", type=int, default=40)
     p.add_argument("--stage1-steps", type=int, default=None, help="default: configs/birds_stage1.yaml")
     p.add_argument("--stage2-steps", type=int, default=None, help="default: configs/birds_stage2.yaml")
+    p.add_argument("--judge-samples", type=int, default=500, help="generated images per split for the judge")
     p.add_argument("--quick", action="store_true", help="a 2-minute smoke run (few steps, small set)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
     a = p.parse_args(argv)
     if a.quick:
         a.species, a.images_per_species = min(a.species, 8), min(a.images_per_species, 12)
         a.stage1_steps, a.stage2_steps = a.stage1_steps or 30, a.stage2_steps or 6
+        a.judge_samples = min(a.judge_samples, 100)
 
     out = Path(a.out)
     logs = out / "logs"
@@ -135,15 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     judge = Path(a.shards) / "judge.pt"
     metrics = {}
     for name, export in (("stage1", export1), ("stage2", export2)):
-        for split in ("train", "test"):
-            jsonl = out / f"metrics-{name}-{split}.jsonl"
-            if jsonl.exists():
-                jsonl.unlink()
-            timings[f"eval-{name}-{split}"] = _run(f"eval-{name}-{split}", [
-                py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards, "--split", split,
-                "--judge", str(judge), "--jsonl", str(jsonl)], logs)
-            metrics[f"{name}/{split}"] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
-                                          for r in _records(jsonl)}
+        jsonl = out / f"metrics-{name}.jsonl"
+        if jsonl.exists():
+            jsonl.unlink()
+        timings[f"eval-{name}"] = _run(f"eval-{name}", [
+            py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
+            "--judge", str(judge), "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
+        metrics[name] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
+                         for r in _records(jsonl)}
 
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
