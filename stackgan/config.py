@@ -51,6 +51,8 @@ class ModelConfig:
     emb_scale: float = 1.0  # multiplies the text embedding before CA-Net; unit-norm sentence embeddings
     # (all-MiniLM-L6-v2, 384-d) need ~sqrt(dim) = 19.6, or mu ~ 0 and D ignores the text
     ca_act: Literal["relu", "leaky"] = "relu"  # CA-Net activation: relu = official PyTorch, leaky = official TF
+    d_cond: Literal["mu", "text"] = "mu"  # D's condition: G's CA mean (official PyTorch) or its own
+    # projection of the text embedding (official TensorFlow)
     spectral_norm: bool = False  # spectral norm on D's convolutions (stabiliser)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 

@@ -303,11 +303,18 @@ class DLogits(nn.Module):
 class _Discriminator(nn.Module):
     image_size: int
 
-    def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool):
+    def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool,
+                 text_dim: int = 0, emb_scale: float = 1.0):
         super().__init__()
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
         self.df_dim, self.cond_dim, self.spectral_norm = df_dim, cond_dim, spectral_norm
+        # text_dim > 0: D embeds the raw text itself (official TensorFlow StackGAN) instead of
+        # taking G's CA mean mu (official PyTorch), which the KL term keeps pulling towards 0
+        self.emb_scale = float(emb_scale)
+        self.text_proj = (nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2, inplace=True))
+                          if text_dim > 0 else None)
+        self.in_dim = text_dim if text_dim > 0 else cond_dim
         self.encode_img = nn.Sequential(*self._encoder(df_dim, not spectral_norm, spectral_norm))
         self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm)
         self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if uncond else None
@@ -323,9 +330,12 @@ class _Discriminator(nn.Module):
     def forward(self, img: Tensor, cond: Tensor, wrong_cond: Tensor | None = None) -> DOut:
         s = self.image_size
         _check_input(f"{type(self).__name__} img", img, (None, 3, s, s))
-        _check_input(f"{type(self).__name__} cond", cond, (img.shape[0], self.cond_dim))
+        _check_input(f"{type(self).__name__} cond", cond, (img.shape[0], self.in_dim))
         if wrong_cond is not None:
-            _check_input(f"{type(self).__name__} wrong_cond", wrong_cond, (img.shape[0], self.cond_dim))
+            _check_input(f"{type(self).__name__} wrong_cond", wrong_cond, (img.shape[0], self.in_dim))
+        if self.text_proj is not None:
+            cond = self.text_proj(cond * self.emb_scale)
+            wrong_cond = None if wrong_cond is None else self.text_proj(wrong_cond * self.emb_scale)
         h = self.encode_img(img)
         cond_logits = self.get_cond_logits(h, cond)
         wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
@@ -338,8 +348,9 @@ class Stage1D(_Discriminator):
 
     image_size = 64
 
-    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False)
+    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
+                 text_dim: int = 0, emb_scale: float = 1.0):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False, text_dim=text_dim, emb_scale=emb_scale)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -356,8 +367,9 @@ class Stage2D(_Discriminator):
 
     image_size = 256
 
-    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True)
+    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
+                 text_dim: int = 0, emb_scale: float = 1.0):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -403,11 +415,17 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
         raise TypeError(f"build_generator: stage1 must be a Stage1G, got {type(stage1).__name__}")
     if stage1.z_dim != mcfg.z_dim:
         raise ValueError(f"model.z_dim={mcfg.z_dim} differs from the stage-I generator's z_dim {stage1.z_dim}")
-    return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale, ca_act=mcfg.ca_act)
+    return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale,
+                   ca_act=mcfg.ca_act)
 
 
-def build_discriminator(mcfg: ModelConfig) -> nn.Module:
-    """Stage-I or Stage-II discriminator; its condition input is G's ``mu`` (cond_dim)."""
+def build_discriminator(mcfg: ModelConfig, text_dim: int = 0) -> nn.Module:
+    """Stage-I or Stage-II discriminator. Its condition input is G's ``mu`` (cond_dim) when
+    ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text"."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
+    if mcfg.d_cond == "text":
+        if text_dim <= 0:
+            raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
+        return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim, emb_scale=mcfg.emb_scale)
     return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm)

@@ -195,7 +195,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     D_inner = acc.unwrap_model(D)
     with acc.autocast():
         fake, mu, logvar = G(emb, z)
-    cond = mu.detach()
+    cond = emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
 
     with acc.autocast():
         out_real = D(real, cond, cond[widx])
@@ -282,7 +282,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     # ---- models, optimisers ------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G = build_generator(cfg.model, text_dim, stage1=stage1)
-    D = build_discriminator(cfg.model)
+    D = build_discriminator(cfg.model, text_dim)
     if cfg.train.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     ema = EMA(G, decay=cfg.optim.ema_decay, start=cfg.optim.ema_start) if cfg.optim.ema_decay > 0 else None
@@ -300,8 +300,14 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     if resume_path is not None:
         state, rng = ckpt.load(resume_path, rank)
         check_resume(state, cfg.train.backend, world, resume_path)
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
+        try:
+            G.load_state_dict(state["G"])
+            D.load_state_dict(state["D"])
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(
+                f"{resume_path} was written for other networks than this config builds "
+                f"(model.* differs from the checkpoint's config.yaml); use another train.run_dir or --resume none. "
+                f"Details: {str(e).splitlines()[0]}") from None
         if cfg.train.backend == "ddp":  # DeepSpeed: optimizer state is in the engines' files, loaded after prepare
             opt_g.load_state_dict(state["opt_g"])
             opt_d.load_state_dict(state["opt_d"])

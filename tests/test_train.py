@@ -77,6 +77,11 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
         img, mu, logvar = g1(torch.randn(2, info.text_dim), torch.randn(2, info.z_dim))
     assert img.shape == (2, 3, 64, 64)
 
+    # resuming a run folder with other networks is refused clearly, and loses nothing
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32"))
+    assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]
+    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000008", "step-00000010"]
+
     s2 = tmp_path / "s2"
     export1 = s1 / "export" / "generator.pt"
     p = run_cmd(train_args(tiny_shards, s2, "train.steps=3", "train.ckpt_every=2", "data.batch_size=2",
