@@ -278,10 +278,12 @@ def _write_shard(job) -> dict:
         os.fsync(f.fileno())
     if hook:
         hook("tmp-written", task.name)
-    os.replace(tmp, final)
+    # the record goes first: a shard under its final name always has one (a record whose shard
+    # never got renamed is harmless: _finished checks the file's sha256 against it)
     record = {"fingerprint": task.fingerprint, "num_samples": len(task.samples), "sha256": digest,
               "bytes": len(data)}
     _atomic_json(out / STATE_DIR / f"{task.name}.json", record)
+    os.replace(tmp, final)
     return {"name": task.name, **record}
 
 
