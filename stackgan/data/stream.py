@@ -742,7 +742,8 @@ class TrainStream:
 
 
 def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int) -> dict:
-    """The first ``n`` samples of a split (metadata shard order): centre crop, no flip, caption 0.
+    """``n`` samples spread evenly over a split (metadata shard order, so over its species):
+    centre crop, no flip, caption 0.
 
     For sample grids and evaluation: always the same images and captions. Returns fewer than
     ``n`` when the split is smaller.
@@ -756,14 +757,16 @@ def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int) -> d
         emb_mode="one", emb_k=1, on_corrupt="raise", captions=meta.captions_per_image,
         text_dim=meta.text_dim, url=url, sha256=tuple(s.sha256 for s in shards),
     )
-    reader, samples = _Reader(spec), []
+    total = sum(count for _, count in spec.shards)
+    wanted = sorted({i * total // n for i in range(min(n, total))})  # spread over the split's species
+    reader, samples, first = _Reader(spec), [], 0
     try:
         with _quiet_decoder():
             for shard, (_, count) in enumerate(spec.shards):
-                for i in range(min(count, n - len(samples))):
-                    samples.append(_decode(reader.read(shard, i), spec, reader.where(shard)))
-                if len(samples) >= n:
-                    break
+                for g in wanted:
+                    if first <= g < first + count:
+                        samples.append(_decode(reader.read(shard, g - first), spec, reader.where(shard)))
+                first += count
     finally:
         reader.close()
     o = (src - image_size) // 2
