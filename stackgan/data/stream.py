@@ -758,7 +758,7 @@ def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int) -> d
         text_dim=meta.text_dim, url=url, sha256=tuple(s.sha256 for s in shards),
     )
     total = sum(count for _, count in spec.shards)
-    wanted = sorted({i * total // n for i in range(min(n, total))})  # spread over the split's species
+    wanted = list(range(total)) if n >= total else [i * total // n for i in range(n)]  # spread over species
     reader, samples, first = _Reader(spec), [], 0
     try:
         with _quiet_decoder():
