@@ -77,6 +77,10 @@ def test_use_upconv_keeps_the_generator(acc):
     torch.manual_seed(1)
     b = G2(emb, z)[0]
     assert torch.allclose(a, b, atol=1e-5)
+    # and back, as the original step does with whatever G it is given
+    assert bench.use_plain_upsample(G2) == 8
+    assert sum(isinstance(m, nn.Upsample) for m in G2.modules()) == 8
+    assert G.state_dict().keys() == G2.state_dict().keys()
 
 
 def test_hybrid_layout_keeps_the_networks():
