@@ -446,7 +446,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_steps, initial=step, desc=f"stage {cfg.model.stage}", dynamic_ncols=True)
-    batches = _rng_neutral(stream.iterate(start=step))
+    batches = stream.iterate(start=step)  # its loader has its own generator: the global RNG is untouched
     G.train()
     D.train()
     try:
@@ -484,9 +484,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                 group["lr"] = cfg.optim.lr_d * scale
 
             z = torch.randn(bsz, cfg.model.z_dim, generator=z_gen).to(device, non_blocking=True)
-            widx = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen)
-            if isinstance(widx, tuple):
-                widx = widx[0]
+            widx = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
             diag = (step + 1) % cfg.train.diag_every == 0
             out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag)
             loss_d, loss_g, kl, stats = out.loss_d, out.loss_g, out.kl, out.stats
@@ -568,16 +566,6 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             jsonl.close()
         if tb is not None:
             tb.close()
-
-
-def _rng_neutral(it):
-    """Yield from ``it``, but let its start-up (loader workers draw a base seed from the global
-    RNG) leave the training RNG untouched, so a resumed run draws what an uninterrupted one does."""
-    state = ckpt.rng_state()
-    first = next(it)
-    ckpt.set_rng_state(state)
-    yield first
-    yield from it
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
