@@ -75,7 +75,7 @@ class OptimConfig:
     lr_decay_factor: float = 0.5
     ema_decay: float = 0.999  # EMA of G's weights used for sampling (0 = off)
     ema_start: int = 0  # steps before EMA starts tracking (copies G until then)
-    fused: bool = True  # fused / foreach Adam where the device supports it
+    fused: bool = True  # fused Adam (CPU and CUDA); false = the plain for-loop Adam
     grad_clip: float = 0.0  # clip grad norm of both nets (0 = off)
 
 
@@ -89,6 +89,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     backend: Literal["ddp", "deepspeed"] = "ddp"
     channels_last: bool = True
+    channels_last_min_hw: int = 32  # CPU: layers on maps narrower than this stay NCHW (faster there); 0 = none. GPU: ignored
     compile: bool = False  # torch.compile G and D
     log_every: int = 50  # status line, JSONL, TensorBoard scalars
     diag_every: int = 200  # D(real/wrong/fake), grad norms, diversity score

@@ -6,13 +6,17 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stackgan.config import ModelConfig
 from stackgan.ema import EMA
+from stackgan.layout import apply_layout
 from stackgan.losses import d_loss, g_loss, kl_loss
 from stackgan.models import (
     DOut,
     Stage1D,
+    UpsampleConv3x3,
+    upsample_conv3x3,
     Stage1G,
     Stage2D,
     Stage2G,
@@ -221,6 +225,55 @@ def test_channels_last_matches_contiguous(stage):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     (sum(o.sum() for o in out if o is not None) + img.mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d_cl.parameters())
+
+
+@pytest.mark.parametrize("hw", [(6, 7), (8, 8)])
+def test_up_conv_is_the_official_up_block(hw):
+    """Nearest x2 upsample + 3x3 conv == the 4x4 stride-2 transposed form: values and both
+    gradients, as a function and as the module the up-blocks use (also its small-map path)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+    m = UpsampleConv3x3(5, 4, kernel_size=3, padding=1, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.copy_(w)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w), g, retain_graph=True)
+    for new, wt in ((upsample_conv3x3(x, w), w), (m(x), m.weight),
+                    (m(x.contiguous(memory_format=torch.channels_last)), m.weight)):
+        assert new.shape == ref.shape
+        torch.testing.assert_close(new, ref, atol=1e-10, rtol=0)
+        for a, b in zip(want, torch.autograd.grad(new, (x, wt), g)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # a wrong tap order would not pass: the flipped kernel gives another function
+    assert not torch.allclose(upsample_conv3x3(x, w.flip(-1)), ref)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_layout_keeps_the_networks(stage):
+    """channels-last only on large maps: small-map layers go NCHW, outputs stay the same."""
+    g, d = tiny_pair(stage)
+    g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
+    emb, z = torch.randn(2, 7), torch.randn(2, 6)
+    n_g, n_d = apply_layout(g2, d2, (emb, z), lambda mu, e: mu, min_hw=32)
+    assert n_g > 0 and n_d > 0
+    convs = [m for m in g2.modules() if isinstance(m, nn.Conv2d)]
+    assert any(m.weight.is_contiguous() for m in convs)  # small maps: NCHW
+    assert any(not m.weight.is_contiguous() for m in convs)  # large maps: channels-last
+    g.eval(), g2.eval(), d.eval(), d2.eval()
+    torch.manual_seed(1)
+    a, mu = g(emb, z)[:2]
+    torch.manual_seed(1)
+    b = g2(emb, z)[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    c = torch.rand(2, 5)
+    torch.testing.assert_close(d(a.detach(), c).cond, d2(b.detach().contiguous(memory_format=torch.channels_last), c).cond,
+                               atol=1e-5, rtol=1e-4)
+    g3, d3 = copy.deepcopy(g), copy.deepcopy(d)
+    assert apply_layout(g3, d3, (emb, z), lambda mu, e: mu, min_hw=0) == (0, 0)
+    assert all(not m.weight.is_contiguous() for m in g3.modules() if isinstance(m, nn.Conv2d)
+               and m.kernel_size != (1, 1))
 
 
 @pytest.mark.parametrize("stage", [1, 2])
