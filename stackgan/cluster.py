@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import Config, ConfigError, apply_updates, load_config
+from .config import Config, ConfigError, apply_overrides, apply_updates, load_config
 
 EXIT_BAD_INPUT, EXIT_REQUEUE = 2, 3
 
@@ -86,14 +86,7 @@ def load_cluster_config(path: str | Path | None, overrides: list[str] = ()) -> C
             apply_updates(cc, data)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
-    for text in overrides:
-        if "=" not in text:
-            raise ConfigError(f"cluster override {text!r} must look like train.nodes=2")
-        key, raw = text.split("=", 1)
-        nested: Any = yaml.safe_load(raw)
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        apply_updates(cc, nested)
+    apply_overrides(cc, overrides, "cluster override")
     for name in ("train", "eval", "summary"):
         r: Resources = getattr(cc, name)
         if r.nodes < 1 or r.cpus_per_task < 1 or r.timeout_min < 1 or r.gpus_per_node < 0:

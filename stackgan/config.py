@@ -219,17 +219,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             apply_updates(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...], what: str = "command-line override") -> None:
+    """Apply dotted ``key.sub=value`` strings (values parsed as YAML) to a config dataclass."""
     for text in overrides:
         parts, value = _parse_override(text)
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
         try:
-            apply_updates(cfg, nested)
+            apply_updates(obj, nested)
         except ConfigError as e:
-            raise ConfigError(f"command-line override {text!r}: {e}") from None
-    validate(cfg)
-    return cfg
+            raise ConfigError(f"{what} {text!r}: {e}") from None
 
 
 def validate(cfg: Config) -> None:

@@ -60,6 +60,12 @@ def test_cluster_config_refuses_unknown_keys(tmp_path):
     bad.write_text("train:\n  gpus: 4\n")
     with pytest.raises(ConfigError, match="train.gpus"):
         load_cluster_config(bad)
+    with pytest.raises(ConfigError, match="cluster override 'train.nodez=2'.*train.nodez"):
+        load_cluster_config(ROOT / "jobs" / "cluster.yaml", ["train.nodez=2"])
+    with pytest.raises(ConfigError, match="train.nodes"):
+        load_cluster_config(ROOT / "jobs" / "cluster.yaml", ["train.nodes=two"])
+    cc = load_cluster_config(ROOT / "jobs" / "cluster.yaml", ["train.nodes=3", "partition=gpu"])
+    assert (cc.train.nodes, cc.partition) == (3, "gpu")
 
 
 def test_grid_parsing_and_point_names():
