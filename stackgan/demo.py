@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from .plots import plot_run, read_jsonl
+
 PROMPTS = [
     "this bird has a red crown, blue wings and a white belly",
     "a small yellow bird with black wings and a short pointed beak",
@@ -48,49 +50,6 @@ def _run(step: str, args: list[str], log_dir: Path) -> float:
     if rc != 0:
         raise SystemExit(f"demo: step {step!r} failed with exit status {rc} (log: {log_dir / (step + '.log')})")
     return time.time() - t0
-
-
-def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def plot_run(run_dir: Path, out: Path) -> Path:
-    """Loss curves, D(real/wrong/fake), diversity and throughput from log.jsonl, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = _records(run_dir / "log.jsonl")
-    train = [r for r in recs if "loss_d" in r]
-    diag = [r for r in recs if "diversity" in r]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
-    steps = [r["step"] for r in train]
-    ax[0].plot(steps, [r["loss_d"] for r in train], label="D loss")
-    ax[0].plot(steps, [r["loss_g"] for r in train], label="G loss (incl. KL)")
-    ax[0].set_title("losses")
-    for k in ("d_real", "d_wrong", "d_fake"):
-        if train and k in train[0]:
-            ax[1].plot(steps, [r[k] for r in train], label=k)
-    ax[1].set_title("D outputs (mean probability)")
-    if diag:
-        ax[2].plot([r["step"] for r in diag], [r["diversity"] for r in diag], label="diversity")
-        ax[2].plot([r["step"] for r in diag], [min(r["grad_norm_d"] or 0, 1e3) for r in diag], label="|grad D|")
-        ax[2].plot([r["step"] for r in diag], [min(r["grad_norm_g"] or 0, 1e3) for r in diag], label="|grad G|")
-        ax[2].set_yscale("log")
-    ax[2].set_title("diagnostics")
-    ax[3].plot(steps, [r["img_per_s"] for r in train])
-    ax[3].set_title("images / s")
-    for a in ax:
-        a.set_xlabel("step")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8)
-    fig.suptitle(str(run_dir))
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
             "--judge", str(judge), "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
         metrics[name] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
-                         for r in _records(jsonl)}
+                         for r in read_jsonl(jsonl)}
 
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
