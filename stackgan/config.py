@@ -31,7 +31,7 @@ class DataConfig:
     shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards
     split: str = "train"  # split the trainer streams from
     batch_size: int = 64  # per process; the global batch is batch_size x world size
-    num_workers: int = 2  # loader worker processes per training process
+    num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine
     shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
     emb_mode: Literal["one", "mean"] = "one"  # one of the 10 captions, or mean of emb_k
     emb_k: int = 4  # captions averaged when emb_mode=mean (TF StackGAN uses 4)

@@ -184,6 +184,28 @@ class StepOut:
     grad_norm_g: float | None = None
 
 
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``data.num_workers``, or for -1 a size that fits the machine: the CPUs this process may
+    use, shared among the processes of this node. On a GPU the loader gets all of its share
+    but one core (at most 8: decoding is ~40x ahead of a CPU step and JPEG-bound on a GPU); on
+    a CPU the step itself needs the cores, so one worker when there are cores to spare, else
+    none (the stream is 40-50x faster than the CPU step; docs/performance.md)."""
+    if requested >= 0:
+        return requested
+    if os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_CPUS_PER_TASK"):  # one srun task per process
+        share = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:  # launchers that start every process of a node with the same CPUs (accelerate, torchrun)
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, share)
+    if device.type == "cuda":
+        return max(1, min(8, share - 1))
+    return 1 if share >= 2 else 0
+
+
 def adam_options(cfg: Config) -> dict:
     """Adam's keyword arguments besides the learning rate. Fused Adam (one kernel over all
     parameters, CPU and CUDA) measured fastest in ``python -m stackgan.bench``; the for-loop
@@ -349,7 +371,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         acc.scaler.load_state_dict(state["scaler"])
 
     # ---- data --------------------------------------------------------------------
-    workers = cfg.data.num_workers
+    workers = loader_workers(cfg.data.num_workers, device)
+    log(f"data: {workers} loader worker(s) per process")
     stream = TrainStream(
         cfg.data.shards, cfg.data.split, size, cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
         world_size=world, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,

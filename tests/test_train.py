@@ -181,3 +181,24 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
     assert fin and fin[-1]["world_size"] == 2
     assert len(fin[-1]["fingerprints"]) == 2 and fin[-1]["ranks_identical"], fin[-1]
     assert (ckpt.latest(run) / "rng-rank1.pt").is_file()
+
+
+def test_loader_workers_fit_the_machine(monkeypatch):
+    """-1 sizes the loader from the CPUs this process may use, shared by the node's processes;
+    an explicit count is kept."""
+    from stackgan.train import loader_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for k in ("SLURM_STEP_ID", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert loader_workers(3, gpu) == 3
+    assert loader_workers(-1, gpu) == 8  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers(-1, gpu) == 3  # 4 CPUs each, one for the step
+    assert loader_workers(-1, cpu) == 1
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert loader_workers(-1, gpu) == 5  # an srun task's own CPUs
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
