@@ -75,6 +75,7 @@ class OptimConfig:
     lr_decay_factor: float = 0.5
     ema_decay: float = 0.999  # EMA of G's weights used for sampling (0 = off)
     ema_start: int = 0  # steps before EMA starts tracking (copies G until then)
+    ema_warmup: bool = True  # decay ramps up as min(ema_decay, (1 + n) / (10 + n)) (TF's rule)
     fused: bool = True  # fused Adam (CPU and CUDA); false = the plain for-loop Adam
     grad_clip: float = 0.0  # clip grad norm of both nets (0 = off)
 

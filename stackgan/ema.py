@@ -4,6 +4,11 @@ GAN generators oscillate; an EMA of their weights gives steadier, usually better
 at no training cost. The EMA model is a frozen deep copy of the *unwrapped* generator
 (DDP / ``torch.compile`` wrappers are peeled off), kept in eval mode. Before ``start``
 steps it simply copies the weights; after that ``ema = decay * ema + (1 - decay) * w``.
+With ``warmup`` the decay ramps up as ``min(decay, (1 + n) / (10 + n))``, n steps after
+``start`` (TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` rule): without it a
+0.995 EMA is still 37% initial weights after 200 steps, and because BatchNorm statistics are
+copied from the live generator, such a mix of old weights and new statistics samples badly
+(the short stage-II run of the demo looked collapsed in eval mode for this reason).
 Buffers (BatchNorm running statistics) and frozen parameters (the Stage-I generator inside
 a Stage-II generator) are copied, never averaged, so they stay bit-identical.
 The copy lives on the device the model was on when the EMA was made (move it with
@@ -31,12 +36,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.999, start: int = 0):
+    def __init__(self, model: nn.Module, decay: float = 0.999, start: int = 0, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA: decay must be in [0, 1), got {decay}")
         if start < 0:
             raise ValueError(f"EMA: start must be >= 0, got {start}")
-        self.decay, self.start = float(decay), int(start)
+        self.decay, self.start, self.warmup = float(decay), int(start), bool(warmup)
         self.model = copy.deepcopy(unwrap(model))
         self.model.requires_grad_(False)
         self.model.eval()
@@ -45,6 +50,11 @@ class EMA:
     def module(self) -> nn.Module:
         """The averaged generator (alias of ``model``)."""
         return self.model
+
+    def decay_at(self, step: int) -> float:
+        """The decay used by the update after optimizer step ``step`` (>= start)."""
+        n = step - self.start
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -65,7 +75,7 @@ class EMA:
                 copy_e.append(pe)
                 copy_s.append(ps.detach())
         if avg_e:
-            torch._foreach_lerp_(avg_e, avg_s, 1.0 - self.decay)
+            torch._foreach_lerp_(avg_e, avg_s, 1.0 - self.decay_at(step))
         for pe, ps in zip(copy_e, copy_s):
             pe.copy_(ps)
         for (ne, be), (ns, bs) in zip(self.model.named_buffers(), src.named_buffers()):
@@ -74,11 +84,12 @@ class EMA:
             be.copy_(bs)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "start": self.start, "model": self.model.state_dict()}
+        return {"decay": self.decay, "start": self.start, "warmup": self.warmup, "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"decay", "start", "model"} - set(state)
         if missing:
             raise ValueError(f"EMA.load_state_dict: state lacks {sorted(missing)}")
         self.decay, self.start = float(state["decay"]), int(state["start"])
+        self.warmup = bool(state.get("warmup", False))  # checkpoints from before the option: none
         self.model.load_state_dict(state["model"])

@@ -356,7 +356,7 @@ def _perturb(model, scale=0.1):
 
 def test_ema_copies_before_start_then_averages():
     g, _ = tiny_pair(1)
-    ema = EMA(nn.DataParallel(g), decay=0.9, start=2)  # wrappers are peeled off
+    ema = EMA(nn.DataParallel(g), decay=0.9, start=2, warmup=False)  # wrappers are peeled off
     assert isinstance(ema.model, Stage1G) and ema.model is not g and ema.module is ema.model
     assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
     _perturb(g)
@@ -372,6 +372,19 @@ def test_ema_copies_before_start_then_averages():
         assert torch.equal(a, b)  # BN statistics are copied, not averaged
 
 
+def test_ema_warmup_ramps_the_decay():
+    g, _ = tiny_pair(1)
+    ema = EMA(g, decay=0.995, start=5)
+    assert [round(ema.decay_at(s), 4) for s in (5, 6, 105)] == [0.1, round(2 / 11, 4), round(101 / 110, 4)]
+    assert ema.decay_at(10_000) == 0.995
+    old = {k: v.clone() for k, v in ema.model.named_parameters()}
+    _perturb(g)
+    ema.update(g, step=6)  # 2/11 of the old average, 9/11 of the new weights
+    for k, p in g.named_parameters():
+        torch.testing.assert_close(ema.model.get_parameter(k), 2 / 11 * old[k] + 9 / 11 * p.detach())
+    assert EMA(g, decay=0.995, warmup=False).decay_at(0) == 0.995
+
+
 def test_ema_state_dict_roundtrip_and_stage2():
     g2, _ = tiny_pair(2)
     ema = EMA(g2, decay=0.5, start=0)
@@ -379,9 +392,9 @@ def test_ema_state_dict_roundtrip_and_stage2():
     ema.update(g2, step=10)
     for k, p in g2.stage1.state_dict().items():
         assert torch.equal(ema.model.stage1.state_dict()[k], p)  # frozen part: copied exactly
-    other = EMA(g2, decay=0.1, start=7)
+    other = EMA(g2, decay=0.1, start=7, warmup=False)
     other.load_state_dict(ema.state_dict())
-    assert (other.decay, other.start) == (0.5, 0)
+    assert (other.decay, other.start, other.warmup) == (0.5, 0, True)
     for k, v in ema.model.state_dict().items():
         assert torch.equal(other.model.state_dict()[k], v)
     with pytest.raises(ValueError, match="decay"):
