@@ -319,7 +319,9 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         min_hw = cfg.train.channels_last_min_hw if device.type == "cpu" else 0
         example = (torch.zeros(2, text_dim), torch.zeros(2, cfg.model.z_dim))
         apply_layout(G, D, example, lambda mu, emb: emb if cfg.model.d_cond == "text" else mu, min_hw)
-    ema = EMA(G, decay=cfg.optim.ema_decay, start=cfg.optim.ema_start, warmup=cfg.optim.ema_warmup) if cfg.optim.ema_decay > 0 else None
+    ema = None
+    if cfg.optim.ema_decay > 0:
+        ema = EMA(G, decay=cfg.optim.ema_decay, start=cfg.optim.ema_start, warmup=cfg.optim.ema_warmup)
 
     adam_kw = adam_options(cfg)
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_kw)
