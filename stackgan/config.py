@@ -258,8 +258,8 @@ def validate(cfg: Config) -> None:
     for k, v in {"optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d}.items():
         if not v > 0:
             raise ConfigError(f"{k} must be > 0, got {v}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_workers < -1:
+        raise ConfigError(f"data.num_workers must be >= 0, or -1 (sized to the machine), got {cfg.data.num_workers}")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
     if cfg.model.stage == 2 and cfg.model.gf_dim % 4:

@@ -34,6 +34,7 @@ def test_overrides_are_typed(tmp_path):
     ("loss.kind=wasserstein", "loss.kind"),
     ("model.stage=3", "model.stage"),
     ("data.batch_size=0", "data.batch_size"),
+    ("data.num_workers=-2", "data.num_workers"),
     ("optim.lr_d=-1", "optim.lr_d"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
