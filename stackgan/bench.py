@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layout import apply_layout
+from .layout import apply_layout, layout_min_hw
 from .models import UpsampleConv3x3, upsample_conv3x3
 from .train import adam_options
 
@@ -301,10 +301,6 @@ VARIANTS = {
 }
 
 
-def variant_for(name: str, device: torch.device) -> Variant:
-    return VARIANTS[name]
-
-
 def make_accelerator(device: str, precision: str = "fp32"):
     """A single- or multi-process Accelerator configured like the trainer's."""
     from accelerate import Accelerator
@@ -333,9 +329,9 @@ class OursStep:
         if variant.channels_last:  # as train.py does it
             min_hw = variant.min_hw
             if min_hw is None:
-                min_hw = self.cfg.train.channels_last_min_hw if acc.device.type == "cpu" else 0
+                min_hw = layout_min_hw(self.cfg.train.channels_last_min_hw, acc.device)
             ex = make_batch(dataclasses.replace(case, batch=2), acc.device)
-            apply_layout(G, D, (ex.emb, ex.z), lambda mu, emb: mu, min_hw)
+            apply_layout(G, D, (ex.emb, ex.z), self.cfg.model.d_cond, min_hw)
         kw = adam_options(self.cfg)
         if variant.adam != "trainer":
             kw.pop("fused", None)
@@ -553,7 +549,7 @@ def run_case(spec: dict) -> dict:
             orig = OriginalStep(G, D)
             fn = (lambda o=orig: o(batch.real, batch.emb, batch.z))
         else:
-            ours = OursStep(acc, case, variant_for(name, device))
+            ours = OursStep(acc, case, VARIANTS[name])
             fn = (lambda o=ours: o(batch.real, batch.emb, batch.z, batch.widx))
         r: dict = {"build_s": time.perf_counter() - t0}
         reset_peak_memory(device)

@@ -8,17 +8,19 @@ the layout that suits the size of the maps it sees.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
-__all__ = ["apply_layout", "channels_last_where_large"]
+__all__ = ["apply_layout", "channels_last_where_large", "layout_min_hw"]
 
 
 def _nchw_input(module: nn.Module, args: tuple):
     return (args[0].contiguous(),) + tuple(args[1:])
 
 
-def channels_last_where_large(module: nn.Module, example: tuple, min_hw: int = 32) -> int:
+def channels_last_where_large(module: nn.Module, example: tuple, min_hw: int = 32) -> tuple[int, Any]:
     """Channels-last for conv / BN layers whose input maps are at least ``min_hw`` wide, NCHW
     for the others.
 
@@ -26,7 +28,7 @@ def channels_last_where_large(module: nn.Module, example: tuple, min_hw: int = 3
     the next large layer turns the result back into channels-last by itself, because its
     weight is. Map sizes come from one no-grad eval-mode forward of ``example`` (BatchNorm
     statistics are not touched). Weights keep their values and state-dict keys.
-    Returns the number of layers kept in NCHW.
+    Returns the number of layers kept in NCHW and the output of that forward.
     """
     sizes: dict[str, int] = {}
     layers = {n: m for n, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
@@ -41,7 +43,7 @@ def channels_last_where_large(module: nn.Module, example: tuple, min_hw: int = 3
     module.eval()
     try:
         with torch.no_grad():
-            module(*example)
+            out = module(*example)
     finally:
         for h in hooks:
             h.remove()
@@ -58,23 +60,25 @@ def channels_last_where_large(module: nn.Module, example: tuple, min_hw: int = 3
         if not big:
             m.register_forward_pre_hook(_nchw_input)
             small += 1
-    return small
+    return small, out
 
 
-def apply_layout(G: nn.Module, D: nn.Module, example_g: tuple, d_cond, min_hw: int) -> tuple[int, int]:
+def layout_min_hw(min_hw_cpu: int, device: torch.device) -> int:
+    """The map width below which layers stay NCHW: ``train.channels_last_min_hw`` on CPUs,
+    0 (channels-last everywhere) on GPUs."""
+    return min_hw_cpu if device.type == "cpu" else 0
+
+
+def apply_layout(G: nn.Module, D: nn.Module, example_g: tuple, d_cond: str, min_hw: int) -> tuple[int, int]:
     """Put G and D in channels-last, then back to NCHW below ``min_hw`` (0 = channels-last
-    everywhere). ``d_cond(mu, emb)`` picks what D is conditioned on, as the training step does.
+    everywhere). ``example_g`` is G's ``(emb, z)``; ``d_cond`` (``model.d_cond``: "mu" or
+    "text") says what D is conditioned on, as in the training step.
     Returns how many layers of G and of D stay NCHW."""
     G.to(memory_format=torch.channels_last)
     D.to(memory_format=torch.channels_last)
     if min_hw <= 0:
         return 0, 0
-    n_g = channels_last_where_large(G, example_g, min_hw)
-    was = G.training
-    G.eval()
-    with torch.no_grad():
-        fake, mu, _ = G(*example_g)
-    G.train(was)
-    n_d = channels_last_where_large(D, (fake.contiguous(memory_format=torch.channels_last),
-                                        d_cond(mu, example_g[0])), min_hw)
+    n_g, (fake, mu, _) = channels_last_where_large(G, example_g, min_hw)
+    cond = example_g[0] if d_cond == "text" else mu
+    n_d, _ = channels_last_where_large(D, (fake.contiguous(memory_format=torch.channels_last), cond), min_hw)
     return n_g, n_d

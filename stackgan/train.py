@@ -36,7 +36,7 @@ from .backends import check_resume, launched_with_deepspeed
 from .config import Config, ConfigError, dump_config, image_size, load_config, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .export import ExportError, load_stage1_for_stage2, save_export
-from .layout import apply_layout
+from .layout import apply_layout, layout_min_hw
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_NONFINITE = 0, 2, 3, 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -316,9 +316,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     G = build_generator(cfg.model, text_dim, stage1=stage1)
     D = build_discriminator(cfg.model, text_dim)
     if cfg.train.channels_last and cfg.train.backend == "ddp":  # DeepSpeed wants contiguous weights
-        min_hw = cfg.train.channels_last_min_hw if device.type == "cpu" else 0
         example = (torch.zeros(2, text_dim), torch.zeros(2, cfg.model.z_dim))
-        apply_layout(G, D, example, lambda mu, emb: emb if cfg.model.d_cond == "text" else mu, min_hw)
+        apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(cfg.train.channels_last_min_hw, device))
     ema = None
     if cfg.optim.ema_decay > 0:
         ema = EMA(G, decay=cfg.optim.ema_decay, start=cfg.optim.ema_start, warmup=cfg.optim.ema_warmup)

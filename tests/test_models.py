@@ -256,7 +256,7 @@ def test_layout_keeps_the_networks(stage):
     g, d = tiny_pair(stage)
     g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
     emb, z = torch.randn(2, 7), torch.randn(2, 6)
-    n_g, n_d = apply_layout(g2, d2, (emb, z), lambda mu, e: mu, min_hw=32)
+    n_g, n_d = apply_layout(g2, d2, (emb, z), "mu", min_hw=32)
     assert n_g > 0 and n_d > 0
     convs = [m for m in g2.modules() if isinstance(m, nn.Conv2d)]
     assert any(m.weight.is_contiguous() for m in convs)  # small maps: NCHW
@@ -271,7 +271,7 @@ def test_layout_keeps_the_networks(stage):
     torch.testing.assert_close(d(a.detach(), c).cond, d2(b.detach().contiguous(memory_format=torch.channels_last), c).cond,
                                atol=1e-5, rtol=1e-4)
     g3, d3 = copy.deepcopy(g), copy.deepcopy(d)
-    assert apply_layout(g3, d3, (emb, z), lambda mu, e: mu, min_hw=0) == (0, 0)
+    assert apply_layout(g3, d3, (emb, z), "mu", min_hw=0) == (0, 0)
     assert all(not m.weight.is_contiguous() for m in g3.modules() if isinstance(m, nn.Conv2d)
                and m.kernel_size != (1, 1))
 
