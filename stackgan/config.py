@@ -54,6 +54,9 @@ class ModelConfig:
     d_cond: Literal["mu", "text"] = "mu"  # D's condition: G's CA mean (official PyTorch) or its own
     # projection of the text embedding (official TensorFlow)
     spectral_norm: bool = False  # spectral norm on D's convolutions (stabiliser)
+    g_film: bool = False  # stage I: the condition also scales/shifts every up-block of G (not in StackGAN)
+    d_projection: bool = False  # add a projection term <W h, cond> to D's conditional logit (not in StackGAN)
+    contrastive_dim: int = 0  # > 0: D gets image/text code heads of this size for loss.contrastive_coef
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -63,6 +66,9 @@ class LossConfig:
     wrong: Literal["class", "shift", "perm"] = "class"  # how mismatched (wrong) pairs are drawn
     kl_coef: float = 2.0  # weight of the conditioning-augmentation KL term in G's loss
     uncond_coef: float = 1.0  # stage II: weight of the unconditional head (official: 1)
+    contrastive_coef: float = 0.0  # image-text InfoNCE in D's code space, on real images for D and on
+    # fakes for G (XMC-GAN style; not in StackGAN); needs model.contrastive_dim > 0
+    contrastive_temp: float = 0.1  # temperature of that InfoNCE
 
 
 @dataclass
@@ -266,6 +272,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.gf_dim must be divisible by 4 for stage II, got {cfg.model.gf_dim}")
     if cfg.model.stage == 1 and cfg.model.gf_dim % 2:
         raise ConfigError(f"model.gf_dim must be even, got {cfg.model.gf_dim}")
+    if cfg.model.contrastive_dim < 0 or cfg.loss.contrastive_coef < 0 or not cfg.loss.contrastive_temp > 0:
+        raise ConfigError("model.contrastive_dim and loss.contrastive_coef must be >= 0 and loss.contrastive_temp > 0")
+    if cfg.loss.contrastive_coef > 0 and cfg.model.contrastive_dim == 0:
+        raise ConfigError(f"loss.contrastive_coef={cfg.loss.contrastive_coef} needs model.contrastive_dim > 0 "
+                          "(the size of D's image/text codes)")
     if cfg.train.steps < 0 or cfg.train.epochs < 0:
         raise ConfigError("train.steps and train.epochs must be >= 0")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:

@@ -50,11 +50,17 @@ def _init_distributed(device: str) -> str:
 
 
 def format_results(results: dict[str, dict]) -> str:
+    """One line per metric; a breakdown (a dict value, e.g. per attribute group) on its own line."""
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
     lines = []
     for name, res in results.items():
-        vals = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in res.items() if k != "note")
+        vals = ", ".join(f"{k} {fmt(v)}" for k, v in res.items() if k != "note" and not isinstance(v, dict))
         lines.append(f"{name}: {vals}")
+        for k, v in res.items():
+            if isinstance(v, dict):
+                lines.append(f"  {k}: " + ", ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items()))
         if "note" in res:
             lines.append(f"  ({res['note']})")
     return "\n".join(lines)

@@ -29,10 +29,22 @@ from torch import Tensor
 from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for the trainer)
 from stackgan.models import DOut
 
-__all__ = ["WrongPairs", "d_loss", "diversity_score", "g_loss", "kl_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
+__all__ = ["WrongPairs", "contrastive_loss", "d_loss", "diversity_score", "g_loss", "kl_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
+
+
+def contrastive_loss(out: DOut, temperature: float = 0.1) -> Tensor:
+    """Symmetric InfoNCE between D's image and text codes of a batch: each image must pick
+    its own caption among the batch's captions, and each caption its own image. It rewards
+    what the matching-aware loss only samples once per image (one wrong caption), so on fakes
+    it gives G a per-caption signal; XMC-GAN (Zhang et al. 2021) uses it the same way."""
+    if out.img_code is None or out.txt_code is None:
+        raise ValueError("contrastive_loss: D has no code heads (set model.contrastive_dim > 0)")
+    logits = out.img_code.float() @ out.txt_code.float().t() / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:

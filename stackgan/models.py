@@ -192,7 +192,7 @@ class Stage1G(nn.Module):
     image_size = 64
 
     def __init__(self, text_dim: int, z_dim: int = 100, cond_dim: int = 128, gf_dim: int = 128,
-                 emb_scale: float = 1.0, ca_act: str = "relu"):
+                 emb_scale: float = 1.0, ca_act: str = "relu", film: bool = False):
         super().__init__()
         if gf_dim < 2 or gf_dim % 2:
             raise ValueError(f"Stage1G: gf_dim must be an even number >= 2, got {gf_dim}")
@@ -214,7 +214,15 @@ class Stage1G(nn.Module):
             up_block(ngf // 8, ngf // 16),  # 64x64
         )
         self.img = nn.Sequential(conv3x3(ngf // 16, 3), nn.Tanh())
+        # film (not in StackGAN, which feeds the condition only into the first layer): every
+        # up-block's normalised map is scaled and shifted by the condition, h * (1 + g(c)) + b(c)
+        # (feature-wise modulation, as conditional BN / DF-GAN), so each scale sees the text
+        self.film = (nn.ModuleList(nn.Linear(cond_dim, 2 * ngf // 2 ** k) for k in range(1, 5))
+                     if film else None)
         init_weights(self)
+        if self.film is not None:  # start as the plain generator
+            for m in self.film:
+                nn.init.zeros_(m.weight)
 
     def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _check_input("Stage1G emb", emb, (None, self.text_dim))
@@ -222,7 +230,14 @@ class Stage1G(nn.Module):
         c, mu, logvar = self.ca_net(emb)
         h = self.fc(torch.cat((z, c), 1))  # official order: (noise, c_code)
         h = h.view(-1, self.ngf, 4, 4)
-        return self.img(self.upsample(h)), mu, logvar
+        if self.film is None:
+            h = self.upsample(h)
+        else:
+            for (_, conv, bn, relu), film in zip(self.upsample, self.film):
+                h = bn(conv(h))
+                scale, shift = film(c).to(h.dtype)[:, :, None, None].chunk(2, 1)
+                h = relu(h * (1 + scale) + shift)
+        return self.img(h), mu, logvar
 
 
 class Stage2G(nn.Module):
@@ -303,11 +318,15 @@ class Stage2G(nn.Module):
 # Discriminators
 # --------------------------------------------------------------------------------------
 class DOut(NamedTuple):
-    """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs."""
+    """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs;
+    with a contrastive head (``model.contrastive_dim``) also the unit-norm image and text
+    codes, each (B, contrastive_dim), for :func:`stackgan.losses.contrastive_loss`."""
 
     cond: Tensor
     uncond: Tensor | None = None
     wrong: Tensor | None = None
+    img_code: Tensor | None = None
+    txt_code: Tensor | None = None
 
 
 def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
@@ -344,7 +363,7 @@ class _Discriminator(nn.Module):
     image_size: int
 
     def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool,
-                 text_dim: int = 0, emb_scale: float = 1.0):
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
         super().__init__()
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
@@ -358,6 +377,13 @@ class _Discriminator(nn.Module):
         self.encode_img = nn.Sequential(*self._encoder(df_dim, not spectral_norm, spectral_norm))
         self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm)
         self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if uncond else None
+        # Options beyond the official heads (both off by default), on the pooled 4x4 image code:
+        # projection (Miyato & Koyama 2018): + <W h, cond> added to the conditional logit;
+        # contrastive (XMC-GAN style): image and text codes on the unit sphere whose batch
+        # similarities train both nets to tell which caption an image belongs to.
+        self.proj = nn.Linear(cond_dim, df_dim * 8, bias=False) if projection else None
+        self.img_code = nn.Linear(df_dim * 8, contrastive_dim) if contrastive_dim > 0 else None
+        self.txt_code = nn.Linear(cond_dim, contrastive_dim) if contrastive_dim > 0 else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
             for m in list(self.modules()):
@@ -380,7 +406,17 @@ class _Discriminator(nn.Module):
         cond_logits = self.get_cond_logits(h, cond)
         wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
         uncond = None if self.get_uncond_logits is None else self.get_uncond_logits(h)
-        return DOut(cond_logits, uncond, wrong)
+        img_code = txt_code = None
+        if self.proj is not None or self.img_code is not None:
+            pooled = h.float().mean((2, 3))
+            if self.proj is not None:
+                cond_logits = cond_logits + (pooled * self.proj(cond.float())).sum(1)
+                if wrong is not None:
+                    wrong = wrong + (pooled * self.proj(wrong_cond.float())).sum(1)
+            if self.img_code is not None:
+                img_code = F.normalize(self.img_code(pooled), dim=1)
+                txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
+        return DOut(cond_logits, uncond, wrong, img_code, txt_code)
 
 
 class Stage1D(_Discriminator):
@@ -389,8 +425,9 @@ class Stage1D(_Discriminator):
     image_size = 64
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False, text_dim=text_dim, emb_scale=emb_scale)
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False, text_dim=text_dim, emb_scale=emb_scale,
+                         projection=projection, contrastive_dim=contrastive_dim)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -408,8 +445,9 @@ class Stage2D(_Discriminator):
     image_size = 256
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale)
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale,
+                         projection=projection, contrastive_dim=contrastive_dim)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -448,7 +486,7 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     if stage == 1:
         if stage1 is not None:
             raise ValueError("build_generator: stage1 is only used for model.stage=2")
-        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act)
+        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act, mcfg.g_film)
     if stage1 is None:
         raise ValueError("build_generator: model.stage=2 needs the stage-I generator (stage1=...)")
     if not isinstance(stage1, Stage1G):
@@ -464,8 +502,10 @@ def build_discriminator(mcfg: ModelConfig, text_dim: int = 0) -> nn.Module:
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text"."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
+    extra = dict(projection=mcfg.d_projection, contrastive_dim=mcfg.contrastive_dim)
     if mcfg.d_cond == "text":
         if text_dim <= 0:
             raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
-        return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim, emb_scale=mcfg.emb_scale)
-    return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm)
+        return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim, emb_scale=mcfg.emb_scale,
+                   **extra)
+    return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, **extra)

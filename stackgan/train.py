@@ -222,8 +222,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     During G's update D is frozen and called without its DDP wrapper, so no gradient is
     computed or all-reduced for D. Losses stay on the device (no host sync here).
     """
-    from .losses import d_loss, g_loss, kl_loss
+    from .losses import contrastive_loss, d_loss, g_loss, kl_loss
 
+    c_coef = cfg.loss.contrastive_coef
     D_inner = acc.unwrap_model(D)
     with acc.autocast():
         fake, mu, logvar = G(emb, z)
@@ -233,6 +234,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         out_real = D(real, cond, cond[widx])
         out_fake = D(fake.detach(), cond)
         loss_d, stats = d_loss(out_real, out_fake, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef)
+        if c_coef > 0:
+            stats["loss_contrastive_real"] = contrastive_loss(out_real, cfg.loss.contrastive_temp)
+            loss_d = loss_d + c_coef * stats["loss_contrastive_real"]
     gnorm_d = _update(acc, D, opt_d, loss_d, cfg, diag)
 
     D_inner.requires_grad_(False)  # DeepSpeed ZeRO-2 also needs this (else D's grads get reduced twice)
@@ -241,6 +245,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
             out_g = D_inner(fake, cond)
             kl = kl_loss(mu, logvar)
             loss_g = g_loss(out_g, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef) + cfg.loss.kl_coef * kl
+            if c_coef > 0:
+                stats["loss_contrastive_fake"] = contrastive_loss(out_g, cfg.loss.contrastive_temp)
+                loss_g = loss_g + c_coef * stats["loss_contrastive_fake"]
         gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)

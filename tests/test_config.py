@@ -36,6 +36,8 @@ def test_overrides_are_typed(tmp_path):
     ("data.batch_size=0", "data.batch_size"),
     ("data.num_workers=-2", "data.num_workers"),
     ("optim.lr_d=-1", "optim.lr_d"),
+    ("loss.contrastive_coef=1", "model.contrastive_dim"),
+    ("loss.contrastive_temp=0", "loss.contrastive_temp"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

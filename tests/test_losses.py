@@ -190,3 +190,19 @@ def test_diversity_score_on_a_generator():
     assert diversity_score(G, emb, 4, torch.Generator().manual_seed(1)) == 0
     with pytest.raises(ValueError, match="z_per_caption"):
         diversity_score(G, emb, 1, torch.Generator())
+
+
+def test_contrastive_loss_rewards_own_caption():
+    from stackgan.losses import contrastive_loss
+
+    torch.manual_seed(0)
+    codes = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    matched = contrastive_loss(DOut(t([0.0] * 6), img_code=codes, txt_code=codes), 0.1)
+    swapped = contrastive_loss(DOut(t([0.0] * 6), img_code=codes, txt_code=codes.roll(1, 0)), 0.1)
+    assert matched.item() < 0.5 * math.log(6) < math.log(6) < swapped.item()
+    # chance: all codes equal -> every caption equally likely
+    same = torch.nn.functional.normalize(torch.ones(6, 16), dim=1)
+    chance = contrastive_loss(DOut(t([0.0] * 6), img_code=same, txt_code=same), 0.1)
+    assert chance.item() == pytest.approx(math.log(6), rel=1e-5)
+    with pytest.raises(ValueError, match="contrastive_dim"):
+        contrastive_loss(DOut(t([0.0] * 6)))

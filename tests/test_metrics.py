@@ -89,6 +89,13 @@ def test_consistency_is_scored_against_the_generating_caption(ctx):
         assert good[split] - swapped[split] > 0.3, (good, swapped)
         assert abs(swapped[split] - good[f"shuffled_{split}"]) < 0.2, (good, swapped)
         assert good[f"n_{split}"] == 48
+        # the per-group breakdown says the same, group by group
+        groups, swapped_groups = good[f"groups_{split}"], swapped[f"groups_{split}"]
+        assert groups.keys() == good[f"real_groups_{split}"].keys() == swapped_groups.keys()
+        stated = [g for g, v in groups.items() if v is not None]
+        assert stated, groups
+        gaps = [groups[g] - swapped_groups[g] for g in stated]
+        assert min(gaps) > 0 and sum(gaps) / len(gaps) > 0.3, (groups, swapped_groups)
     assert good["real_test"] - good["chance_random"] > 0.3
     assert good["real_test"] - good["chance_shuffled_real"] > 0.3
 

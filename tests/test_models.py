@@ -399,3 +399,55 @@ def test_ema_state_dict_roundtrip_and_stage2():
         assert torch.equal(other.model.state_dict()[k], v)
     with pytest.raises(ValueError, match="decay"):
         EMA(g2, decay=1.0)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_projection_and_contrastive_heads(stage):
+    """Off by default (the official parameter count and keys); on, the projection term makes
+    the conditional logit depend on the condition through <W h, c>, and the code heads give
+    unit-norm codes; both heads get gradients from their losses."""
+    from stackgan.losses import contrastive_loss
+
+    g, d_plain = tiny_pair(stage)
+    _, d = tiny_pair(stage, d_projection=True, contrastive_dim=6)
+    extra = {k for k in d.state_dict()} - {k for k in d_plain.state_dict()}
+    assert extra == {"proj.weight", "img_code.weight", "img_code.bias", "txt_code.weight", "txt_code.bias"}
+    s = d.image_size
+    img, cond = torch.randn(4, 3, s, s), torch.randn(4, 5)
+    d.train()
+    out = d(img, cond, cond.roll(1, 0))
+    assert out.img_code.shape == out.txt_code.shape == (4, 6)
+    torch.testing.assert_close(out.img_code.norm(dim=1), torch.ones(4))
+    with torch.no_grad():
+        d.proj.weight.mul_(0)
+    base = d(img, cond, cond.roll(1, 0))
+    assert not torch.allclose(base.cond, out.cond)  # the projection term was there
+    torch.testing.assert_close(base.wrong, d(img, cond.roll(1, 0)).cond)  # wrong = same head on the wrong condition
+    d.zero_grad()
+    (contrastive_loss(out) + out.cond.sum()).backward()
+    for name in ("proj.weight", "img_code.weight", "txt_code.weight"):
+        assert d.get_parameter(name).grad.abs().sum() > 0, name
+    assert d_plain(img, cond).img_code is None
+
+
+def test_film_generator_starts_as_plain_and_conditions_every_block():
+    torch.manual_seed(0)
+    plain = build_generator(tiny_cfg(1), 7)
+    film = build_generator(tiny_cfg(1, g_film=True), 7)
+    missing = film.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("film.") for k in missing)
+    emb, z = torch.randn(4, 7), torch.randn(4, 6)
+    plain.eval(), film.eval()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = plain(emb, z)[0]
+        torch.manual_seed(1)
+        b = film(emb, z)[0]
+        torch.testing.assert_close(a, b)  # zero-initialised modulation = the official generator
+        film.film[3].weight.normal_(0, 0.5)  # only the last (64x64) block modulated
+        torch.manual_seed(1)
+        c = film(emb, z)[0]
+    assert not torch.allclose(a, c)
+    img, _, _ = film(emb, z)
+    img.mean().backward()
+    assert all(m.weight.grad is not None for m in film.film)

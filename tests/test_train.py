@@ -163,6 +163,17 @@ def test_bf16_autocast_on_cpu(tiny_shards, tmp_path):
     assert len(recs) == 2 and all(abs(r["loss_d"]) < 1e4 and abs(r["loss_g"]) < 1e4 for r in recs)
 
 
+def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
+    run = tmp_path / "con"
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
+                           "model.contrastive_dim=8", "loss.contrastive_coef=1.0"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [r for r in log_records(run) if "loss_d" in r]
+    assert len(recs) == 3
+    assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
+    assert "proj.weight" in final_state(run)["D"]
+
+
 def test_fp16_on_cpu_says_it_runs_fp32(tiny_shards, tmp_path):
     p = run_cmd(train_args(tiny_shards, tmp_path / "fp16", "train.steps=1", "train.mixed_precision=fp16"))
     assert p.returncode == 0, p.stderr[-3000:]

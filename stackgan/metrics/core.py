@@ -293,6 +293,8 @@ def append_jsonl(path: str | Path, records: list[dict]) -> None:
 
 
 def _clean(v):
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
     if isinstance(v, (np.floating, np.integer)):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):

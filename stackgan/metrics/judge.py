@@ -126,12 +126,11 @@ def attribute_groups(names: list[str], labels: np.ndarray) -> list[list[int]]:
     return keep
 
 
-def attribute_hits(logits: torch.Tensor, attrs: torch.Tensor,
-                   groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: (number of stated groups the judge sees, number of stated groups)."""
+def group_hits(logits: torch.Tensor, attrs: torch.Tensor,
+               groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and group, (B, G) bool: (the judge sees the group, the group is stated)."""
     lab_all = attrs.to(logits.device) > 0
-    hits = torch.zeros(len(logits), device=logits.device)
-    stated = torch.zeros(len(logits), device=logits.device)
+    hits, stated = [], []
     for idx in groups:
         lab = lab_all[:, idx]
         st = lab.any(1)
@@ -140,9 +139,16 @@ def attribute_hits(logits: torch.Tensor, attrs: torch.Tensor,
             hit = lab.gather(1, pred).squeeze(1)
         else:
             hit = (logits[:, idx[0]] > 0) & lab[:, 0]
-        hits += (hit & st).float()
-        stated += st.float()
-    return hits, stated
+        hits.append(hit & st)
+        stated.append(st)
+    return torch.stack(hits, 1), torch.stack(stated, 1)
+
+
+def attribute_hits(logits: torch.Tensor, attrs: torch.Tensor,
+                   groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: (number of stated groups the judge sees, number of stated groups)."""
+    hits, stated = group_hits(logits, attrs, groups)
+    return hits.float().sum(1), stated.float().sum(1)
 
 
 def share(hits: torch.Tensor, stated: torch.Tensor) -> tuple[float, int]:
@@ -204,6 +210,11 @@ class Judge:
              attrs: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(seen, stated) group counts per image, see :func:`attribute_hits`."""
         return attribute_hits(logits, torch.as_tensor(np.asarray(attrs)), self.groups)
+
+    def group_hits(self, logits: torch.Tensor,
+                   attrs: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen, stated) per image and group, see :func:`group_hits`."""
+        return group_hits(logits, torch.as_tensor(np.asarray(attrs)), self.groups)
 
     def save(self, path: str | Path, meta: ShardMeta | None = None) -> Path:
         path = Path(path)

@@ -27,7 +27,7 @@ from stackgan.diversity import UNIFORM_L1, pairwise_l1
 from .core import EvalContext, _seed, all_sum, generate, my_batches, rank_world, register, resize
 from .captions import caption_scope
 from .evalset import SplitData, is_holdout, load_split, to_tensor
-from .judge import Judge, ensure_judge, share
+from .judge import Judge, ensure_judge, group_names, share
 from .stats import GaussianSums, frechet_distance
 
 TAGS = {"train": 11, "test": 12, "diversity": 13}
@@ -83,13 +83,11 @@ def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
     noise_feats = GaussianSums(judge.net.feature_dim)
     acc = {k: torch.zeros((), dtype=torch.float64)
            for k in ("own", "own_n", "shuf", "shuf_n", "rand", "rand_n")}
+    acc |= _group_acc(judge)
     for lo, hi in my_batches(n, ctx.batch_size):
         logits, f = judge(to_tensor(data.img[lo:hi]))
         feats.add(f)
-        for name, att in (("own", tgt[lo:hi]), ("shuf", tgt[partner[lo:hi]])):
-            s, c = share(*judge.hits(logits, att))
-            acc[name] += s
-            acc[name + "_n"] += c
+        _add(acc, judge, logits, tgt[lo:hi], tgt[partner[lo:hi]])
     n_noise = min(NOISE_IMAGES, max(n, 2))
     for lo, hi in my_batches(n_noise, ctx.batch_size):
         g = torch.Generator().manual_seed(_seed(ctx.seed, TAGS[split], lo, 5))
@@ -116,16 +114,34 @@ def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
     tgt = targets(ctx, data, sample, cap)
     feats = GaussianSums(judge.net.feature_dim)
     acc = {k: torch.zeros((), dtype=torch.float64) for k in ("own", "own_n", "shuf", "shuf_n")}
+    acc |= _group_acc(judge)
     for lo, hi, img in generate(G, ctx, emb, TAGS[split]):
         logits, f = judge(img)
         feats.add(f)
-        for name, att in (("own", tgt[lo:hi]), ("shuf", tgt[partner[lo:hi]])):
-            s, c = share(*judge.hits(logits, att))
-            acc[name] += s
-            acc[name + "_n"] += c
+        _add(acc, judge, logits, tgt[lo:hi], tgt[partner[lo:hi]])
     out = {"acc": all_sum(acc), "feats": feats.reduce(), "n": len(sample)}
     call[key] = out
     return out
+
+
+def _group_acc(judge: Judge) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros(len(judge.groups), dtype=torch.float64) for k in ("group_hit", "group_n")}
+
+
+def _add(acc: dict, judge: Judge, logits: torch.Tensor, own: np.ndarray, shuffled: np.ndarray) -> None:
+    """Accumulate a batch: image shares against its own and shuffled captions, per-group hits."""
+    for name, att in (("own", own), ("shuf", shuffled)):
+        s, c = share(*judge.hits(logits, att))
+        acc[name] += s
+        acc[name + "_n"] += c
+    hit, stated = judge.group_hits(logits, own)
+    acc["group_hit"] += hit.sum(0).cpu()
+    acc["group_n"] += stated.sum(0).cpu()
+
+
+def _per_group(judge: Judge, acc: dict) -> dict[str, float]:
+    names = group_names(judge.attributes, judge.groups)
+    return {nm: (float(h / n) if n else float("nan")) for nm, h, n in zip(names, acc["group_hit"], acc["group_n"])}
 
 
 def _mean(acc: dict, name: str) -> float:
@@ -145,6 +161,8 @@ def judge_consistency(G, ctx: EvalContext) -> dict:
         out[f"ratio_{split}"] = out[split] / out[f"real_{split}"] if out[f"real_{split}"] else float("nan")
         out[f"shuffled_{split}"] = _mean(gen, "shuf")
         out[f"n_{split}"] = int(gen["own_n"])
+        out[f"groups_{split}"] = _per_group(judge, gen)
+        out[f"real_groups_{split}"] = _per_group(judge, real)
     test_real = _real_pass(ctx, judge, "test")["acc"]
     out["chance_shuffled_real"] = _mean(test_real, "shuf")
     out["chance_random"] = _mean(test_real, "rand")
