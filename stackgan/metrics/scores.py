@@ -130,13 +130,13 @@ def _group_acc(judge: Judge) -> dict[str, torch.Tensor]:
 
 def _add(acc: dict, judge: Judge, logits: torch.Tensor, own: np.ndarray, shuffled: np.ndarray) -> None:
     """Accumulate a batch: image shares against its own and shuffled captions, per-group hits."""
-    for name, att in (("own", own), ("shuf", shuffled)):
-        s, c = share(*judge.hits(logits, att))
-        acc[name] += s
-        acc[name + "_n"] += c
-    hit, stated = judge.group_hits(logits, own)
+    hit, stated = judge.group_hits(logits, own)  # the per-image share is its row sum
     acc["group_hit"] += hit.sum(0).cpu()
     acc["group_n"] += stated.sum(0).cpu()
+    for name, counts in (("own", (hit.float().sum(1), stated.float().sum(1))), ("shuf", judge.hits(logits, shuffled))):
+        s, c = share(*counts)
+        acc[name] += s
+        acc[name + "_n"] += c
 
 
 def _per_group(judge: Judge, acc: dict) -> dict[str, float]:
