@@ -69,6 +69,10 @@ class LossConfig:
     contrastive_coef: float = 0.0  # image-text InfoNCE in D's code space, on real images for D and on
     # fakes for G (XMC-GAN style; not in StackGAN); needs model.contrastive_dim > 0
     contrastive_temp: float = 0.1  # temperature of that InfoNCE
+    contrastive_fakes: bool = False  # D's caption->image side also counts the batch's fakes as negatives,
+    # so G cannot win the contrastive term with codes D never sees on real images
+    contrastive_bank: int = 0  # > 0: the last N captions seen are extra negatives for each image (D
+    # re-encodes them every step); same-class captions are never negatives. Needs model.d_cond=text
 
 
 @dataclass
@@ -274,6 +278,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.gf_dim must be even, got {cfg.model.gf_dim}")
     if cfg.model.contrastive_dim < 0 or cfg.loss.contrastive_coef < 0 or not cfg.loss.contrastive_temp > 0:
         raise ConfigError("model.contrastive_dim and loss.contrastive_coef must be >= 0 and loss.contrastive_temp > 0")
+    if cfg.loss.contrastive_bank < 0:
+        raise ConfigError(f"loss.contrastive_bank must be >= 0, got {cfg.loss.contrastive_bank}")
+    if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
+        raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
+                          f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
+    if cfg.loss.contrastive_fakes and not cfg.loss.contrastive_coef > 0:
+        raise ConfigError("loss.contrastive_fakes=true needs loss.contrastive_coef > 0")
     if cfg.loss.contrastive_coef > 0 and cfg.model.contrastive_dim == 0:
         raise ConfigError(f"loss.contrastive_coef={cfg.loss.contrastive_coef} needs model.contrastive_dim > 0 "
                           "(the size of D's image/text codes)")

@@ -29,22 +29,83 @@ from torch import Tensor
 from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for the trainer)
 from stackgan.models import DOut
 
-__all__ = ["WrongPairs", "contrastive_loss", "d_loss", "diversity_score", "g_loss", "kl_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
+__all__ = ["CaptionBank", "WrongPairs", "contrastive_loss", "d_loss", "diversity_score", "g_loss", "kl_loss",
+           "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
 
 
-def contrastive_loss(out: DOut, temperature: float = 0.1) -> Tensor:
+def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None = None,
+                     bank: Tensor | None = None, bank_labels: Tensor | None = None,
+                     fake_codes: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE between D's image and text codes of a batch: each image must pick
     its own caption among the batch's captions, and each caption its own image. It rewards
     what the matching-aware loss only samples once per image (one wrong caption), so on fakes
-    it gives G a per-caption signal; XMC-GAN (Zhang et al. 2021) uses it the same way."""
+    it gives G a per-caption signal; XMC-GAN (Zhang et al. 2021) uses it the same way.
+
+    ``labels`` (B,): another caption of the image's own class describes the same bird, so such
+    pairs are not counted as negatives. ``bank`` (K, dim) unit text codes with ``bank_labels``:
+    extra negative captions for the image->caption side (see :class:`CaptionBank`), so an
+    image must tell its caption from K + B instead of B: with 150 species a batch of 32 rarely
+    holds two birds that differ in one small part only. ``fake_codes`` (B', dim): image codes
+    of generated images, extra negatives for the caption->image side, so D's code prefers a
+    real image to G's image of the same caption (the matching-aware idea in code space)."""
     if out.img_code is None or out.txt_code is None:
         raise ValueError("contrastive_loss: D has no code heads (set model.contrastive_dim > 0)")
-    logits = out.img_code.float() @ out.txt_code.float().t() / temperature
+    img = out.img_code.float()
+    logits = img @ out.txt_code.float().t() / temperature
     target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    to_text = logits
+    if bank is not None and len(bank):
+        extra = img @ bank.float().t() / temperature
+        if labels is not None and bank_labels is not None:
+            extra = extra.masked_fill(labels[:, None] == bank_labels[None, :], float("-inf"))
+        to_text = torch.cat([logits, extra], 1)
+    to_image = logits.t()
+    if fake_codes is not None:
+        to_image = torch.cat([to_image, out.txt_code.float() @ fake_codes.float().t() / temperature], 1)
+    return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
+
+
+class CaptionBank:
+    """First-in-first-out store of the last ``size`` captions' text embeddings and classes,
+    the extra negatives of :func:`contrastive_loss`. Only the raw embeddings are kept: D
+    re-encodes them every step, so the negatives never go stale (unlike a queue of codes)."""
+
+    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu"):
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"CaptionBank: size and dim must be > 0, got {size}, {dim}")
+        self.emb = torch.zeros(size, dim, device=device)
+        self.cls = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.n = 0    # filled entries
+        self.ptr = 0  # next slot to overwrite
+
+    def push(self, emb: Tensor, cls: Tensor) -> None:
+        size = len(self.emb)
+        emb, cls = emb.detach()[-size:], cls.detach()[-size:]
+        idx = (self.ptr + torch.arange(len(emb))) % size
+        self.emb[idx.to(self.emb.device)] = emb.to(self.emb)
+        self.cls[idx.to(self.cls.device)] = cls.to(self.cls)
+        self.ptr = int((self.ptr + len(emb)) % size)
+        self.n = min(size, self.n + len(emb))
+
+    def get(self) -> tuple[Tensor, Tensor]:
+        return self.emb[:self.n], self.cls[:self.n]
+
+    def state_dict(self) -> dict:
+        return {"emb": self.emb.cpu(), "cls": self.cls.cpu(), "n": self.n, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["emb"].shape != self.emb.shape:
+            raise ValueError(f"CaptionBank: checkpoint bank {tuple(state['emb'].shape)} != {tuple(self.emb.shape)}")
+        self.emb.copy_(state["emb"])
+        self.cls.copy_(state["cls"])
+        self.n, self.ptr = int(state["n"]), int(state["ptr"])
 
 
 def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -418,6 +418,14 @@ class _Discriminator(nn.Module):
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
         return DOut(cond_logits, uncond, wrong, img_code, txt_code)
 
+    def text_codes(self, text: Tensor) -> Tensor:
+        """Unit text codes of raw text embeddings (N, text_dim), as ``forward`` makes them:
+        the contrastive loss's extra negative captions (``loss.contrastive_bank``)."""
+        if self.txt_code is None or self.text_proj is None:
+            raise ValueError(f"{type(self).__name__}.text_codes needs model.contrastive_dim > 0 and model.d_cond=text")
+        _check_input(f"{type(self).__name__}.text_codes text", text, (None, self.in_dim))
+        return F.normalize(self.txt_code(self.text_proj(text * self.emb_scale).float()), dim=1)
+
 
 class Stage1D(_Discriminator):
     """64x64 image + condition -> logits; conditional head only (as the official)."""

@@ -215,12 +215,15 @@ def adam_options(cfg: Config) -> dict:
     return kw
 
 
-def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: bool = False) -> StepOut:
+def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: bool = False,
+             cls: torch.Tensor | None = None, bank=None) -> StepOut:
     """D update on real / wrong / fake pairs, then G update through the updated D.
 
     G runs once: its fakes are detached for D and reused for G's loss (no recomputation).
     During G's update D is frozen and called without its DDP wrapper, so no gradient is
     computed or all-reduced for D. Losses stay on the device (no host sync here).
+    ``bank`` (a :class:`stackgan.losses.CaptionBank`, with the batch's classes ``cls``): extra
+    negative captions for the contrastive loss; the batch is pushed into it after the step.
     """
     from .losses import contrastive_loss, d_loss, g_loss, kl_loss
 
@@ -235,7 +238,14 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         out_fake = D(fake.detach(), cond)
         loss_d, stats = d_loss(out_real, out_fake, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef)
         if c_coef > 0:
-            stats["loss_contrastive_real"] = contrastive_loss(out_real, cfg.loss.contrastive_temp)
+            labels = bank_emb = bank_cls = None
+            if bank is not None:
+                labels = cls
+                bank_emb, bank_cls = bank.get()
+            codes = D_inner.text_codes(bank_emb) if bank_emb is not None and len(bank_emb) else None
+            fakes = out_fake.img_code if cfg.loss.contrastive_fakes else None
+            stats["loss_contrastive_real"] = contrastive_loss(out_real, cfg.loss.contrastive_temp, labels, codes,
+                                                              bank_cls, fakes)
             loss_d = loss_d + c_coef * stats["loss_contrastive_real"]
     gnorm_d = _update(acc, D, opt_d, loss_d, cfg, diag)
 
@@ -246,11 +256,16 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
             kl = kl_loss(mu, logvar)
             loss_g = g_loss(out_g, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef) + cfg.loss.kl_coef * kl
             if c_coef > 0:
-                stats["loss_contrastive_fake"] = contrastive_loss(out_g, cfg.loss.contrastive_temp)
+                if codes is not None:  # D moved: its codes of the stored captions too (constants for G)
+                    with torch.no_grad():
+                        codes = D_inner.text_codes(bank_emb)
+                stats["loss_contrastive_fake"] = contrastive_loss(out_g, cfg.loss.contrastive_temp, labels, codes, bank_cls)
                 loss_g = loss_g + c_coef * stats["loss_contrastive_fake"]
         gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)
+    if bank is not None:
+        bank.push(emb, cls)
     return StepOut(loss_d.detach(), loss_g.detach(), kl.detach(), {k: v.detach() for k, v in stats.items()},
                    gnorm_d, gnorm_g)
 
@@ -279,7 +294,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     from .ema import EMA
     from .grid import save_grid
     from .diversity import diversity_score
-    from .losses import wrong_indices
+    from .losses import CaptionBank, wrong_indices
     from .models import build_discriminator, build_generator
 
     meta = check_inputs(cfg)  # before anything expensive
@@ -335,6 +350,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
 
     # ---- resume ------------------------------------------------------------------
     step = 0
+    bank = CaptionBank(cfg.loss.contrastive_bank, text_dim, device) if cfg.loss.contrastive_bank > 0 else None
     z_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1)
     pair_gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000)
     if resume_path is not None:
@@ -358,6 +374,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             ckpt.set_rng_state(rng)
             z_gen.set_state(rng["extra"]["z"])
             pair_gen.set_state(rng["extra"]["pair"])
+            if bank is not None and "bank" in rng["extra"]:
+                bank.load_state_dict(rng["extra"]["bank"])
         else:
             log("WARNING: world size changed since the checkpoint; RNG streams are re-seeded")
             torch.manual_seed(cfg.train.seed * 7919 + step * 31 + rank)
@@ -462,6 +480,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
 
     def save_checkpoint() -> Path:
         extra = {"z": z_gen.get_state(), "pair": pair_gen.get_state()}
+        if bank is not None:  # per rank, like the RNG streams: each rank's bank holds its own batches
+            extra["bank"] = bank.state_dict()
         if cfg.train.backend == "deepspeed":  # every rank also writes its engines' ZeRO partitions
             return acc.save_checkpoint(run_dir, step, state_fn, extra, keep_last=cfg.train.keep_last)
         return ckpt.save(run_dir, step, state_fn, extra, rank=rank, barrier=acc.wait_for_everyone,
@@ -527,7 +547,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             z = torch.randn(bsz, cfg.model.z_dim, generator=z_gen).to(device, non_blocking=True)
             widx = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
             diag = (step + 1) % cfg.train.diag_every == 0
-            out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag)
+            out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag,
+                           cls=cls.to(device), bank=bank)
             loss_d, loss_g, kl, stats = out.loss_d, out.loss_g, out.kl, out.stats
             if ema is not None:
                 ema.update(G_inner, step)

@@ -38,6 +38,9 @@ def test_overrides_are_typed(tmp_path):
     ("optim.lr_d=-1", "optim.lr_d"),
     ("loss.contrastive_coef=1", "model.contrastive_dim"),
     ("loss.contrastive_temp=0", "loss.contrastive_temp"),
+    ("loss.contrastive_bank=64", "loss.contrastive_bank"),
+    ("loss.contrastive_bank=-1", "loss.contrastive_bank"),
+    ("loss.contrastive_fakes=true", "loss.contrastive_fakes"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

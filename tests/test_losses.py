@@ -206,3 +206,45 @@ def test_contrastive_loss_rewards_own_caption():
     assert chance.item() == pytest.approx(math.log(6), rel=1e-5)
     with pytest.raises(ValueError, match="contrastive_dim"):
         contrastive_loss(DOut(t([0.0] * 6)))
+
+
+def test_contrastive_bank_adds_negatives_and_skips_same_class():
+    """At chance (all codes equal) an image picks its caption among B + K captions: the bank
+    raises the image->caption term from log B to log(B + K); bank captions and batch captions
+    of the image's own class are not negatives."""
+    from stackgan.losses import contrastive_loss
+
+    same = torch.nn.functional.normalize(torch.ones(4, 8), dim=1)
+    out = DOut(t([0.0] * 4), img_code=same, txt_code=same)
+    bank = same[:1].expand(12, 8)
+    labels = torch.tensor([0, 1, 2, 3])
+    base = contrastive_loss(out, 0.1)
+    with_bank = contrastive_loss(out, 0.1, labels, bank, torch.full((12,), 9))
+    assert base.item() == pytest.approx(math.log(4), rel=1e-5)
+    assert with_bank.item() == pytest.approx((math.log(16) + math.log(4)) / 2, rel=1e-5)
+    # every bank caption shares image 0's class: image 0 sees 4 candidates, the others 16
+    masked = contrastive_loss(out, 0.1, labels, bank, torch.zeros(12, dtype=torch.long))
+    assert masked.item() == pytest.approx((math.log(4) + 3 * math.log(16)) / 8 + math.log(4) / 2, rel=1e-5)
+    # fakes as negatives for the caption->image side: log B -> log 2B there
+    with_fakes = contrastive_loss(out, 0.1, fake_codes=same)
+    assert with_fakes.item() == pytest.approx((math.log(4) + math.log(8)) / 2, rel=1e-5)
+    # two images of one class: neither counts the other's caption as a negative
+    pair = contrastive_loss(out, 0.1, torch.tensor([0, 0, 1, 2]))
+    assert pair.item() == pytest.approx((2 * math.log(3) + 2 * math.log(4)) / 4, rel=1e-5)
+
+
+def test_caption_bank_is_a_fifo_and_round_trips():
+    from stackgan.losses import CaptionBank
+
+    bank = CaptionBank(5, 2)
+    assert len(bank.get()[0]) == 0
+    bank.push(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 2]))
+    bank.push(torch.arange(6.0, 12.0).view(3, 2), torch.tensor([3, 4, 5]))
+    emb, cls = bank.get()
+    assert len(emb) == 5 and sorted(cls.tolist()) == [1, 2, 3, 4, 5]  # the oldest (class 0) went first
+    assert torch.equal(emb[cls == 5], torch.tensor([[10.0, 11.0]]))
+    copy = CaptionBank(5, 2)
+    copy.load_state_dict(bank.state_dict())
+    assert torch.equal(copy.get()[0], emb) and (copy.n, copy.ptr) == (bank.n, bank.ptr)
+    with pytest.raises(ValueError, match="bank"):
+        CaptionBank(4, 2).load_state_dict(bank.state_dict())

@@ -430,6 +430,18 @@ def test_projection_and_contrastive_heads(stage):
     assert d_plain(img, cond).img_code is None
 
 
+def test_text_codes_match_forward():
+    """The bank's captions are encoded exactly as the batch's own (D embeds raw text)."""
+    torch.manual_seed(0)
+    d = build_discriminator(tiny_cfg(1, contrastive_dim=6, d_cond="text"), text_dim=7)
+    d.eval()
+    text = torch.randn(3, 7)
+    out = d(torch.randn(3, 3, 64, 64), text)
+    torch.testing.assert_close(d.text_codes(text), out.txt_code)
+    with pytest.raises(ValueError, match="d_cond=text"):
+        build_discriminator(tiny_cfg(1, contrastive_dim=6)).text_codes(torch.randn(3, 5))
+
+
 def test_film_generator_starts_as_plain_and_conditions_every_block():
     torch.manual_seed(0)
     plain = build_generator(tiny_cfg(1), 7)

@@ -166,12 +166,16 @@ def test_bf16_autocast_on_cpu(tiny_shards, tmp_path):
 def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
     run = tmp_path / "con"
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
-                           "model.contrastive_dim=8", "loss.contrastive_coef=1.0"))
+                           "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
+                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
-    assert "proj.weight" in final_state(run)["D"]
+    state = final_state(run)
+    assert "proj.weight" in state["D"]
+    bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
+    assert bank["n"] == 12 and (bank["cls"][:12] >= 0).all()  # 3 batches of 4, kept for a resume
 
 
 def test_fp16_on_cpu_says_it_runs_fp32(tiny_shards, tmp_path):
