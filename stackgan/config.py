@@ -57,6 +57,10 @@ class ModelConfig:
     g_film: bool = False  # stage I: the condition also scales/shifts every up-block of G (not in StackGAN)
     d_projection: bool = False  # add a projection term <W h, cond> to D's conditional logit (not in StackGAN)
     contrastive_dim: int = 0  # > 0: D gets image/text code heads of this size for loss.contrastive_coef
+    contrastive_spatial: bool = False  # D's image code reads its whole 4x4 map (where each colour is),
+    # not the map's spatial mean
+    d_uncond: bool = False  # stage I: D also gets stage II's unconditional (realism only) head, weighed
+    # by loss.uncond_coef as in stage II (StackGAN-v2's joint loss; stage II always has it)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -65,7 +69,7 @@ class LossConfig:
     kind: Literal["bce", "hinge"] = "bce"  # bce = official StackGAN; hinge = stabiliser option
     wrong: Literal["class", "shift", "perm"] = "class"  # how mismatched (wrong) pairs are drawn
     kl_coef: float = 2.0  # weight of the conditioning-augmentation KL term in G's loss
-    uncond_coef: float = 1.0  # stage II: weight of the unconditional head (official: 1)
+    uncond_coef: float = 1.0  # weight of the unconditional head (stage II, stage I with model.d_uncond; official: 1)
     contrastive_coef: float = 0.0  # image-text InfoNCE in D's code space, on real images for D and on
     # fakes for G (XMC-GAN style; not in StackGAN); needs model.contrastive_dim > 0
     contrastive_temp: float = 0.1  # temperature of that InfoNCE

@@ -363,7 +363,8 @@ class _Discriminator(nn.Module):
     image_size: int
 
     def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
+                 contrastive_spatial: bool = False):
         super().__init__()
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
@@ -382,7 +383,11 @@ class _Discriminator(nn.Module):
         # contrastive (XMC-GAN style): image and text codes on the unit sphere whose batch
         # similarities train both nets to tell which caption an image belongs to.
         self.proj = nn.Linear(cond_dim, df_dim * 8, bias=False) if projection else None
-        self.img_code = nn.Linear(df_dim * 8, contrastive_dim) if contrastive_dim > 0 else None
+        # contrastive_spatial: the image code reads the whole 4x4 map, not its mean, so it can
+        # tell a red crown from a red tail (where a colour is, not only which colours there are)
+        self.contrastive_spatial = contrastive_spatial
+        code_in = df_dim * 8 * (16 if contrastive_spatial else 1)
+        self.img_code = nn.Linear(code_in, contrastive_dim) if contrastive_dim > 0 else None
         self.txt_code = nn.Linear(cond_dim, contrastive_dim) if contrastive_dim > 0 else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
@@ -414,7 +419,7 @@ class _Discriminator(nn.Module):
                 if wrong is not None:
                     wrong = wrong + (pooled * self.proj(wrong_cond.float())).sum(1)
             if self.img_code is not None:
-                img_code = F.normalize(self.img_code(pooled), dim=1)
+                img_code = F.normalize(self.img_code(h.float().flatten(1) if self.contrastive_spatial else pooled), dim=1)
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
         return DOut(cond_logits, uncond, wrong, img_code, txt_code)
 
@@ -428,14 +433,17 @@ class _Discriminator(nn.Module):
 
 
 class Stage1D(_Discriminator):
-    """64x64 image + condition -> logits; conditional head only (as the official)."""
+    """64x64 image + condition -> logits; conditional head only (as the official), and with
+    ``uncond`` (``model.d_uncond``) also stage II's unconditional realism head (StackGAN-v2)."""
 
     image_size = 64
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=False, text_dim=text_dim, emb_scale=emb_scale,
-                         projection=projection, contrastive_dim=contrastive_dim)
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
+                 uncond: bool = False, contrastive_spatial: bool = False):
+        super().__init__(df_dim, cond_dim, spectral_norm, uncond=uncond, text_dim=text_dim, emb_scale=emb_scale,
+                         projection=projection, contrastive_dim=contrastive_dim,
+                         contrastive_spatial=contrastive_spatial)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -453,9 +461,11 @@ class Stage2D(_Discriminator):
     image_size = 256
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0):
+                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
+                 contrastive_spatial: bool = False):
         super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale,
-                         projection=projection, contrastive_dim=contrastive_dim)
+                         projection=projection, contrastive_dim=contrastive_dim,
+                         contrastive_spatial=contrastive_spatial)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -510,7 +520,10 @@ def build_discriminator(mcfg: ModelConfig, text_dim: int = 0) -> nn.Module:
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text"."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
-    extra = dict(projection=mcfg.d_projection, contrastive_dim=mcfg.contrastive_dim)
+    extra = dict(projection=mcfg.d_projection, contrastive_dim=mcfg.contrastive_dim,
+                 contrastive_spatial=mcfg.contrastive_spatial)
+    if cls is Stage1D:
+        extra["uncond"] = mcfg.d_uncond
     if mcfg.d_cond == "text":
         if text_dim <= 0:
             raise ValueError("build_discriminator: model.d_cond=text needs the text dim")

@@ -430,6 +430,42 @@ def test_projection_and_contrastive_heads(stage):
     assert d_plain(img, cond).img_code is None
 
 
+def test_stage1_unconditional_head_option():
+    """model.d_uncond gives stage I's D stage II's realism head: a logit that ignores the
+    condition (official stage I has none)."""
+    _, plain = tiny_pair(1)
+    _, d = tiny_pair(1, d_uncond=True)
+    assert {k for k in d.state_dict()} - {k for k in plain.state_dict()} == {
+        k for k in d.state_dict() if k.startswith("get_uncond_logits.")} != set()
+    d.eval()
+    img = torch.randn(3, 3, 64, 64)
+    a, b = d(img, torch.randn(3, 5)), d(img, torch.randn(3, 5))
+    assert plain(img, torch.randn(3, 5)).uncond is None and a.uncond.shape == (3,)
+    torch.testing.assert_close(a.uncond, b.uncond)
+    assert not torch.allclose(a.cond, b.cond)
+
+
+def test_spatial_contrastive_code_sees_where_a_colour_is():
+    """Two images whose 4x4 code maps hold the same values in other places: the pooled image
+    code cannot tell them apart, the spatial one (model.contrastive_spatial) can."""
+    class Quadrants(torch.nn.Module):  # stands in for the conv trunk: a known 4x4 map per image
+        def forward(self, img):
+            return F.avg_pool2d(img[:, :1], 16).expand(-1, 32, -1, -1).contiguous()
+
+    img = torch.zeros(2, 3, 64, 64)
+    img[0, :, :16, :16] = 1  # top-left
+    img[1, :, -16:, -16:] = 1  # bottom-right
+    codes = {}
+    for spatial in (False, True):
+        torch.manual_seed(0)
+        d = build_discriminator(tiny_cfg(1, contrastive_dim=6, contrastive_spatial=spatial))
+        d.encode_img = Quadrants()
+        d.eval()
+        codes[spatial] = d(img, torch.randn(2, 5)).img_code
+    torch.testing.assert_close(codes[False][0], codes[False][1])
+    assert not torch.allclose(codes[True][0], codes[True][1], atol=1e-3)
+
+
 def test_text_codes_match_forward():
     """The bank's captions are encoded exactly as the batch's own (D embeds raw text)."""
     torch.manual_seed(0)

@@ -167,13 +167,14 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
     run = tmp_path / "con"
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
-                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true"))
+                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     state = final_state(run)
-    assert "proj.weight" in state["D"]
+    assert "proj.weight" in state["D"] and "get_uncond_logits.outlogits.0.weight" in state["D"]
+    assert all(0 < r["d_uncond_real"] < 1 for r in recs)
     bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
     assert bank["n"] == 12 and (bank["cls"][:12] >= 0).all()  # 3 batches of 4, kept for a resume
 
