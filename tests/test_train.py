@@ -190,13 +190,15 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
     run = tmp_path / "ddp"
     args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
             "--main_process_port", "29561", "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
-            f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3"]
+            f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
+            "loss.contrastive_bank=8", "loss.contrastive_fakes=true"]  # each rank's own bank, D still in sync
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fin = [r for r in log_records(run) if r.get("event") == "finished"]
     assert fin and fin[-1]["world_size"] == 2
     assert len(fin[-1]["fingerprints"]) == 2 and fin[-1]["ranks_identical"], fin[-1]
-    assert (ckpt.latest(run) / "rng-rank1.pt").is_file()
+    banks = [torch.load(ckpt.latest(run) / f"rng-rank{r}.pt", weights_only=False)["extra"]["bank"] for r in (0, 1)]
+    assert all(b["n"] == 8 for b in banks) and not torch.equal(banks[0]["emb"], banks[1]["emb"])
 
 
 def test_loader_workers_fit_the_machine(monkeypatch):
