@@ -114,7 +114,9 @@ def test_chain_runs_stage2_after_a_preempted_stage1(slurm_cluster, tiny_shards, 
     """Stage I is preempted mid-training (submitit's interruption), requeues itself through
     checkpoint(), resumes and finishes; only then stage II starts, on stage I's export."""
     cc = load_cluster_config(cluster_yaml)
-    s1, s2, steps1 = tmp_path / "s1", tmp_path / "s2", 16
+    # 60 steps: the 9 left after step 7 once took under a second, less than the interruption
+    # needs to arrive, and the job finished before it was preempted
+    s1, s2, steps1 = tmp_path / "s1", tmp_path / "s2", 60
     plan = plan_chain(cc, "configs/birds_stage1.yaml", "configs/birds_stage2.yaml",
                       [f"data.shards={tiny_shards}", f"train.run_dir={s1}", f"train.steps={steps1}", *TINY],
                       [f"data.shards={tiny_shards}", f"train.run_dir={s2}", "train.steps=2", *TINY2])
