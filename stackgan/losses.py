@@ -88,9 +88,9 @@ class CaptionBank:
     def push(self, emb: Tensor, cls: Tensor) -> None:
         size = len(self.emb)
         emb, cls = emb.detach()[-size:], cls.detach()[-size:]
-        idx = (self.ptr + torch.arange(len(emb))) % size
-        self.emb[idx.to(self.emb.device)] = emb.to(self.emb)
-        self.cls[idx.to(self.cls.device)] = cls.to(self.cls)
+        idx = (self.ptr + torch.arange(len(emb), device=self.emb.device)) % size
+        self.emb[idx] = emb.to(self.emb)
+        self.cls[idx] = cls.to(self.cls)
         self.ptr = int((self.ptr + len(emb)) % size)
         self.n = min(size, self.n + len(emb))
 

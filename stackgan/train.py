@@ -548,7 +548,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             widx = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
             diag = (step + 1) % cfg.train.diag_every == 0
             out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag,
-                           cls=cls.to(device), bank=bank)
+                           cls=cls.to(device) if bank is not None else None, bank=bank)
             loss_d, loss_g, kl, stats = out.loss_d, out.loss_g, out.kl, out.stats
             if ema is not None:
                 ema.update(G_inner, step)
