@@ -77,6 +77,9 @@ class LossConfig:
     # so G cannot win the contrastive term with codes D never sees on real images
     contrastive_bank: int = 0  # > 0: the last N captions seen are extra negatives for each image (D
     # re-encodes them every step); same-class captions are never negatives. Needs model.d_cond=text
+    contrastive_g_coef: float = -1.0  # G's weight of the contrastive term on its fakes (-1 = contrastive_coef)
+    diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
+    # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
 
 
 @dataclass
@@ -287,6 +290,11 @@ def validate(cfg: Config) -> None:
     if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
         raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
+    if cfg.loss.diffaug_shift < 0:
+        raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
+    if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:
+        raise ConfigError(f"loss.contrastive_g_coef must be >= 0, or -1 (= loss.contrastive_coef), "
+                          f"got {cfg.loss.contrastive_g_coef}")
     if cfg.loss.contrastive_fakes and not cfg.loss.contrastive_coef > 0:
         raise ConfigError("loss.contrastive_fakes=true needs loss.contrastive_coef > 0")
     if cfg.loss.contrastive_coef > 0 and cfg.model.contrastive_dim == 0:

@@ -225,17 +225,20 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     ``bank`` (a :class:`stackgan.losses.CaptionBank`, with the batch's classes ``cls``): extra
     negative captions for the contrastive loss; the batch is pushed into it after the step.
     """
+    from .augment import translate
     from .losses import contrastive_loss, d_loss, g_loss, kl_loss
 
     c_coef = cfg.loss.contrastive_coef
+    c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
+    shift = cfg.loss.diffaug_shift
     D_inner = acc.unwrap_model(D)
     with acc.autocast():
         fake, mu, logvar = G(emb, z)
     cond = emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
 
     with acc.autocast():
-        out_real = D(real, cond, cond[widx])
-        out_fake = D(fake.detach(), cond)
+        out_real = D(translate(real, shift), cond, cond[widx])
+        out_fake = D(translate(fake.detach(), shift), cond)
         loss_d, stats = d_loss(out_real, out_fake, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef)
         if c_coef > 0:
             labels = bank_emb = bank_cls = None
@@ -252,7 +255,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     D_inner.requires_grad_(False)  # DeepSpeed ZeRO-2 also needs this (else D's grads get reduced twice)
     try:
         with acc.autocast():
-            out_g = D_inner(fake, cond)
+            out_g = D_inner(translate(fake, shift), cond)
             kl = kl_loss(mu, logvar)
             loss_g = g_loss(out_g, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef) + cfg.loss.kl_coef * kl
             if c_coef > 0:
@@ -260,7 +263,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
                     with torch.no_grad():
                         codes = D_inner.text_codes(bank_emb)
                 stats["loss_contrastive_fake"] = contrastive_loss(out_g, cfg.loss.contrastive_temp, labels, codes, bank_cls)
-                loss_g = loss_g + c_coef * stats["loss_contrastive_fake"]
+                loss_g = loss_g + c_coef_g * stats["loss_contrastive_fake"]
         gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)

@@ -41,6 +41,8 @@ def test_overrides_are_typed(tmp_path):
     ("loss.contrastive_bank=64", "loss.contrastive_bank"),
     ("loss.contrastive_bank=-1", "loss.contrastive_bank"),
     ("loss.contrastive_fakes=true", "loss.contrastive_fakes"),
+    ("loss.contrastive_g_coef=-0.5", "loss.contrastive_g_coef"),
+    ("loss.diffaug_shift=-1", "loss.diffaug_shift"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

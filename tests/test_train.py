@@ -167,7 +167,8 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
     run = tmp_path / "con"
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
-                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true"))
+                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
+                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
@@ -220,3 +221,39 @@ def test_loader_workers_fit_the_machine(monkeypatch):
     assert loader_workers(-1, gpu) == 5  # an srun task's own CPUs
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
+
+
+def _one_step(overrides: list[str]):
+    """One gan_step of a tiny stage-I pair from fixed weights and inputs; returns its StepOut."""
+    from accelerate import Accelerator
+
+    from stackgan.config import load_config
+    from stackgan.models import build_discriminator, build_generator
+    from stackgan.train import gan_step
+
+    cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
+                             "model.contrastive_dim=8", "model.d_cond=text", "loss.contrastive_coef=1.0",
+                             *overrides])
+    torch.manual_seed(0)
+    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12)
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    acc = Accelerator(cpu=True)
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+    real, emb, z = torch.rand(6, 3, 64, 64) * 2 - 1, torch.randn(6, 12), torch.randn(6, 8)
+    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg)
+
+
+def test_contrastive_g_coef_weighs_only_g_contrastive_term():
+    base, heavy = _one_step(["loss.contrastive_g_coef=0"]), _one_step(["loss.contrastive_g_coef=2.5"])
+    same = _one_step([])  # -1 = loss.contrastive_coef (1.0)
+    assert torch.equal(base.loss_d, heavy.loss_d)  # D's step does not read it
+    c = heavy.stats["loss_contrastive_fake"]
+    assert torch.equal(c, base.stats["loss_contrastive_fake"]) and c > 0
+    assert torch.allclose(heavy.loss_g - base.loss_g, 2.5 * c, atol=1e-5)
+    assert torch.allclose(same.loss_g - base.loss_g, c, atol=1e-5)
+
+
+def test_diffaug_shift_changes_what_d_sees():
+    plain, shifted = _one_step([]), _one_step(["loss.diffaug_shift=4"])
+    assert not torch.equal(plain.stats["d_real"], shifted.stats["d_real"])
+    assert torch.isfinite(shifted.loss_d) and torch.isfinite(shifted.loss_g)
