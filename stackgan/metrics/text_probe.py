@@ -31,7 +31,7 @@ from stackgan.data.meta import ShardError, load_metadata
 
 from .captions import caption_scope
 from .evalset import is_holdout, load_split
-from .judge import JudgeError, group_hits, group_names, judge_loss, load_judge
+from .judge import JudgeError, group_hits, group_names, judge_loss, load_judge, share
 
 
 @dataclass
@@ -56,11 +56,11 @@ def caption_labels(captions: list[list[str]], attr: np.ndarray, attributes: list
 
 
 def _score(logits: torch.Tensor, labels: torch.Tensor, groups: list[list[int]]) -> tuple[float, list[float]]:
+    """The judge's rule (:func:`share`) over captions, and per group."""
     hits, stated = group_hits(logits, labels, groups)
-    rows = stated.any(1)
-    overall = (hits.sum(1).float() / stated.sum(1).clamp(min=1))[rows].mean()
+    total, n = share(hits.float().sum(1), stated.float().sum(1))
     per = hits.sum(0).float() / stated.sum(0).clamp(min=1)
-    return float(overall), [float(v) for v in per]
+    return total / max(n, 1), [float(v) for v in per]
 
 
 def run_probe(shards: str | Path, judge_path: str | Path, epochs: int = 6, hidden: int = 512,
