@@ -78,6 +78,9 @@ class LossConfig:
     contrastive_bank: int = 0  # > 0: the last N captions seen are extra negatives for each image (D
     # re-encodes them every step); same-class captions are never negatives. Needs model.d_cond=text
     contrastive_g_coef: float = -1.0  # G's weight of the contrastive term on its fakes (-1 = contrastive_coef)
+    class_coef: float = 0.0  # > 0: D gets a species classifier head trained on real images, and G is
+    # trained to make its fakes read as its caption's species (AC-GAN / TAC-GAN style; not in StackGAN).
+    # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
     diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
     # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
 
@@ -290,6 +293,8 @@ def validate(cfg: Config) -> None:
     if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
         raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
+    if cfg.loss.class_coef < 0:
+        raise ConfigError(f"loss.class_coef must be >= 0, got {cfg.loss.class_coef}")
     if cfg.loss.diffaug_shift < 0:
         raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
     if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:

@@ -72,6 +72,22 @@ def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None 
     return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
 
 
+def class_loss(out: DOut, targets: Tensor) -> Tensor:
+    """Cross-entropy of D's species head (``model`` built with classes; ``loss.class_coef``).
+
+    On real images it trains D to name the species; on G's fakes it asks G to draw the species
+    its caption belongs to. A caption states two to four parts; the species fixes the others,
+    and real images of a species show all of them, so only this signal tells G what the
+    unstated parts look like (AC-GAN, Odena et al. 2017; TAC-GAN, Dash et al. 2017). D's head
+    is trained on real images only: trained on fakes too, it rewards G for easy-to-classify
+    images rather than for the species' real look."""
+    if out.cls_logits is None:
+        raise ValueError("class_loss: D has no species head (set loss.class_coef > 0)")
+    if targets.dim() != 1 or len(targets) != len(out.cls_logits):
+        raise ValueError(f"class_loss: targets must be ({len(out.cls_logits)},) class indices, got {tuple(targets.shape)}")
+    return F.cross_entropy(out.cls_logits.float(), targets)
+
+
 class CaptionBank:
     """First-in-first-out store of the last ``size`` captions' text embeddings and classes,
     the extra negatives of :func:`contrastive_loss`. Only the raw embeddings are kept: D

@@ -93,6 +93,16 @@ def check_inputs(cfg: Config) -> ShardMeta:
     return meta
 
 
+def class_index(meta: ShardMeta, cfg: Config) -> torch.Tensor:
+    """Class id -> index 0..K-1 over the training split's classes (D's species head); -1 elsewhere."""
+    classes = sorted(meta.splits[cfg.data.split].classes)
+    if not classes:
+        raise ShardError(f"loss.class_coef > 0: {cfg.data.shards} lists no classes for split {cfg.data.split!r}")
+    lut = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+    lut[torch.tensor(classes)] = torch.arange(len(classes))
+    return lut
+
+
 def steps_per_epoch(meta: ShardMeta, cfg: Config, world_size: int) -> int:
     return max(1, meta.splits[cfg.data.split].num_samples // (cfg.data.batch_size * world_size))
 
@@ -216,7 +226,7 @@ def adam_options(cfg: Config) -> dict:
 
 
 def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: bool = False,
-             cls: torch.Tensor | None = None, bank=None) -> StepOut:
+             cls: torch.Tensor | None = None, bank=None, targets: torch.Tensor | None = None) -> StepOut:
     """D update on real / wrong / fake pairs, then G update through the updated D.
 
     G runs once: its fakes are detached for D and reused for G's loss (no recomputation).
@@ -224,12 +234,17 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     computed or all-reduced for D. Losses stay on the device (no host sync here).
     ``bank`` (a :class:`stackgan.losses.CaptionBank`, with the batch's classes ``cls``): extra
     negative captions for the contrastive loss; the batch is pushed into it after the step.
+    ``targets`` (B,): the batch's species as class indices, for D's species head
+    (``loss.class_coef``): D learns them on real images, G on its fakes.
     """
     from .augment import translate
-    from .losses import contrastive_loss, d_loss, g_loss, kl_loss
+    from .losses import class_loss, contrastive_loss, d_loss, g_loss, kl_loss
 
     c_coef = cfg.loss.contrastive_coef
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
+    k_coef = cfg.loss.class_coef
+    if k_coef > 0 and targets is None:
+        raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
     shift = cfg.loss.diffaug_shift
     D_inner = acc.unwrap_model(D)
     with acc.autocast():
@@ -250,6 +265,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
             stats["loss_contrastive_real"] = contrastive_loss(out_real, cfg.loss.contrastive_temp, labels, codes,
                                                               bank_cls, fakes)
             loss_d = loss_d + c_coef * stats["loss_contrastive_real"]
+        if k_coef > 0:
+            stats["loss_class_real"] = class_loss(out_real, targets)
+            loss_d = loss_d + k_coef * stats["loss_class_real"]
     gnorm_d = _update(acc, D, opt_d, loss_d, cfg, diag)
 
     D_inner.requires_grad_(False)  # DeepSpeed ZeRO-2 also needs this (else D's grads get reduced twice)
@@ -264,6 +282,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
                         codes = D_inner.text_codes(bank_emb)
                 stats["loss_contrastive_fake"] = contrastive_loss(out_g, cfg.loss.contrastive_temp, labels, codes, bank_cls)
                 loss_g = loss_g + c_coef_g * stats["loss_contrastive_fake"]
+            if k_coef > 0:
+                stats["loss_class_fake"] = class_loss(out_g, targets)
+                loss_g = loss_g + k_coef * stats["loss_class_fake"]
         gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)
@@ -339,7 +360,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     # ---- models, optimisers ------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G = build_generator(cfg.model, text_dim, stage1=stage1)
-    D = build_discriminator(cfg.model, text_dim)
+    class_lut = class_index(meta, cfg) if cfg.loss.class_coef > 0 else None
+    D = build_discriminator(cfg.model, text_dim, num_classes=0 if class_lut is None else int(class_lut.max()) + 1)
     if cfg.train.channels_last and cfg.train.backend == "ddp":  # DeepSpeed wants contiguous weights
         example = (torch.zeros(2, text_dim), torch.zeros(2, cfg.model.z_dim))
         apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(cfg.train.channels_last_min_hw, device))
@@ -551,7 +573,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             widx = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
             diag = (step + 1) % cfg.train.diag_every == 0
             out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag,
-                           cls=cls.to(device) if bank is not None else None, bank=bank)
+                           cls=cls.to(device) if bank is not None else None, bank=bank,
+                           targets=None if class_lut is None else class_lut[cls].to(device))
             loss_d, loss_g, kl, stats = out.loss_d, out.loss_g, out.kl, out.stats
             if ema is not None:
                 ema.update(G_inner, step)

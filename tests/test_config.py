@@ -43,6 +43,7 @@ def test_overrides_are_typed(tmp_path):
     ("loss.contrastive_fakes=true", "loss.contrastive_fakes"),
     ("loss.contrastive_g_coef=-0.5", "loss.contrastive_g_coef"),
     ("loss.diffaug_shift=-1", "loss.diffaug_shift"),
+    ("loss.class_coef=-1", "loss.class_coef"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

@@ -208,6 +208,20 @@ def test_contrastive_loss_rewards_own_caption():
         contrastive_loss(DOut(t([0.0] * 6)))
 
 
+def test_class_loss_rewards_the_right_species():
+    from stackgan.losses import class_loss
+
+    logits = torch.eye(4) * 8  # image i reads as species i
+    target = torch.arange(4)
+    right = class_loss(DOut(t([0.0] * 4), cls_logits=logits), target)
+    wrong = class_loss(DOut(t([0.0] * 4), cls_logits=logits), target.roll(1))
+    assert right < 0.01 and wrong > 7
+    with pytest.raises(ValueError, match="species head"):
+        class_loss(DOut(t([0.0] * 4)), target)
+    with pytest.raises(ValueError, match="class indices"):
+        class_loss(DOut(t([0.0] * 4), cls_logits=logits), target[:3])
+
+
 def test_contrastive_bank_adds_negatives_and_skips_same_class():
     """At chance (all codes equal) an image picks its caption among B + K captions: the bank
     raises the image->caption term from log B to log(B + K); bank captions and batch captions

@@ -430,6 +430,29 @@ def test_projection_and_contrastive_heads(stage):
     assert d_plain(img, cond).img_code is None
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_species_head_reads_the_image_only(stage):
+    """num_classes adds one linear head on the pooled code (and nothing else): its logits
+    depend on the image, not on the caption, and the species loss reaches D's encoder."""
+    from stackgan.losses import class_loss
+
+    plain = build_discriminator(tiny_cfg(stage))
+    d = build_discriminator(tiny_cfg(stage), num_classes=4)
+    assert {k for k in d.state_dict()} - {k for k in plain.state_dict()} == {"classify.weight", "classify.bias"}
+    s = d.image_size
+    img = torch.randn(3, 3, s, s)
+    d.eval()
+    a, b = d(img, torch.randn(3, 5)), d(img, torch.randn(3, 5))
+    assert a.cls_logits.shape == (3, 4) and plain(img, torch.randn(3, 5)).cls_logits is None
+    torch.testing.assert_close(a.cls_logits, b.cls_logits)
+    assert not torch.allclose(a.cls_logits, d(img.flip(1), torch.randn(3, 5)).cls_logits)
+    d.train()
+    class_loss(d(img, torch.randn(3, 5)), torch.tensor([0, 3, 1])).backward()
+    assert d.encode_img[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="num_classes"):
+        build_discriminator(tiny_cfg(stage), num_classes=-1)
+
+
 def test_stage1_unconditional_head_option():
     """model.d_uncond gives stage I's D stage II's realism head: a logit that ignores the
     condition (official stage I has none)."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from stackgan import checkpoint as ckpt
+from stackgan.data.meta import load_metadata
 from stackgan.export import load_generator, read_export
 
 from .conftest import ROOT, run_cmd
@@ -168,12 +169,15 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
                            "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
-                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5"))
+                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
+    assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
     state = final_state(run)
+    n_train = len(load_metadata(tiny_shards).splits["train"].classes)
+    assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
     assert "proj.weight" in state["D"] and "get_uncond_logits.outlogits.0.weight" in state["D"]
     assert all(0 < r["d_uncond_real"] < 1 for r in recs)
     bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
@@ -223,8 +227,9 @@ def test_loader_workers_fit_the_machine(monkeypatch):
     assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
 
 
-def _one_step(overrides: list[str]):
-    """One gan_step of a tiny stage-I pair from fixed weights and inputs; returns its StepOut."""
+def _one_step(overrides: list[str], lr_d: float = 1e-3):
+    """One gan_step of a tiny stage-I pair from fixed weights and inputs; returns its StepOut.
+    With ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2."""
     from accelerate import Accelerator
 
     from stackgan.config import load_config
@@ -235,12 +240,14 @@ def _one_step(overrides: list[str]):
                              "model.contrastive_dim=8", "model.d_cond=text", "loss.contrastive_coef=1.0",
                              *overrides])
     torch.manual_seed(0)
-    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12)
-    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    classes = 3 if cfg.loss.class_coef > 0 else 0
+    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12, num_classes=classes)
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters(), lr=lr_d)
     acc = Accelerator(cpu=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     real, emb, z = torch.rand(6, 3, 64, 64) * 2 - 1, torch.randn(6, 12), torch.randn(6, 8)
-    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg)
+    targets = torch.arange(6) % 3 if classes else None
+    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg, targets=targets)
 
 
 def test_contrastive_g_coef_weighs_only_g_contrastive_term():
@@ -251,6 +258,34 @@ def test_contrastive_g_coef_weighs_only_g_contrastive_term():
     assert torch.equal(c, base.stats["loss_contrastive_fake"]) and c > 0
     assert torch.allclose(heavy.loss_g - base.loss_g, 2.5 * c, atol=1e-5)
     assert torch.allclose(same.loss_g - base.loss_g, c, atol=1e-5)
+
+
+def test_class_coef_weighs_the_species_terms_of_d_and_g():
+    """D's loss carries coef x the species loss on real images; G's (D held still: lr 0) coef x
+    the species loss on its fakes; nothing else changes."""
+    one, two = _one_step(["loss.class_coef=1"], lr_d=0.0), _one_step(["loss.class_coef=2"], lr_d=0.0)
+    real, fake = one.stats["loss_class_real"], one.stats["loss_class_fake"]
+    assert torch.equal(real, two.stats["loss_class_real"]) and torch.equal(fake, two.stats["loss_class_fake"])
+    assert 0 < real < 10 and 0 < fake < 10
+    assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
+    assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
+    with pytest.raises(ValueError, match="class indices"):
+        from stackgan.train import gan_step
+        from stackgan.config import load_config
+        gan_step(None, None, None, None, None, None, None, None, None, load_config(None, ["loss.class_coef=1"]))
+
+
+def test_class_index_maps_training_classes_only(tiny_shards):
+    from stackgan.config import load_config
+    from stackgan.data.meta import load_metadata
+    from stackgan.train import class_index
+
+    meta = load_metadata(tiny_shards)
+    classes = sorted(meta.splits["train"].classes)
+    lut = class_index(meta, load_config(None, [f"data.shards={tiny_shards}"]))
+    assert lut[torch.tensor(classes)].tolist() == list(range(len(classes)))
+    others = [c for c in range(len(lut)) if c not in classes]
+    assert (lut[torch.tensor(others, dtype=torch.long)] == -1).all()
 
 
 def test_diffaug_shift_changes_what_d_sees():
