@@ -196,7 +196,8 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
     args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
             "--main_process_port", "29561", "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
             f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
-            "loss.contrastive_bank=8", "loss.contrastive_fakes=true"]  # each rank's own bank, D still in sync
+            "loss.contrastive_bank=8", "loss.contrastive_fakes=true",  # each rank's own bank, D still in sync
+            "loss.class_coef=1"]  # the species head is used on real images only, yet reduced in sync
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fin = [r for r in log_records(run) if r.get("event") == "finished"]
