@@ -38,9 +38,10 @@ from PIL import Image
 
 from stackgan.data import birds, cub
 from stackgan.data.meta import ShardError, load_metadata
+from stackgan.data.prepare import _jpeg as jpeg_bytes
 
 from .captions import caption_groups, stated_mask
-from .evalset import center_crop, to_tensor
+from .evalset import center_crop, decode_image, to_tensor
 from .judge import JudgeError, group_names, load_judge, share
 
 CONDITIONS = ("species", "caption_faithful", "random", "test_species")
@@ -109,16 +110,12 @@ def draw_conditions(train: list[birds.Species], test: list[birds.Species], n: in
     return out
 
 
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(buf).convert("RGB")
-
-
 def shard_view(img: Image.Image, bbox, quality: int = 90) -> np.ndarray:
     """A drawn image as its shard holds it: the data set's JPEG (quality 90, as
-    ``birds._render_species`` writes it), bbox crop to 76, the shard's JPEG (its 76.jpg)."""
-    return np.asarray(_jpeg(cub.crop_resize(_jpeg(img, 90), bbox, (76,))[0], quality))
+    ``birds._render_species`` writes it), bbox crop to 76, the shard's JPEG (its 76.jpg),
+    decoded as the evaluation reads it."""
+    on_disk = Image.open(io.BytesIO(jpeg_bytes(img, 90))).convert("RGB")
+    return decode_image(jpeg_bytes(cub.crop_resize(on_disk, bbox, (76,))[0], quality), 76)
 
 
 def render(attrs: list[dict], seed: int, stream: int = 0, quality: int = 90) -> np.ndarray:
