@@ -83,6 +83,9 @@ class LossConfig:
     # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
     diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
     # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
+    r1_gamma: float = 0.0  # > 0: R1 penalty gamma/2 * |grad_x D(x, text)|^2 on real matching pairs in D's
+    # step (Mescheder et al. 2018; not in StackGAN): D cannot grow arbitrarily sharp around real images
+    r1_every: int = 16  # lazy R1 (StyleGAN2): the penalty runs every N steps, weighted by N
 
 
 @dataclass
@@ -295,6 +298,10 @@ def validate(cfg: Config) -> None:
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
     if cfg.loss.class_coef < 0:
         raise ConfigError(f"loss.class_coef must be >= 0, got {cfg.loss.class_coef}")
+    if cfg.loss.r1_gamma < 0:
+        raise ConfigError(f"loss.r1_gamma must be >= 0, got {cfg.loss.r1_gamma}")
+    if cfg.loss.r1_every < 1:
+        raise ConfigError(f"loss.r1_every must be >= 1, got {cfg.loss.r1_every}")
     if cfg.loss.diffaug_shift < 0:
         raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
     if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:

@@ -30,7 +30,7 @@ from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for t
 from stackgan.models import DOut
 
 __all__ = ["CaptionBank", "WrongPairs", "contrastive_loss", "d_loss", "diversity_score", "g_loss", "kl_loss",
-           "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
+           "r1_penalty", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
@@ -243,6 +243,23 @@ def d_loss(real: DOut, fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) 
         ) / (2 + u)
     stats.update({k: v.detach() for k, v in parts.items()})
     return loss, stats
+
+
+def r1_penalty(real_in: Tensor, real: DOut) -> Tensor:
+    """R1: mean over the batch of |d D(x, text) / dx|^2 at real images with their own text.
+
+    ``real_in`` is the real batch as a leaf that requires grad, and ``real`` D's output on
+    it; the gradient is of the matching-pair logit (plus the unconditional one where D has
+    it), taken with ``create_graph`` so the penalty trains D. Zero-centred on real data
+    (Mescheder et al. 2018): D is kept from growing arbitrarily sharp where real images are.
+    """
+    if not real_in.requires_grad:
+        raise ValueError("r1_penalty: real_in must require grad (x.detach().requires_grad_(True) before D)")
+    logits = real.cond.float().sum()
+    if real.uncond is not None:
+        logits = logits + real.uncond.float().sum()
+    (grad,) = torch.autograd.grad(logits, real_in, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
 
 
 def g_loss(fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) -> Tensor:

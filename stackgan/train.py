@@ -226,7 +226,8 @@ def adam_options(cfg: Config) -> dict:
 
 
 def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: bool = False,
-             cls: torch.Tensor | None = None, bank=None, targets: torch.Tensor | None = None) -> StepOut:
+             cls: torch.Tensor | None = None, bank=None, targets: torch.Tensor | None = None,
+             r1: bool = False) -> StepOut:
     """D update on real / wrong / fake pairs, then G update through the updated D.
 
     G runs once: its fakes are detached for D and reused for G's loss (no recomputation).
@@ -236,9 +237,10 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     negative captions for the contrastive loss; the batch is pushed into it after the step.
     ``targets`` (B,): the batch's species as class indices, for D's species head
     (``loss.class_coef``): D learns them on real images, G on its fakes.
+    ``r1``: this step carries the lazy R1 penalty (``loss.r1_gamma``, weighted by ``loss.r1_every``).
     """
     from .augment import translate
-    from .losses import class_loss, contrastive_loss, d_loss, g_loss, kl_loss
+    from .losses import class_loss, contrastive_loss, d_loss, g_loss, kl_loss, r1_penalty
 
     c_coef = cfg.loss.contrastive_coef
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
@@ -251,8 +253,10 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         fake, mu, logvar = G(emb, z)
     cond = emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
 
+    r1 = r1 and cfg.loss.r1_gamma > 0
+    real_in = real.detach().requires_grad_(True) if r1 else real
     with acc.autocast():
-        out_real = D(translate(real, shift), cond, cond[widx])
+        out_real = D(translate(real_in, shift), cond, cond[widx])
         out_fake = D(translate(fake.detach(), shift), cond)
         loss_d, stats = d_loss(out_real, out_fake, kind=cfg.loss.kind, uncond_coef=cfg.loss.uncond_coef)
         if c_coef > 0:
@@ -268,6 +272,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         if k_coef > 0:
             stats["loss_class_real"] = class_loss(out_real, targets)
             loss_d = loss_d + k_coef * stats["loss_class_real"]
+    if r1:
+        stats["loss_r1"] = r1_penalty(real_in, out_real)
+        loss_d = loss_d + 0.5 * cfg.loss.r1_gamma * cfg.loss.r1_every * stats["loss_r1"]
     gnorm_d = _update(acc, D, opt_d, loss_d, cfg, diag)
 
     D_inner.requires_grad_(False)  # DeepSpeed ZeRO-2 also needs this (else D's grads get reduced twice)
@@ -526,6 +533,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     check_every = 1 if device.type == "cpu" else 10  # stop-flag agreement costs a sync on GPU
     loss_acc = torch.zeros(3, device=device)  # D, G, KL summed since the last log (no per-step sync)
     stats_acc: dict[str, torch.Tensor] = {}
+    stats_n: dict[str, int] = {}
     n_acc, t_last, step_last = 0, time.time(), step
     bar = None
     if main and cfg.train.tqdm:
@@ -574,7 +582,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             diag = (step + 1) % cfg.train.diag_every == 0
             out = gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx.to(device), cfg, diag=diag,
                            cls=cls.to(device) if bank is not None else None, bank=bank,
-                           targets=None if class_lut is None else class_lut[cls].to(device))
+                           targets=None if class_lut is None else class_lut[cls].to(device),
+                           r1=step % cfg.loss.r1_every == 0)
             loss_d, loss_g, kl, stats = out.loss_d, out.loss_g, out.kl, out.stats
             if ema is not None:
                 ema.update(G_inner, step)
@@ -583,8 +592,9 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                 bar.update(1)
 
             loss_acc += torch.stack([loss_d.detach().float(), loss_g.detach().float(), kl.detach().float()])
-            for k, v in stats.items():
+            for k, v in stats.items():  # some stats (loss_r1) come from some steps only: mean over those
                 stats_acc[k] = stats_acc.get(k, 0) + v.detach().float()
+                stats_n[k] = stats_n.get(k, 0) + 1
             n_acc += 1
 
             if step % cfg.train.log_every == 0 or step == n_steps:
@@ -597,17 +607,18 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                        "g_d_ratio": vals[1] / max(abs(vals[0]), 1e-8),
                        "lr_g": cfg.optim.lr_g * scale, "lr_d": cfg.optim.lr_d * scale,
                        "mem_mb": _memory_mb(device)}
-                rec.update({k: float(v / n_acc) for k, v in stats_acc.items()})
+                rec.update({k: float(v / stats_n[k]) for k, v in stats_acc.items()})
                 write_log(rec)
+                d_outs = " ".join(f"{k} {rec[k]:.2f}" for k in stats_acc if k.startswith("d_"))
                 msg = (f"step {step}/{n_steps} | {ips:.1f} img/s | D {vals[0]:.3f} G {vals[1]:.3f} "
-                       f"KL {vals[2]:.3f} | " + " ".join(f"{k} {float(v / n_acc):.2f}" for k, v in stats_acc.items()
-                                                      if k.startswith("d_")) + f" | mem {rec['mem_mb']:.0f} MB")
+                       f"KL {vals[2]:.3f} | {d_outs} | mem {rec['mem_mb']:.0f} MB")
                 if bar is not None:
                     bar.write(msg)
                 else:
                     log(msg)
                 loss_acc.zero_()
                 stats_acc.clear()
+                stats_n.clear()
                 n_acc, t_last, step_last = 0, now, step
 
             if diag and main:

@@ -44,6 +44,8 @@ def test_overrides_are_typed(tmp_path):
     ("loss.contrastive_g_coef=-0.5", "loss.contrastive_g_coef"),
     ("loss.diffaug_shift=-1", "loss.diffaug_shift"),
     ("loss.class_coef=-1", "loss.class_coef"),
+    ("loss.r1_gamma=-1", "loss.r1_gamma"),
+    ("loss.r1_every=0", "loss.r1_every"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

@@ -8,7 +8,7 @@ import torch
 
 from stackgan.config import ModelConfig
 from stackgan.diversity import UNIFORM_L1, diversity_score, pairwise_l1
-from stackgan.losses import d_loss, g_loss, kl_loss, wrong_indices
+from stackgan.losses import d_loss, g_loss, kl_loss, r1_penalty, wrong_indices
 from stackgan.models import DOut, build_generator
 
 REAL = [2.0, -0.5, 0.3]
@@ -262,3 +262,26 @@ def test_caption_bank_is_a_fifo_and_round_trips():
     assert torch.equal(copy.get()[0], emb) and (copy.n, copy.ptr) == (bank.n, bank.ptr)
     with pytest.raises(ValueError, match="bank"):
         CaptionBank(4, 2).load_state_dict(bank.state_dict())
+
+
+def test_r1_penalty_is_the_squared_input_gradient_of_the_real_logits():
+    """A linear D (logit = <w, x>) has input gradient w: the penalty is |w|^2 for every image,
+    with the unconditional logit <v, x> it is |w + v|^2; it trains D (its gradient reaches w)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 8, requires_grad=True)
+    v = torch.randn(3, 8, 8)
+    x = torch.rand(5, 3, 8, 8).requires_grad_(True)
+    cond = (x * w).flatten(1).sum(1)
+    pen = r1_penalty(x, DOut(cond=cond))
+    assert torch.allclose(pen, w.detach().pow(2).sum(), rtol=1e-5)
+    pen.backward()
+    assert torch.allclose(w.grad, 2 * w.detach(), rtol=1e-5)  # d|w|^2/dw: the penalty trains D
+    x2 = torch.rand(5, 3, 8, 8).requires_grad_(True)
+    both = r1_penalty(x2, DOut(cond=(x2 * w).flatten(1).sum(1), uncond=(x2 * v).flatten(1).sum(1)))
+    assert torch.allclose(both, (w.detach() + v).pow(2).sum(), rtol=1e-5)
+    # a D that ignores its input has no slope to penalise
+    x3 = torch.rand(5, 3, 8, 8).requires_grad_(True)
+    flat = r1_penalty(x3, DOut(cond=(x3 * 0).flatten(1).sum(1) + 1.0))
+    assert flat == 0
+    with pytest.raises(ValueError, match="require grad"):
+        r1_penalty(torch.rand(2, 3, 8, 8), DOut(cond=torch.zeros(2)))

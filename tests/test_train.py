@@ -169,12 +169,14 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
                            "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
-                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1"))
+                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1",
+                           "loss.r1_gamma=1", "loss.r1_every=2"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
+    assert [r["step"] for r in recs if "loss_r1" in r] == [1, 3] and all(r["loss_r1"] > 0 for r in recs[::2])
     state = final_state(run)
     n_train = len(load_metadata(tiny_shards).splits["train"].classes)
     assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
@@ -197,7 +199,8 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
             "--main_process_port", "29561", "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
             f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
             "loss.contrastive_bank=8", "loss.contrastive_fakes=true",  # each rank's own bank, D still in sync
-            "loss.class_coef=1"]  # the species head is used on real images only, yet reduced in sync
+            "loss.class_coef=1",  # the species head is used on real images only, yet reduced in sync
+            "loss.r1_gamma=1", "loss.r1_every=2"]  # R1's double backward through DDP's D
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fin = [r for r in log_records(run) if r.get("event") == "finished"]
@@ -228,7 +231,7 @@ def test_loader_workers_fit_the_machine(monkeypatch):
     assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
 
 
-def _one_step(overrides: list[str], lr_d: float = 1e-3):
+def _one_step(overrides: list[str], lr_d: float = 1e-3, r1: bool = False):
     """One gan_step of a tiny stage-I pair from fixed weights and inputs; returns its StepOut.
     With ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2."""
     from accelerate import Accelerator
@@ -248,7 +251,8 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3):
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     real, emb, z = torch.rand(6, 3, 64, 64) * 2 - 1, torch.randn(6, 12), torch.randn(6, 8)
     targets = torch.arange(6) % 3 if classes else None
-    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg, targets=targets)
+    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg, targets=targets,
+                    r1=r1)
 
 
 def test_contrastive_g_coef_weighs_only_g_contrastive_term():
@@ -274,6 +278,19 @@ def test_class_coef_weighs_the_species_terms_of_d_and_g():
         from stackgan.train import gan_step
         from stackgan.config import load_config
         gan_step(None, None, None, None, None, None, None, None, None, load_config(None, ["loss.class_coef=1"]))
+
+
+def test_r1_steps_carry_the_weighted_penalty_in_d_loss_only():
+    """On an R1 step D's loss carries gamma/2 x every x the penalty; D's other terms and G's
+    step (D held still) are those of a plain step; off-steps and gamma 0 add nothing."""
+    plain = _one_step(["loss.r1_gamma=3", "loss.r1_every=4"], lr_d=0.0)
+    lazy = _one_step(["loss.r1_gamma=3", "loss.r1_every=4"], lr_d=0.0, r1=True)
+    off = _one_step(["loss.r1_gamma=0"], lr_d=0.0, r1=True)
+    assert "loss_r1" not in plain.stats and "loss_r1" not in off.stats
+    pen = lazy.stats["loss_r1"]
+    assert pen > 0
+    assert torch.allclose(lazy.loss_d - plain.loss_d, 0.5 * 3 * 4 * pen, rtol=1e-4)
+    assert torch.equal(lazy.loss_g, plain.loss_g) and torch.equal(off.loss_d, plain.loss_d)
 
 
 def test_class_index_maps_training_classes_only(tiny_shards):
