@@ -86,6 +86,9 @@ class LossConfig:
     r1_gamma: float = 0.0  # > 0: R1 penalty gamma/2 * |grad_x D(x, text)|^2 on real matching pairs in D's
     # step (Mescheder et al. 2018; not in StackGAN): D cannot grow arbitrarily sharp around real images
     r1_every: int = 16  # lazy R1 (StyleGAN2): the penalty runs every N steps, weighted by N
+    ms_coef: float = 0.0  # > 0: mode-seeking term (MSGAN, Mao et al. 2019) in G's loss: coef / (mean
+    # |G(t, z1) - G(t, z2)| / mean |z1 - z2|), so G cannot ignore its noise (the species head's price)
+    ms_samples: int = 8  # captions per step that get a second sample for it (0 = the whole batch)
 
 
 @dataclass
@@ -302,6 +305,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.r1_gamma must be >= 0, got {cfg.loss.r1_gamma}")
     if cfg.loss.r1_every < 1:
         raise ConfigError(f"loss.r1_every must be >= 1, got {cfg.loss.r1_every}")
+    if cfg.loss.ms_coef < 0:
+        raise ConfigError(f"loss.ms_coef must be >= 0, got {cfg.loss.ms_coef}")
+    if cfg.loss.ms_samples == 1 or cfg.loss.ms_samples < 0:
+        raise ConfigError(f"loss.ms_samples must be 0 (the whole batch) or >= 2, got {cfg.loss.ms_samples}")
     if cfg.loss.diffaug_shift < 0:
         raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
     if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:

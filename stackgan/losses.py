@@ -72,6 +72,21 @@ def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None 
     return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
 
 
+def mode_seeking_loss(fake_a: Tensor, fake_b: Tensor, z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019) for G: ``1 / (d_img / d_z + eps)`` with
+    ``d`` the mean absolute difference of two samples of the same captions and their noise.
+
+    A conditional G with a strong class signal (``loss.class_coef``) learns to ignore its noise
+    and draws one picture per caption; this term grows as the two samples of a caption
+    approach each other, so G pays for dropping modes. Images are compared as they are (B, C,
+    H, W), noise as (B, Z); both pairs must match in shape."""
+    if fake_a.shape != fake_b.shape or z_a.shape != z_b.shape or len(fake_a) != len(z_a):
+        raise ValueError(f"mode_seeking_loss: pairs must match: images {tuple(fake_a.shape)} / {tuple(fake_b.shape)}, "
+                         f"noise {tuple(z_a.shape)} / {tuple(z_b.shape)}")
+    ratio = (fake_a.float() - fake_b.float()).abs().mean() / (z_a.float() - z_b.float()).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
 def class_loss(out: DOut, targets: Tensor) -> Tensor:
     """Cross-entropy of D's species head (``model`` built with classes; ``loss.class_coef``).
 

@@ -238,9 +238,11 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     ``targets`` (B,): the batch's species as class indices, for D's species head
     (``loss.class_coef``): D learns them on real images, G on its fakes.
     ``r1``: this step carries the lazy R1 penalty (``loss.r1_gamma``, weighted by ``loss.r1_every``).
+    ``loss.ms_coef`` > 0: the first ``loss.ms_samples`` captions get a second noise vector in
+    the same G call (same batch statistics), for the mode-seeking term in G's loss.
     """
     from .augment import translate
-    from .losses import class_loss, contrastive_loss, d_loss, g_loss, kl_loss, r1_penalty
+    from .losses import class_loss, contrastive_loss, d_loss, g_loss, kl_loss, mode_seeking_loss, r1_penalty
 
     c_coef = cfg.loss.contrastive_coef
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
@@ -249,8 +251,17 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
     shift = cfg.loss.diffaug_shift
     D_inner = acc.unwrap_model(D)
-    with acc.autocast():
-        fake, mu, logvar = G(emb, z)
+    n_ms = 0
+    if cfg.loss.ms_coef > 0:
+        n_ms = len(z) if cfg.loss.ms_samples == 0 else min(cfg.loss.ms_samples, len(z))
+        z_ms = torch.randn_like(z[:n_ms])
+        with acc.autocast():  # one call: both samples of a caption see the same batch statistics
+            fake, mu, logvar = G(torch.cat([emb, emb[:n_ms]]), torch.cat([z, z_ms]))
+        fake, fake_ms = fake[:len(z)], fake[len(z):]
+        mu, logvar = mu[:len(z)], logvar[:len(z)]
+    else:
+        with acc.autocast():
+            fake, mu, logvar = G(emb, z)
     cond = emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
 
     r1 = r1 and cfg.loss.r1_gamma > 0
@@ -292,6 +303,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
             if k_coef > 0:
                 stats["loss_class_fake"] = class_loss(out_g, targets)
                 loss_g = loss_g + k_coef * stats["loss_class_fake"]
+            if n_ms:
+                stats["loss_ms"] = mode_seeking_loss(fake[:n_ms], fake_ms, z[:n_ms], z_ms)
+                loss_g = loss_g + cfg.loss.ms_coef * stats["loss_ms"]
         gnorm_g = _update(acc, G, opt_g, loss_g, cfg, diag)
     finally:
         D_inner.requires_grad_(True)

@@ -46,6 +46,8 @@ def test_overrides_are_typed(tmp_path):
     ("loss.class_coef=-1", "loss.class_coef"),
     ("loss.r1_gamma=-1", "loss.r1_gamma"),
     ("loss.r1_every=0", "loss.r1_every"),
+    ("loss.ms_coef=-1", "loss.ms_coef"),
+    ("loss.ms_samples=1", "loss.ms_samples"),
     ("model=3", "model"),
     ("justtext", "key.sub=value"),
 ])

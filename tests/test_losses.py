@@ -285,3 +285,20 @@ def test_r1_penalty_is_the_squared_input_gradient_of_the_real_logits():
     assert flat == 0
     with pytest.raises(ValueError, match="require grad"):
         r1_penalty(torch.rand(2, 3, 8, 8), DOut(cond=torch.zeros(2)))
+
+
+def test_mode_seeking_loss_is_the_inverse_distance_ratio():
+    """1 / (mean |a - b| / mean |z_a - z_b| + eps): samples 0.5 apart from noise 2 apart give
+    1 / 0.25; identical samples give 1 / eps (G ignoring its noise pays the most); the term
+    falls as the samples move apart, and mismatched pairs are refused."""
+    from stackgan.losses import mode_seeking_loss
+
+    a = torch.zeros(4, 3, 8, 8)
+    za, zb = torch.zeros(4, 5), torch.full((4, 5), 2.0)
+    assert torch.allclose(mode_seeking_loss(a, a + 0.5, za, zb), torch.tensor(1 / (0.25 + 1e-5)))
+    assert mode_seeking_loss(a, a.clone(), za, zb) > 1e4
+    b = (a + 0.1).requires_grad_(True)
+    mode_seeking_loss(a, b, za, zb).backward()
+    assert (b.grad < 0).all()  # gradient descent pushes b away from a
+    with pytest.raises(ValueError, match="pairs must match"):
+        mode_seeking_loss(a, a[:2], za, zb)

@@ -170,13 +170,14 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
                            "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
                            "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1",
-                           "loss.r1_gamma=1", "loss.r1_every=2"))
+                           "loss.r1_gamma=1", "loss.r1_every=2", "loss.ms_coef=1", "loss.ms_samples=2"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
     assert [r["step"] for r in recs if "loss_r1" in r] == [1, 3] and all(r["loss_r1"] > 0 for r in recs[::2])
+    assert all(0 < r["loss_ms"] < 1e4 for r in recs)  # two samples of a caption differ
     state = final_state(run)
     n_train = len(load_metadata(tiny_shards).splits["train"].classes)
     assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
@@ -200,7 +201,8 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
             f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
             "loss.contrastive_bank=8", "loss.contrastive_fakes=true",  # each rank's own bank, D still in sync
             "loss.class_coef=1",  # the species head is used on real images only, yet reduced in sync
-            "loss.r1_gamma=1", "loss.r1_every=2"]  # R1's double backward through DDP's D
+            "loss.r1_gamma=1", "loss.r1_every=2",  # R1's double backward through DDP's D
+            "loss.ms_coef=1"]  # G called on the batch plus second samples, one backward
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fin = [r for r in log_records(run) if r.get("event") == "finished"]
@@ -291,6 +293,17 @@ def test_r1_steps_carry_the_weighted_penalty_in_d_loss_only():
     assert pen > 0
     assert torch.allclose(lazy.loss_d - plain.loss_d, 0.5 * 3 * 4 * pen, rtol=1e-4)
     assert torch.equal(lazy.loss_g, plain.loss_g) and torch.equal(off.loss_d, plain.loss_d)
+
+
+def test_ms_coef_weighs_the_mode_seeking_term_in_g_loss_only():
+    """G's loss carries coef x the mode-seeking term; D's step does not read the coefficient;
+    samples from a second noise vector differ, so the term is finite."""
+    one, two = _one_step(["loss.ms_coef=1", "loss.ms_samples=3"]), _one_step(["loss.ms_coef=2", "loss.ms_samples=3"])
+    ms = one.stats["loss_ms"]
+    assert torch.equal(ms, two.stats["loss_ms"]) and 0 < ms < 1e3
+    assert torch.equal(one.loss_d, two.loss_d)
+    assert torch.allclose(two.loss_g - one.loss_g, ms, rtol=1e-4)
+    assert "loss_ms" not in _one_step([]).stats
 
 
 def test_class_index_maps_training_classes_only(tiny_shards):
