@@ -28,7 +28,7 @@ from .export import ExportError, load_generator
 from .metrics import EvalContext, MetricError, compute, names, rank_world
 from .metrics.judge import JudgeError
 
-DEFAULT_METRICS = "judge_consistency,judge_fd,diversity"
+DEFAULT_METRICS = "judge_consistency,judge_fd,diversity,judge_diversity"
 
 
 def default_jsonl(export: str | Path) -> Path:

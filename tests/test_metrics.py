@@ -112,6 +112,21 @@ def test_judge_fd_and_diversity(ctx):
     assert res["diversity"]["real"] == noise["diversity"]["real"]  # reference independent of G
 
 
+def test_judge_diversity_is_relative_to_real_birds_of_one_species(ctx):
+    """Samples of one caption spread in the judge's feature space about as much as real
+    images of one species do when pose and background come from z; not at all when G
+    ignores z; the real reference does not depend on G; pairs are averaged exactly."""
+    from stackgan.metrics.scores import _pairwise_l2
+
+    res = compute(["judge_diversity"], OracleG(), ctx)["judge_diversity"]
+    collapsed = compute(["judge_diversity"], OracleG(collapse=True), ctx)["judge_diversity"]
+    assert collapsed["score"] == 0.0 and collapsed["vs_real"] == 0.0
+    assert 0.5 < res["vs_real"] < 2 and res["real"] > 0, res
+    assert res["real"] == collapsed["real"] and res["z_per_caption"] == 4
+    f = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]]])  # distances 5, 0, 5
+    assert float(_pairwise_l2(f)[0]) == pytest.approx(10 / 3)
+
+
 def test_compute_appends_jsonl_restores_mode_and_is_reproducible(ctx, tmp_path):
     G = OracleG().train()
     out = tmp_path / "run" / "metrics.jsonl"
@@ -141,7 +156,7 @@ def test_bad_requests_are_refused_before_any_work(ctx, shards, tmp_path):
     missing = EvalContext(**{**ctx.__dict__, "cache": {}, "inception": str(tmp_path / "none.pth")})
     with pytest.raises(MetricError, match="not found"):
         compute("inception_score", Boom(), missing)
-    assert {"judge_consistency", "judge_fd", "diversity", "inception_score", "fid"} <= set(names())
+    assert {"judge_consistency", "judge_fd", "diversity", "judge_diversity", "inception_score", "fid"} <= set(names())
 
 
 def _rank_worker(rank: int, world: int, port: int, ctx_kwargs: dict, out: str) -> None:

@@ -16,6 +16,12 @@
   noise, divided by 2/3 (``score``: the trainer's normalisation, see
   :mod:`stackgan.diversity`) and by the same distance between random real test images
   (``vs_real``). Images are compared at 64x64. A collapsed generator drifts towards 0.
+* ``judge_diversity``: the same samples' spread in the judge's feature space (mean pairwise
+  L2 between the features of one caption's samples), relative to the spread of real images
+  of one species (``vs_real``). The pixel score counts the background as much as the bird,
+  so a G that draws one bird per caption on a varying background passes it
+  (docs/quality.md, sixth round); the judge, trained to read parts on varied backgrounds,
+  looks at the bird.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from .evalset import SplitData, is_holdout, load_split, to_tensor
 from .judge import Judge, ensure_judge, group_names, share
 from .stats import GaussianSums, frechet_distance
 
-TAGS = {"train": 11, "test": 12, "diversity": 13}
+TAGS = {"train": 11, "test": 12, "diversity": 13, "species": 14}
 NOISE_IMAGES = 512  # random images for the chance level
 DIVERSITY_REAL = 256  # real test images for the diversity reference
 
@@ -214,3 +220,50 @@ def diversity(G, ctx: EvalContext) -> dict:
     real = _real_diversity(ctx)
     return {"score": gen / UNIFORM_L1, "vs_real": gen / real if real else float("nan"),
             "real": real / UNIFORM_L1, "captions": k, "z_per_caption": m}
+
+
+def _pairwise_l2(feats: torch.Tensor) -> torch.Tensor:
+    """(n, k, F) -> (n,) mean L2 distance over the k*(k-1)/2 pairs of each row."""
+    k = feats.shape[1]
+    if k < 2:
+        raise ValueError(f"_pairwise_l2: need at least 2 samples per group, got {k}")
+    d = torch.cdist(feats.double(), feats.double())  # (n, k, k), zero diagonal
+    return d.sum(dim=(1, 2)) / (k * (k - 1))
+
+
+def _real_species_spread(ctx: EvalContext, judge: Judge, m: int) -> float:
+    """Mean pairwise judge-feature distance between up to ``m`` real test images of one
+    species, averaged over the species (cached on the context)."""
+    key = ("div_judge_real", m)
+    if key not in ctx.cache:
+        data = split_data(ctx, "test")
+        rng = np.random.default_rng([ctx.seed, TAGS["species"]])
+        spreads = []
+        for c in np.unique(data.cls):
+            idx = rng.permutation(np.flatnonzero(data.cls == c))[:m]
+            if len(idx) >= 2:
+                _, f = judge(to_tensor(data.img[np.sort(idx)]))
+                spreads.append(float(_pairwise_l2(f[None].cpu())[0]))
+        ctx.cache[key] = float(np.mean(spreads)) if spreads else float("nan")
+    return ctx.cache[key]
+
+
+@register("judge_diversity", requires=("attributes",))
+def judge_diversity(G, ctx: EvalContext) -> dict:
+    judge = ensure_judge(ctx)
+    data = split_data(ctx, "test")
+    k, m = ctx.diversity_captions, ctx.diversity_z
+    sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])  # the pixel score's captions and noise
+    emb = np.repeat(data.emb[sample, cap], m, axis=0)
+    bs = max(1, ctx.batch_size // m) * m
+    acc = {"sum": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
+    for lo, hi, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs):
+        _, f = judge(img)
+        d = _pairwise_l2(f.cpu().reshape(-1, m, f.shape[-1]))
+        acc["sum"] += d.sum()
+        acc["n"] += len(d)
+    acc = all_sum(acc)
+    gen = float(acc["sum"] / acc["n"])
+    real = _real_species_spread(ctx, judge, m)
+    return {"score": gen, "real": real, "vs_real": gen / real if real else float("nan"),
+            "captions": k, "z_per_caption": m}
