@@ -666,6 +666,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
         if main:
             (run_dir / "COMPLETE").write_text(json.dumps({"step": step, "time": time.time()}))
         log(f"finished {step} steps; generator export {out}")
+        if world > 1:
+            acc.wait_for_everyone()  # nothing in flight when the process group is torn down
         return TrainResult(step=step, run_dir=run_dir, export=out)
     except TrainInterrupted as e:
         if stop.chain(e.signum):  # e.g. submitit's own checkpoint/requeue handler
@@ -742,7 +744,20 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"stackgan.train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    finally:
+        close_process_group()
     return EXIT_OK
+
+
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to exit-time
+    destructors, gloo's threads can abort a rank that finished cleanly ("terminate called
+    without an active exception", exit -6 under load), and the launcher reports a failure."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError) as e:  # already torn down by a backend
+            warnings.warn(f"stackgan.train: process group teardown: {e}")
 
 
 if __name__ == "__main__":
