@@ -251,17 +251,16 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
     shift = cfg.loss.diffaug_shift
     D_inner = acc.unwrap_model(D)
-    n_ms = 0
-    if cfg.loss.ms_coef > 0:
+    n_ms, g_emb, g_z = 0, emb, z
+    if cfg.loss.ms_coef > 0:  # one G call: both samples of a caption see the same batch statistics
         n_ms = len(z) if cfg.loss.ms_samples == 0 else min(cfg.loss.ms_samples, len(z))
         z_ms = torch.randn_like(z[:n_ms])
-        with acc.autocast():  # one call: both samples of a caption see the same batch statistics
-            fake, mu, logvar = G(torch.cat([emb, emb[:n_ms]]), torch.cat([z, z_ms]))
+        g_emb, g_z = torch.cat([emb, emb[:n_ms]]), torch.cat([z, z_ms])
+    with acc.autocast():
+        fake, mu, logvar = G(g_emb, g_z)
+    if n_ms:
         fake, fake_ms = fake[:len(z)], fake[len(z):]
         mu, logvar = mu[:len(z)], logvar[:len(z)]
-    else:
-        with acc.autocast():
-            fake, mu, logvar = G(emb, z)
     cond = emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
 
     r1 = r1 and cfg.loss.r1_gamma > 0

@@ -202,21 +202,36 @@ def _real_diversity(ctx: EvalContext) -> float:
     return ctx.cache["div_real"]
 
 
-@register("diversity")
-def diversity(G, ctx: EvalContext) -> dict:
-    data = split_data(ctx, "test")
-    k, m = ctx.diversity_captions, ctx.diversity_z
-    sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])
-    emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
-    bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
+def _diversity_groups(G, ctx: EvalContext) -> list[torch.Tensor]:
+    """This rank's samples for both diversity scores, (captions, diversity_z, 3, 64, 64) per
+    batch on the CPU: ``ctx.diversity_captions`` test captions with ``ctx.diversity_z`` noise
+    vectors each, generated once per compute call."""
+    call = ctx.cache.setdefault("call", {})
+    if "diversity_groups" not in call:
+        data = split_data(ctx, "test")
+        k, m = ctx.diversity_captions, ctx.diversity_z
+        sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])
+        emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
+        bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
+        call["diversity_groups"] = [resize(img, 64).cpu().reshape(-1, m, 3, 64, 64)
+                                    for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs)]
+    return call["diversity_groups"]
+
+
+def _mean_over_ranks(per_group: list[torch.Tensor]) -> float:
+    """Mean of per-caption values (one tensor per batch) over every rank's captions."""
     acc = {"sum": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
-    for lo, hi, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs):
-        x = resize(img, 64).cpu()
-        d = pairwise_l1(x.reshape(-1, m, *x.shape[1:]))
+    for d in per_group:
         acc["sum"] += d.double().sum()
         acc["n"] += len(d)
     acc = all_sum(acc)
-    gen = float(acc["sum"] / acc["n"])
+    return float(acc["sum"] / acc["n"])
+
+
+@register("diversity")
+def diversity(G, ctx: EvalContext) -> dict:
+    k, m = ctx.diversity_captions, ctx.diversity_z
+    gen = _mean_over_ranks([pairwise_l1(x) for x in _diversity_groups(G, ctx)])
     real = _real_diversity(ctx)
     return {"score": gen / UNIFORM_L1, "vs_real": gen / real if real else float("nan"),
             "real": real / UNIFORM_L1, "captions": k, "z_per_caption": m}
@@ -251,19 +266,12 @@ def _real_species_spread(ctx: EvalContext, judge: Judge, m: int) -> float:
 @register("judge_diversity", requires=("attributes",))
 def judge_diversity(G, ctx: EvalContext) -> dict:
     judge = ensure_judge(ctx)
-    data = split_data(ctx, "test")
     k, m = ctx.diversity_captions, ctx.diversity_z
-    sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])  # the pixel score's captions and noise
-    emb = np.repeat(data.emb[sample, cap], m, axis=0)
-    bs = max(1, ctx.batch_size // m) * m
-    acc = {"sum": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
-    for lo, hi, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs):
-        _, f = judge(img)
-        d = _pairwise_l2(f.cpu().reshape(-1, m, f.shape[-1]))
-        acc["sum"] += d.sum()
-        acc["n"] += len(d)
-    acc = all_sum(acc)
-    gen = float(acc["sum"] / acc["n"])
+    spreads = []
+    for x in _diversity_groups(G, ctx):  # the pixel score's samples (64 px: the judge's input size)
+        _, f = judge(x.flatten(0, 1))
+        spreads.append(_pairwise_l2(f.cpu().reshape(len(x), m, -1)))
+    gen = _mean_over_ranks(spreads)
     real = _real_species_spread(ctx, judge, m)
     return {"score": gen, "real": real, "vs_real": gen / real if real else float("nan"),
             "captions": k, "z_per_caption": m}
