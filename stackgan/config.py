@@ -81,6 +81,9 @@ class LossConfig:
     class_coef: float = 0.0  # > 0: D gets a species classifier head trained on real images, and G is
     # trained to make its fakes read as its caption's species (AC-GAN / TAC-GAN style; not in StackGAN).
     # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
+    class_twin: bool = False  # with class_coef: TAC-GAN's twin species head (Gong et al. 2019), trained
+    # by D on G's fakes; G's loss subtracts it (same coef), cancelling the species head's pull
+    # towards one easy-to-classify picture per caption (the conditional mode collapse of AC-GAN)
     diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
     # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
     r1_gamma: float = 0.0  # > 0: R1 penalty gamma/2 * |grad_x D(x, text)|^2 on real matching pairs in D's
@@ -301,6 +304,8 @@ def validate(cfg: Config) -> None:
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
     if cfg.loss.class_coef < 0:
         raise ConfigError(f"loss.class_coef must be >= 0, got {cfg.loss.class_coef}")
+    if cfg.loss.class_twin and not cfg.loss.class_coef > 0:
+        raise ConfigError("loss.class_twin=true needs loss.class_coef > 0 (the twin counters D's species head)")
     if cfg.loss.r1_gamma < 0:
         raise ConfigError(f"loss.r1_gamma must be >= 0, got {cfg.loss.r1_gamma}")
     if cfg.loss.r1_every < 1:

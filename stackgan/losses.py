@@ -87,7 +87,7 @@ def mode_seeking_loss(fake_a: Tensor, fake_b: Tensor, z_a: Tensor, z_b: Tensor, 
     return 1.0 / (ratio + eps)
 
 
-def class_loss(out: DOut, targets: Tensor) -> Tensor:
+def class_loss(out: DOut, targets: Tensor, twin: bool = False) -> Tensor:
     """Cross-entropy of D's species head (``model`` built with classes; ``loss.class_coef``).
 
     On real images it trains D to name the species; on G's fakes it asks G to draw the species
@@ -95,12 +95,19 @@ def class_loss(out: DOut, targets: Tensor) -> Tensor:
     and real images of a species show all of them, so only this signal tells G what the
     unstated parts look like (AC-GAN, Odena et al. 2017; TAC-GAN, Dash et al. 2017). D's head
     is trained on real images only: trained on fakes too, it rewards G for easy-to-classify
-    images rather than for the species' real look."""
-    if out.cls_logits is None:
-        raise ValueError("class_loss: D has no species head (set loss.class_coef > 0)")
-    if targets.dim() != 1 or len(targets) != len(out.cls_logits):
-        raise ValueError(f"class_loss: targets must be ({len(out.cls_logits)},) class indices, got {tuple(targets.shape)}")
-    return F.cross_entropy(out.cls_logits.float(), targets)
+    images rather than for the species' real look.
+
+    ``twin``: the same loss on the twin head (``loss.class_twin``; TAC-GAN, Gong et al. 2019),
+    which D trains on G's fakes. G's loss subtracts it: minimising the species loss alone also
+    minimises the species' entropy given the image, so G draws the one most recognisable
+    picture of each species; the twin's term cancels that part."""
+    logits = out.twin_logits if twin else out.cls_logits
+    if logits is None:
+        raise ValueError("class_loss: D has no " + ("twin species head (set loss.class_twin=true)" if twin
+                                                    else "species head (set loss.class_coef > 0)"))
+    if targets.dim() != 1 or len(targets) != len(logits):
+        raise ValueError(f"class_loss: targets must be ({len(logits)},) class indices, got {tuple(targets.shape)}")
+    return F.cross_entropy(logits.float(), targets)
 
 
 class CaptionBank:

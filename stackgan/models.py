@@ -321,7 +321,8 @@ class DOut(NamedTuple):
     """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs;
     with a contrastive head (``model.contrastive_dim``) also the unit-norm image and text
     codes, each (B, contrastive_dim), for :func:`stackgan.losses.contrastive_loss`; with a
-    species head (``num_classes``) its logits, (B, num_classes), for ``class_loss``."""
+    species head (``num_classes``) its logits, (B, num_classes), for ``class_loss``, and with
+    the twin head (``class_twin``) the twin's logits, same shape."""
 
     cond: Tensor
     uncond: Tensor | None = None
@@ -329,6 +330,7 @@ class DOut(NamedTuple):
     img_code: Tensor | None = None
     txt_code: Tensor | None = None
     cls_logits: Tensor | None = None
+    twin_logits: Tensor | None = None
 
 
 def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
@@ -366,7 +368,7 @@ class _Discriminator(nn.Module):
 
     def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool,
                  text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 contrastive_spatial: bool = False, num_classes: int = 0):
+                 contrastive_spatial: bool = False, num_classes: int = 0, class_twin: bool = False):
         super().__init__()
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
@@ -393,6 +395,10 @@ class _Discriminator(nn.Module):
         self.txt_code = nn.Linear(cond_dim, contrastive_dim) if contrastive_dim > 0 else None
         # num_classes > 0 (loss.class_coef): a species classifier on the pooled code (AC-GAN)
         self.classify = nn.Linear(df_dim * 8, num_classes) if num_classes > 0 else None
+        # class_twin (loss.class_twin): TAC-GAN's twin head, trained on G's fakes
+        if class_twin and num_classes <= 0:
+            raise ValueError(f"{type(self).__name__}: class_twin needs num_classes > 0")
+        self.classify_twin = nn.Linear(df_dim * 8, num_classes) if class_twin else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
             for m in list(self.modules()):
@@ -415,7 +421,7 @@ class _Discriminator(nn.Module):
         cond_logits = self.get_cond_logits(h, cond)
         wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
         uncond = None if self.get_uncond_logits is None else self.get_uncond_logits(h)
-        img_code = txt_code = cls_logits = None
+        img_code = txt_code = cls_logits = twin_logits = None
         if self.proj is not None or self.img_code is not None or self.classify is not None:
             pooled = h.float().mean((2, 3))
             if self.proj is not None:
@@ -427,7 +433,9 @@ class _Discriminator(nn.Module):
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
             if self.classify is not None:
                 cls_logits = self.classify(pooled)
-        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits)
+            if self.classify_twin is not None:
+                twin_logits = self.classify_twin(pooled)
+        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, twin_logits)
 
     def text_codes(self, text: Tensor) -> Tensor:
         """Unit text codes of raw text embeddings (N, text_dim), as ``forward`` makes them:
@@ -446,10 +454,11 @@ class Stage1D(_Discriminator):
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
                  text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 uncond: bool = False, contrastive_spatial: bool = False, num_classes: int = 0):
+                 uncond: bool = False, contrastive_spatial: bool = False, num_classes: int = 0,
+                 class_twin: bool = False):
         super().__init__(df_dim, cond_dim, spectral_norm, uncond=uncond, text_dim=text_dim, emb_scale=emb_scale,
                          projection=projection, contrastive_dim=contrastive_dim,
-                         contrastive_spatial=contrastive_spatial, num_classes=num_classes)
+                         contrastive_spatial=contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -468,10 +477,10 @@ class Stage2D(_Discriminator):
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
                  text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 contrastive_spatial: bool = False, num_classes: int = 0):
+                 contrastive_spatial: bool = False, num_classes: int = 0, class_twin: bool = False):
         super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale,
                          projection=projection, contrastive_dim=contrastive_dim,
-                         contrastive_spatial=contrastive_spatial, num_classes=num_classes)
+                         contrastive_spatial=contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -521,17 +530,18 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
                    ca_act=mcfg.ca_act)
 
 
-def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, num_classes: int = 0) -> nn.Module:
+def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, num_classes: int = 0,
+                        class_twin: bool = False) -> nn.Module:
     """Stage-I or Stage-II discriminator. Its condition input is G's ``mu`` (cond_dim) when
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text".
     ``num_classes`` > 0 adds the species head (the trainer passes the training split's classes
-    when ``loss.class_coef`` > 0)."""
+    when ``loss.class_coef`` > 0); ``class_twin`` its TAC-GAN twin (``loss.class_twin``)."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
     if num_classes < 0:
         raise ValueError(f"build_discriminator: num_classes must be >= 0, got {num_classes}")
     extra = dict(projection=mcfg.d_projection, contrastive_dim=mcfg.contrastive_dim,
-                 contrastive_spatial=mcfg.contrastive_spatial, num_classes=num_classes)
+                 contrastive_spatial=mcfg.contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
     if cls is Stage1D:
         extra["uncond"] = mcfg.d_uncond
     if mcfg.d_cond == "text":

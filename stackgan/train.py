@@ -236,7 +236,8 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     ``bank`` (a :class:`stackgan.losses.CaptionBank`, with the batch's classes ``cls``): extra
     negative captions for the contrastive loss; the batch is pushed into it after the step.
     ``targets`` (B,): the batch's species as class indices, for D's species head
-    (``loss.class_coef``): D learns them on real images, G on its fakes.
+    (``loss.class_coef``): D learns them on real images, G on its fakes; with
+    ``loss.class_twin`` D's twin head learns them on the fakes and G's loss subtracts it.
     ``r1``: this step carries the lazy R1 penalty (``loss.r1_gamma``, weighted by ``loss.r1_every``).
     ``loss.ms_coef`` > 0: the first ``loss.ms_samples`` captions get a second noise vector in
     the same G call (same batch statistics), for the mode-seeking term in G's loss.
@@ -247,6 +248,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     c_coef = cfg.loss.contrastive_coef
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
     k_coef = cfg.loss.class_coef
+    twin = k_coef > 0 and cfg.loss.class_twin
     if k_coef > 0 and targets is None:
         raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
     shift = cfg.loss.diffaug_shift
@@ -282,6 +284,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
         if k_coef > 0:
             stats["loss_class_real"] = class_loss(out_real, targets)
             loss_d = loss_d + k_coef * stats["loss_class_real"]
+        if twin:  # the twin head learns the species of G's fakes
+            stats["loss_twin_d"] = class_loss(out_fake, targets, twin=True)
+            loss_d = loss_d + k_coef * stats["loss_twin_d"]
     if r1:
         stats["loss_r1"] = r1_penalty(real_in, out_real)
         loss_d = loss_d + 0.5 * cfg.loss.r1_gamma * cfg.loss.r1_every * stats["loss_r1"]
@@ -302,6 +307,9 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
             if k_coef > 0:
                 stats["loss_class_fake"] = class_loss(out_g, targets)
                 loss_g = loss_g + k_coef * stats["loss_class_fake"]
+            if twin:
+                stats["loss_twin_fake"] = class_loss(out_g, targets, twin=True)
+                loss_g = loss_g - k_coef * stats["loss_twin_fake"]
             if n_ms:
                 stats["loss_ms"] = mode_seeking_loss(fake[:n_ms], fake_ms, z[:n_ms], z_ms)
                 loss_g = loss_g + cfg.loss.ms_coef * stats["loss_ms"]
@@ -381,7 +389,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G = build_generator(cfg.model, text_dim, stage1=stage1)
     class_lut = class_index(meta, cfg) if cfg.loss.class_coef > 0 else None
-    D = build_discriminator(cfg.model, text_dim, num_classes=0 if class_lut is None else int(class_lut.max()) + 1)
+    D = build_discriminator(cfg.model, text_dim, num_classes=0 if class_lut is None else int(class_lut.max()) + 1,
+                            class_twin=cfg.loss.class_twin)
     if cfg.train.channels_last and cfg.train.backend == "ddp":  # DeepSpeed wants contiguous weights
         example = (torch.zeros(2, text_dim), torch.zeros(2, cfg.model.z_dim))
         apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(cfg.train.channels_last_min_hw, device))

@@ -170,17 +170,20 @@ def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
                            "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
                            "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
                            "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1",
+                           "loss.class_twin=true",
                            "loss.r1_gamma=1", "loss.r1_every=2", "loss.ms_coef=1", "loss.ms_samples=2"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
+    assert all(0 < r["loss_twin_d"] < 10 and 0 < r["loss_twin_fake"] < 10 for r in recs)
     assert [r["step"] for r in recs if "loss_r1" in r] == [1, 3] and all(r["loss_r1"] > 0 for r in recs[::2])
     assert all(0 < r["loss_ms"] < 1e4 for r in recs)  # two samples of a caption differ
     state = final_state(run)
     n_train = len(load_metadata(tiny_shards).splits["train"].classes)
     assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
+    assert state["D"]["classify_twin.weight"].shape == state["D"]["classify.weight"].shape
     assert "proj.weight" in state["D"] and "get_uncond_logits.outlogits.0.weight" in state["D"]
     assert all(0 < r["d_uncond_real"] < 1 for r in recs)
     bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
@@ -201,6 +204,7 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
             f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
             "loss.contrastive_bank=8", "loss.contrastive_fakes=true",  # each rank's own bank, D still in sync
             "loss.class_coef=1",  # the species head is used on real images only, yet reduced in sync
+            "loss.class_twin=true",  # and its twin on fakes only
             "loss.r1_gamma=1", "loss.r1_every=2",  # R1's double backward through DDP's D
             "loss.ms_coef=1"]  # G called on the batch plus second samples, one backward
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
@@ -247,7 +251,8 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, r1: bool = False):
                              *overrides])
     torch.manual_seed(0)
     classes = 3 if cfg.loss.class_coef > 0 else 0
-    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12, num_classes=classes)
+    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12, num_classes=classes,
+                                                               class_twin=cfg.loss.class_twin)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters(), lr=lr_d)
     acc = Accelerator(cpu=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
@@ -280,6 +285,23 @@ def test_class_coef_weighs_the_species_terms_of_d_and_g():
         from stackgan.train import gan_step
         from stackgan.config import load_config
         gan_step(None, None, None, None, None, None, None, None, None, load_config(None, ["loss.class_coef=1"]))
+
+
+def test_class_twin_trains_on_fakes_for_d_and_is_subtracted_for_g():
+    """TAC-GAN: D's loss carries coef x (species loss on real + twin's loss on fakes); G's (D
+    held still) coef x (species loss on fakes - twin's loss on fakes). Without the species
+    head the twin is refused."""
+    one = _one_step(["loss.class_coef=1", "loss.class_twin=true"], lr_d=0.0)
+    two = _one_step(["loss.class_coef=2", "loss.class_twin=true"], lr_d=0.0)
+    real, fake = one.stats["loss_class_real"], one.stats["loss_class_fake"]
+    twin_d, twin_g = one.stats["loss_twin_d"], one.stats["loss_twin_fake"]
+    assert 0 < twin_d < 10 and 0 < twin_g < 10
+    assert torch.allclose(twin_d, twin_g, atol=1e-5)  # D does not move (lr 0): the same fakes, the same head
+    assert torch.allclose(two.loss_d - one.loss_d, real + twin_d, atol=1e-5)
+    assert torch.allclose(two.loss_g - one.loss_g, fake - twin_g, atol=1e-5)
+    from stackgan.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="class_twin"):
+        load_config(None, ["loss.class_twin=true"])
 
 
 def test_r1_steps_carry_the_weighted_penalty_in_d_loss_only():
