@@ -81,6 +81,8 @@ class LossConfig:
     class_coef: float = 0.0  # > 0: D gets a species classifier head trained on real images, and G is
     # trained to make its fakes read as its caption's species (AC-GAN / TAC-GAN style; not in StackGAN).
     # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
+    class_g_coef: float = -1.0  # G's weight of the species terms on its fakes (-1 = class_coef; 0 = the
+    # head only shapes D's features: no pull on G towards one recognisable picture per species)
     class_twin: bool = False  # with class_coef: TAC-GAN's twin species head (Gong et al. 2019), trained
     # by D on G's fakes; G's loss subtracts it (same coef), cancelling the species head's pull
     # towards one easy-to-classify picture per caption (the conditional mode collapse of AC-GAN)
@@ -316,6 +318,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.ms_samples must be 0 (the whole batch) or >= 2, got {cfg.loss.ms_samples}")
     if cfg.loss.diffaug_shift < 0:
         raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
+    if cfg.loss.class_g_coef < 0 and cfg.loss.class_g_coef != -1:
+        raise ConfigError(f"loss.class_g_coef must be >= 0, or -1 (= loss.class_coef), got {cfg.loss.class_g_coef}")
     if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:
         raise ConfigError(f"loss.contrastive_g_coef must be >= 0, or -1 (= loss.contrastive_coef), "
                           f"got {cfg.loss.contrastive_g_coef}")

@@ -236,7 +236,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     ``bank`` (a :class:`stackgan.losses.CaptionBank`, with the batch's classes ``cls``): extra
     negative captions for the contrastive loss; the batch is pushed into it after the step.
     ``targets`` (B,): the batch's species as class indices, for D's species head
-    (``loss.class_coef``): D learns them on real images, G on its fakes; with
+    (``loss.class_coef``): D learns them on real images, G on its fakes (``loss.class_g_coef``); with
     ``loss.class_twin`` D's twin head learns them on the fakes and G's loss subtracts it.
     ``r1``: this step carries the lazy R1 penalty (``loss.r1_gamma``, weighted by ``loss.r1_every``).
     ``loss.ms_coef`` > 0: the first ``loss.ms_samples`` captions get a second noise vector in
@@ -248,6 +248,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     c_coef = cfg.loss.contrastive_coef
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
     k_coef = cfg.loss.class_coef
+    k_coef_g = k_coef if cfg.loss.class_g_coef < 0 else cfg.loss.class_g_coef
     twin = k_coef > 0 and cfg.loss.class_twin
     if k_coef > 0 and targets is None:
         raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
@@ -306,10 +307,10 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
                 loss_g = loss_g + c_coef_g * stats["loss_contrastive_fake"]
             if k_coef > 0:
                 stats["loss_class_fake"] = class_loss(out_g, targets)
-                loss_g = loss_g + k_coef * stats["loss_class_fake"]
+                loss_g = loss_g + k_coef_g * stats["loss_class_fake"]
             if twin:
                 stats["loss_twin_fake"] = class_loss(out_g, targets, twin=True)
-                loss_g = loss_g - k_coef * stats["loss_twin_fake"]
+                loss_g = loss_g - k_coef_g * stats["loss_twin_fake"]
             if n_ms:
                 stats["loss_ms"] = mode_seeking_loss(fake[:n_ms], fake_ms, z[:n_ms], z_ms)
                 loss_g = loss_g + cfg.loss.ms_coef * stats["loss_ms"]

@@ -287,6 +287,20 @@ def test_class_coef_weighs_the_species_terms_of_d_and_g():
         gan_step(None, None, None, None, None, None, None, None, None, load_config(None, ["loss.class_coef=1"]))
 
 
+def test_class_g_coef_weighs_only_g_species_terms():
+    """G's own weight of the species terms (and of the twin's, subtracted); D's step and the
+    terms themselves do not change; 0 leaves the head to D alone."""
+    base = _one_step(["loss.class_coef=1", "loss.class_g_coef=0", "loss.class_twin=true"], lr_d=0.0)
+    heavy = _one_step(["loss.class_coef=1", "loss.class_g_coef=2.5", "loss.class_twin=true"], lr_d=0.0)
+    assert torch.equal(base.loss_d, heavy.loss_d)
+    fake, twin = heavy.stats["loss_class_fake"], heavy.stats["loss_twin_fake"]
+    assert torch.equal(fake, base.stats["loss_class_fake"]) and torch.equal(twin, base.stats["loss_twin_fake"])
+    assert torch.allclose(heavy.loss_g - base.loss_g, 2.5 * (fake - twin), atol=1e-5)
+    from stackgan.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="class_g_coef"):
+        load_config(None, ["loss.class_coef=1", "loss.class_g_coef=-0.5"])
+
+
 def test_class_twin_trains_on_fakes_for_d_and_is_subtracted_for_g():
     """TAC-GAN: D's loss carries coef x (species loss on real + twin's loss on fakes); G's (D
     held still) coef x (species loss on fakes - twin's loss on fakes). Without the species
