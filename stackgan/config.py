@@ -84,7 +84,7 @@ class LossConfig:
     class_g_coef: float = -1.0  # G's weight of the species terms on its fakes (-1 = class_coef; 0 = the
     # head only shapes D's features: no pull on G towards one recognisable picture per species)
     class_twin: bool = False  # with class_coef: TAC-GAN's twin species head (Gong et al. 2019), trained
-    # by D on G's fakes; G's loss subtracts it (same coef), cancelling the species head's pull
+    # by D on G's fakes (class_coef); G's loss subtracts it (class_g_coef), cancelling the species head's pull
     # towards one easy-to-classify picture per caption (the conditional mode collapse of AC-GAN)
     diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
     # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
