@@ -308,6 +308,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.class_coef must be >= 0, got {cfg.loss.class_coef}")
     if cfg.loss.class_twin and not cfg.loss.class_coef > 0:
         raise ConfigError("loss.class_twin=true needs loss.class_coef > 0 (the twin counters D's species head)")
+    if cfg.loss.class_g_coef < 0 and cfg.loss.class_g_coef != -1:
+        raise ConfigError(f"loss.class_g_coef must be >= 0, or -1 (= loss.class_coef), got {cfg.loss.class_g_coef}")
     if cfg.loss.r1_gamma < 0:
         raise ConfigError(f"loss.r1_gamma must be >= 0, got {cfg.loss.r1_gamma}")
     if cfg.loss.r1_every < 1:
@@ -318,8 +320,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.ms_samples must be 0 (the whole batch) or >= 2, got {cfg.loss.ms_samples}")
     if cfg.loss.diffaug_shift < 0:
         raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
-    if cfg.loss.class_g_coef < 0 and cfg.loss.class_g_coef != -1:
-        raise ConfigError(f"loss.class_g_coef must be >= 0, or -1 (= loss.class_coef), got {cfg.loss.class_g_coef}")
     if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:
         raise ConfigError(f"loss.contrastive_g_coef must be >= 0, or -1 (= loss.contrastive_coef), "
                           f"got {cfg.loss.contrastive_g_coef}")

@@ -249,7 +249,7 @@ def gan_step(acc, G, D, opt_g, opt_d, real, emb, z, widx, cfg: Config, diag: boo
     c_coef_g = c_coef if cfg.loss.contrastive_g_coef < 0 else cfg.loss.contrastive_g_coef
     k_coef = cfg.loss.class_coef
     k_coef_g = k_coef if cfg.loss.class_g_coef < 0 else cfg.loss.class_g_coef
-    twin = k_coef > 0 and cfg.loss.class_twin
+    twin = cfg.loss.class_twin  # validate(): only with class_coef > 0
     if k_coef > 0 and targets is None:
         raise ValueError("gan_step: loss.class_coef > 0 needs the batch's class indices (targets=)")
     shift = cfg.loss.diffaug_shift
