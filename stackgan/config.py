@@ -28,15 +28,12 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards
-    split: str = "train"  # split the trainer streams from
+    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is streamed)
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine
     shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
-    emb_mode: Literal["one", "mean"] = "one"  # one of the 10 captions, or mean of emb_k
-    emb_k: int = 4  # captions averaged when emb_mode=mean (TF StackGAN uses 4)
+    emb_k: int = 1  # caption embeddings averaged per image: 1 = one of the 10 (official PyTorch), 4 = official TF
     on_corrupt: Literal["raise", "skip"] = "raise"  # corrupt shard: stop naming it, or skip + count
-    fixed_samples: int = 8  # captions used for the fixed-noise sample grids
 
 
 @dataclass
@@ -47,20 +44,15 @@ class ModelConfig:
     gf_dim: int = 128  # generator base filters (GF_DIM)
     df_dim: int = 64  # discriminator base filters (DF_DIM)
     r_num: int = 4  # residual blocks in the stage-II generator
-    text_dim: int = 0  # 0 = take it from the shard metadata
     emb_scale: float = 1.0  # multiplies the text embedding before CA-Net; unit-norm sentence embeddings
     # (all-MiniLM-L6-v2, 384-d) need ~sqrt(dim) = 19.6, or mu ~ 0 and D ignores the text
     ca_act: Literal["relu", "leaky"] = "relu"  # CA-Net activation: relu = official PyTorch, leaky = official TF
     d_cond: Literal["mu", "text"] = "mu"  # D's condition: G's CA mean (official PyTorch) or its own
     # projection of the text embedding (official TensorFlow)
     spectral_norm: bool = False  # spectral norm on D's convolutions (stabiliser)
-    g_film: bool = False  # stage I: the condition also scales/shifts every up-block of G (not in StackGAN)
-    d_projection: bool = False  # add a projection term <W h, cond> to D's conditional logit (not in StackGAN)
-    contrastive_dim: int = 0  # > 0: D gets image/text code heads of this size for loss.contrastive_coef
-    contrastive_spatial: bool = False  # D's image code reads its whole 4x4 map (where each colour is),
-    # not the map's spatial mean
-    d_uncond: bool = False  # stage I: D also gets stage II's unconditional (realism only) head, weighed
-    # by loss.uncond_coef as in stage II (StackGAN-v2's joint loss; stage II always has it)
+    g_film: bool = False  # the condition also scales/shifts every up-block of G (not in StackGAN)
+    upsample_skip: bool = False  # stage II: G draws a correction on top of the bicubically upsampled stage-I
+    # image (zero at the start), instead of a new image from its 16x16 code (official)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -69,31 +61,16 @@ class LossConfig:
     kind: Literal["bce", "hinge"] = "bce"  # bce = official StackGAN; hinge = stabiliser option
     wrong: Literal["class", "shift", "perm"] = "class"  # how mismatched (wrong) pairs are drawn
     kl_coef: float = 2.0  # weight of the conditioning-augmentation KL term in G's loss
-    uncond_coef: float = 1.0  # weight of the unconditional head (stage II, stage I with model.d_uncond; official: 1)
-    contrastive_coef: float = 0.0  # image-text InfoNCE in D's code space, on real images for D and on
-    # fakes for G (XMC-GAN style; not in StackGAN); needs model.contrastive_dim > 0
-    contrastive_temp: float = 0.1  # temperature of that InfoNCE
-    contrastive_fakes: bool = False  # D's caption->image side also counts the batch's fakes as negatives,
-    # so G cannot win the contrastive term with codes D never sees on real images
+    contrastive_coef: float = 0.0  # > 0: D gets image/text code heads, and an image-text InfoNCE in their
+    # space trains D on real pairs and G on its fakes (XMC-GAN style; not in StackGAN)
     contrastive_bank: int = 0  # > 0: the last N captions seen are extra negatives for each image (D
-    # re-encodes them every step); same-class captions are never negatives. Needs model.d_cond=text
-    contrastive_g_coef: float = -1.0  # G's weight of the contrastive term on its fakes (-1 = contrastive_coef)
+    # re-encodes them every step; same-class captions are never negatives) and G's fakes are negatives for
+    # D's caption->image side. Needs model.d_cond=text
     class_coef: float = 0.0  # > 0: D gets a species classifier head trained on real images, and G is
-    # trained to make its fakes read as its caption's species (AC-GAN / TAC-GAN style; not in StackGAN).
+    # trained to make its fakes read as its caption's species (AC-GAN style; not in StackGAN).
     # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
-    class_g_coef: float = -1.0  # G's weight of the species terms on its fakes (-1 = class_coef; 0 = the
-    # head only shapes D's features: no pull on G towards one recognisable picture per species)
-    class_twin: bool = False  # with class_coef: TAC-GAN's twin species head (Gong et al. 2019), trained
-    # by D on G's fakes (class_coef); G's loss subtracts it (class_g_coef), cancelling the species head's pull
-    # towards one easy-to-classify picture per caption (the conditional mode collapse of AC-GAN)
-    diffaug_shift: int = 0  # > 0: every image D sees (real and fake) is shifted by up to this many
-    # pixels, differentiably (DiffAugment, translation only; stackgan.augment)
-    r1_gamma: float = 0.0  # > 0: R1 penalty gamma/2 * |grad_x D(x, text)|^2 on real matching pairs in D's
-    # step (Mescheder et al. 2018; not in StackGAN): D cannot grow arbitrarily sharp around real images
-    r1_every: int = 16  # lazy R1 (StyleGAN2): the penalty runs every N steps, weighted by N
-    ms_coef: float = 0.0  # > 0: mode-seeking term (MSGAN, Mao et al. 2019) in G's loss: coef / (mean
-    # |G(t, z1) - G(t, z2)| / mean |z1 - z2|), so G cannot ignore its noise (the species head's price)
-    ms_samples: int = 8  # captions per step that get a second sample for it (0 = the whole batch)
+    recon_coef: float = 0.0  # stage II: G also refines the real 64-px crops, and the L1 distance of that
+    # refinement to the real 256-px crop is in its loss (a super-resolution signal real images give for free)
 
 
 @dataclass
@@ -103,11 +80,7 @@ class OptimConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lr_decay_epochs: float = 50.0  # halve both LRs every this many epochs (0 = never)
-    lr_decay_factor: float = 0.5
-    ema_decay: float = 0.999  # EMA of G's weights used for sampling (0 = off)
-    ema_start: int = 0  # steps before EMA starts tracking (copies G until then)
-    ema_warmup: bool = True  # decay ramps up as min(ema_decay, (1 + n) / (10 + n)) (TF's rule)
-    fused: bool = True  # fused Adam (CPU and CUDA); false = the plain for-loop Adam
+    ema_decay: float = 0.999  # EMA of G's weights used for sampling (0 = off); ramps up as (1 + n) / (10 + n)
     grad_clip: float = 0.0  # clip grad norm of both nets (0 = off)
 
 
@@ -120,20 +93,17 @@ class TrainConfig:
     time_limit_min: float = 0.0  # stop (checkpoint + export) after this many minutes of training; 0 = none
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     backend: Literal["ddp", "deepspeed"] = "ddp"
-    channels_last: bool = True
-    channels_last_min_hw: int = 32  # CPU: layers on maps narrower than this stay NCHW (faster there); 0 = none. GPU: ignored
+    channels_last: bool = True  # CPU: maps narrower than 32 px stay NCHW (faster there; docs/performance.md)
     compile: bool = False  # torch.compile G and D
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (every batch has the same shape)
     log_every: int = 50  # status line, JSONL, TensorBoard scalars
-    diag_every: int = 200  # D(real/wrong/fake), grad norms, diversity score
-    sample_every: int = 500  # fixed-noise sample grid
-    ckpt_every: int = 1000
-    keep_last: int = 3  # checkpoints kept in run_dir/checkpoints
-    diversity_warn: float = 0.05  # warn when the diversity score falls below this
+    sample_every: int = 500  # fixed-noise sample grid, D(real/wrong/fake), grad norms, diversity score
+    ckpt_every: int = 1000  # the last 3 checkpoints are kept
     metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
     metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
     metrics_samples: int = 500  # generated images per split for the judge metrics
     judge: str = ""  # attribute judge file; "" = <shards>/judge.pt (trained there on first use)
-    tqdm: bool = True
 
 
 @dataclass
@@ -143,6 +113,63 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Options that are gone: key -> (the value that behaves as today, or None for any; why it went).
+# "retired" ones were measured no better (docs/quality.md, "Retired options", with the commit where
+# each last lived); the others became constants or part of another option. A checkpoint saved with
+# one of them set otherwise cannot continue as it was trained, and is refused (``changed_by_removal``).
+LAST_COMMIT = "7f4e420"
+_RETIRED = "retired"
+REMOVED: dict[str, tuple[object, str]] = {
+    "model.d_projection": (False, _RETIRED), "model.contrastive_spatial": (False, _RETIRED),
+    "model.d_uncond": (False, _RETIRED), "loss.contrastive_g_coef": (-1.0, _RETIRED),
+    "loss.class_g_coef": (-1.0, _RETIRED), "loss.class_twin": (False, _RETIRED),
+    "loss.diffaug_shift": (0, _RETIRED), "loss.r1_gamma": (0.0, _RETIRED), "loss.r1_every": (None, _RETIRED),
+    "loss.ms_coef": (0.0, _RETIRED), "loss.ms_samples": (None, _RETIRED), "optim.ema_start": (0, _RETIRED),
+    "data.split": ("train", "the train split is always streamed"),
+    "data.emb_mode": (None, "data.emb_k=1 is one caption, k > 1 the mean of k"),
+    "data.fixed_samples": (None, "sample grids show 8 captions"),
+    "model.text_dim": (None, "taken from the shards"),
+    "model.contrastive_dim": (None, "D's codes have 128 dims when loss.contrastive_coef > 0"),
+    "loss.uncond_coef": (1.0, "stage II's unconditional head has the official weight 1"),
+    "loss.contrastive_temp": (0.1, "the contrastive temperature is 0.1"),
+    "loss.contrastive_fakes": (None, "G's fakes are negatives whenever loss.contrastive_bank > 0"),
+    "optim.lr_decay_factor": (0.5, "learning rates halve every optim.lr_decay_epochs"),
+    "optim.ema_warmup": (True, "the EMA always warms up"),
+    "optim.fused": (None, "Adam is always fused"),
+    "train.channels_last_min_hw": (None, "32 on CPUs"),
+    "train.diag_every": (None, "diagnostics come with the sample grids (train.sample_every)"),
+    "train.diversity_warn": (None, "the collapse warning fires below a diversity of 0.05"),
+    "train.tqdm": (None, "a progress bar when stdout is a terminal"),
+    "train.keep_last": (None, "the last 3 checkpoints are kept"),
+}
+
+
+def removed_note(key: str) -> str:
+    same, why = REMOVED[key]
+    if why == _RETIRED:
+        return (f"{key} was retired: measured no better (docs/quality.md, 'Retired options'; "
+                f"last in commit {LAST_COMMIT})")
+    return f"{key} was removed: {why}"
+
+
+def changed_by_removal(saved: dict) -> list[str]:
+    """Notes on the removed options a saved config (a checkpoint's) had set to something that
+    today's code no longer does."""
+    notes = []
+    for key, (same, _) in REMOVED.items():
+        section, name = key.split(".")
+        sec = saved.get(section) or {}
+        if same is not None and name in sec and sec[name] != same:
+            notes.append(f"{removed_note(key)} (this run had {name}={sec[name]!r})")
+    return notes
+
+
+def drop_removed(saved: dict, section: str) -> dict:
+    """One section of a saved config without the keys that no longer exist (an old export's
+    ``model`` dict: none of them changed what a generator computes)."""
+    return {k: v for k, v in saved.items() if f"{section}.{k}" not in REMOVED}
 
 
 # --------------------------------------------------------------------------------------
@@ -214,6 +241,8 @@ def apply_updates(obj: Any, updates: dict, prefix: str = "") -> None:
     for k, v in updates.items():
         key = f"{prefix}{k}"
         if k not in names:
+            if key in REMOVED:
+                raise ConfigError(removed_note(key))
             raise ConfigError(f"unknown config key {key!r} (known here: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
@@ -272,23 +301,23 @@ def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...], what: str 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type annotation cannot express."""
     positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "model.z_dim": cfg.model.z_dim,
-        "model.cond_dim": cfg.model.cond_dim,
-        "model.gf_dim": cfg.model.gf_dim,
-        "model.df_dim": cfg.model.df_dim,
-        "train.log_every": cfg.train.log_every,
-        "train.diag_every": cfg.train.diag_every,
-        "train.sample_every": cfg.train.sample_every,
-        "train.ckpt_every": cfg.train.ckpt_every,
-        "train.keep_last": cfg.train.keep_last,
+        "data.batch_size": cfg.data.batch_size, "data.emb_k": cfg.data.emb_k,
+        "model.z_dim": cfg.model.z_dim, "model.cond_dim": cfg.model.cond_dim,
+        "model.gf_dim": cfg.model.gf_dim, "model.df_dim": cfg.model.df_dim,
+        "train.log_every": cfg.train.log_every, "train.sample_every": cfg.train.sample_every,
+        "train.ckpt_every": cfg.train.ckpt_every, "optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d,
     }
     for k, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{k} must be > 0, got {v}")
-    for k, v in {"optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d}.items():
         if not v > 0:
             raise ConfigError(f"{k} must be > 0, got {v}")
+    non_negative = {
+        "loss.contrastive_coef": cfg.loss.contrastive_coef, "loss.contrastive_bank": cfg.loss.contrastive_bank,
+        "loss.class_coef": cfg.loss.class_coef, "loss.recon_coef": cfg.loss.recon_coef,
+        "optim.grad_clip": cfg.optim.grad_clip, "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs,
+    }
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{k} must be >= 0, got {v}")
     if cfg.data.num_workers < -1:
         raise ConfigError(f"data.num_workers must be >= 0, or -1 (sized to the machine), got {cfg.data.num_workers}")
     if not 0 <= cfg.optim.ema_decay < 1:
@@ -297,53 +326,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.gf_dim must be divisible by 4 for stage II, got {cfg.model.gf_dim}")
     if cfg.model.stage == 1 and cfg.model.gf_dim % 2:
         raise ConfigError(f"model.gf_dim must be even, got {cfg.model.gf_dim}")
-    if cfg.model.contrastive_dim < 0 or cfg.loss.contrastive_coef < 0 or not cfg.loss.contrastive_temp > 0:
-        raise ConfigError("model.contrastive_dim and loss.contrastive_coef must be >= 0 and loss.contrastive_temp > 0")
-    if cfg.loss.contrastive_bank < 0:
-        raise ConfigError(f"loss.contrastive_bank must be >= 0, got {cfg.loss.contrastive_bank}")
     if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
         raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
-    if cfg.loss.class_coef < 0:
-        raise ConfigError(f"loss.class_coef must be >= 0, got {cfg.loss.class_coef}")
-    if cfg.loss.class_twin and not cfg.loss.class_coef > 0:
-        raise ConfigError("loss.class_twin=true needs loss.class_coef > 0 (the twin counters D's species head)")
-    if cfg.loss.class_g_coef < 0 and cfg.loss.class_g_coef != -1:
-        raise ConfigError(f"loss.class_g_coef must be >= 0, or -1 (= loss.class_coef), got {cfg.loss.class_g_coef}")
-    if cfg.loss.r1_gamma < 0:
-        raise ConfigError(f"loss.r1_gamma must be >= 0, got {cfg.loss.r1_gamma}")
-    if cfg.loss.r1_every < 1:
-        raise ConfigError(f"loss.r1_every must be >= 1, got {cfg.loss.r1_every}")
-    if cfg.loss.ms_coef < 0:
-        raise ConfigError(f"loss.ms_coef must be >= 0, got {cfg.loss.ms_coef}")
-    if cfg.loss.ms_samples == 1 or cfg.loss.ms_samples < 0:
-        raise ConfigError(f"loss.ms_samples must be 0 (the whole batch) or >= 2, got {cfg.loss.ms_samples}")
-    if cfg.loss.diffaug_shift < 0:
-        raise ConfigError(f"loss.diffaug_shift must be >= 0, got {cfg.loss.diffaug_shift}")
-    if cfg.loss.contrastive_g_coef < 0 and cfg.loss.contrastive_g_coef != -1:
-        raise ConfigError(f"loss.contrastive_g_coef must be >= 0, or -1 (= loss.contrastive_coef), "
-                          f"got {cfg.loss.contrastive_g_coef}")
-    if cfg.loss.contrastive_fakes and not cfg.loss.contrastive_coef > 0:
-        raise ConfigError("loss.contrastive_fakes=true needs loss.contrastive_coef > 0")
-    if cfg.loss.contrastive_coef > 0 and cfg.model.contrastive_dim == 0:
-        raise ConfigError(f"loss.contrastive_coef={cfg.loss.contrastive_coef} needs model.contrastive_dim > 0 "
-                          "(the size of D's image/text codes)")
-    if cfg.train.steps < 0 or cfg.train.epochs < 0:
-        raise ConfigError("train.steps and train.epochs must be >= 0")
+    if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
+        raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.steps or train.epochs")
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict) -> Config:
-    """Rebuild a config saved by :func:`to_dict` (checkpoints, exports), with checking."""
-    cfg = Config()
-    apply_updates(cfg, data)
-    validate(cfg)
-    return cfg
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     extra1 = [f"train.steps={a.stage1_steps}"] if a.stage1_steps else []
     timings["stage1"] = _run("stage1", [
         py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", f"data.shards={a.shards}",
-        f"train.run_dir={s1}", "train.tqdm=false", *extra1, *a.overrides], logs)
+        f"train.run_dir={s1}", *extra1, *a.overrides], logs)
 
     extra2 = [f"train.steps={a.stage2_steps}"] if a.stage2_steps else []
     timings["stage2"] = _run("stage2", [
         py, "-m", "stackgan.train", "--config", "configs/birds_stage2.yaml", f"data.shards={a.shards}",
-        f"train.run_dir={s2}", f"model.stage1_export={export1}", "train.tqdm=false", *extra2, *a.overrides], logs)
+        f"train.run_dir={s2}", f"model.stage1_export={export1}", *extra2, *a.overrides], logs)
 
     judge = Path(a.shards) / "judge.pt"
     metrics = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig, apply_updates, image_size
+from .config import ConfigError, ModelConfig, apply_updates, drop_removed, image_size
 
 FORMAT = "stackgan-export/1"
 
@@ -42,8 +42,9 @@ class ExportInfo:
 
 
 def _model_cfg(d: dict) -> ModelConfig:
+    """The model section of an export, also of one written before options were removed."""
     m = ModelConfig()
-    apply_updates(m, d, "model.")
+    apply_updates(m, drop_removed(d, "model"), "model.")
     return m
 
 

@@ -8,12 +8,8 @@ Official weights (StackGAN-Pytorch ``compute_discriminator_loss``)::
     stage I  (no uncond head):  errD = real + (wrong + fake) / 2
     stage II (uncond head):     errD = (real + u_real) / 2 + (fake + wrong + u_fake) / 3
 
-``uncond_coef`` (u) weighs the unconditional terms inside those two averages:
-``(real + u*u_real) / (1 + u) + (fake + wrong + u*u_fake) / (2 + u)``. At u = 1 this is
-exactly the official stage-II loss, at u = 0 exactly the stage-I one, so the balance
-between the real and the mismatched/fake side stays fixed. G (official
-``compute_generator_loss``): ``bce(fake, 1) + u * bce(u_fake, 1)``; the trainer adds
-``kl_coef * kl_loss(mu, logvar)``.
+G (official ``compute_generator_loss``): ``bce(fake, 1) + bce(u_fake, 1)``; the step adds
+``kl_coef * kl_loss(mu, logvar)`` and the recipe's terms (contrastive, species, recon).
 
 Hinge option: the same structure with ``relu(1 - x)`` for real terms and ``relu(1 + x)``
 for wrong/fake terms; G minimises ``-mean(fake) - u * mean(u_fake)``.
@@ -29,16 +25,17 @@ from torch import Tensor
 from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for the trainer)
 from stackgan.models import DOut
 
-__all__ = ["CaptionBank", "WrongPairs", "contrastive_loss", "d_loss", "diversity_score", "g_loss", "kl_loss",
-           "r1_penalty", "wrong_indices", "LOSS_KINDS", "WRONG_MODES"]
+__all__ = ["CaptionBank", "WrongPairs", "class_loss", "contrastive_loss", "d_loss", "diversity_score", "g_loss",
+           "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES", "TEMPERATURE"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
+TEMPERATURE = 0.1  # of the contrastive loss's similarities (XMC-GAN's value)
 
 
-def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None = None,
+def contrastive_loss(out: DOut, labels: Tensor | None = None,
                      bank: Tensor | None = None, bank_labels: Tensor | None = None,
-                     fake_codes: Tensor | None = None) -> Tensor:
+                     fake_codes: Tensor | None = None, temperature: float = TEMPERATURE) -> Tensor:
     """Symmetric InfoNCE between D's image and text codes of a batch: each image must pick
     its own caption among the batch's captions, and each caption its own image. It rewards
     what the matching-aware loss only samples once per image (one wrong caption), so on fakes
@@ -52,7 +49,7 @@ def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None 
     of generated images, extra negatives for the caption->image side, so D's code prefers a
     real image to G's image of the same caption (the matching-aware idea in code space)."""
     if out.img_code is None or out.txt_code is None:
-        raise ValueError("contrastive_loss: D has no code heads (set model.contrastive_dim > 0)")
+        raise ValueError("contrastive_loss: D has no code heads (set loss.contrastive_coef > 0)")
     img = out.img_code.float()
     logits = img @ out.txt_code.float().t() / temperature
     target = torch.arange(len(logits), device=logits.device)
@@ -72,42 +69,31 @@ def contrastive_loss(out: DOut, temperature: float = 0.1, labels: Tensor | None 
     return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
 
 
-def mode_seeking_loss(fake_a: Tensor, fake_b: Tensor, z_a: Tensor, z_b: Tensor, eps: float = 1e-5) -> Tensor:
-    """MSGAN's mode-seeking term (Mao et al. 2019) for G: ``1 / (d_img / d_z + eps)`` with
-    ``d`` the mean absolute difference of two samples of the same captions and their noise.
-
-    A conditional G with a strong class signal (``loss.class_coef``) learns to ignore its noise
-    and draws one picture per caption; this term grows as the two samples of a caption
-    approach each other, so G pays for dropping modes. Images are compared as they are (B, C,
-    H, W), noise as (B, Z); both pairs must match in shape."""
-    if fake_a.shape != fake_b.shape or z_a.shape != z_b.shape or len(fake_a) != len(z_a):
-        raise ValueError(f"mode_seeking_loss: pairs must match: images {tuple(fake_a.shape)} / {tuple(fake_b.shape)}, "
-                         f"noise {tuple(z_a.shape)} / {tuple(z_b.shape)}")
-    ratio = (fake_a.float() - fake_b.float()).abs().mean() / (z_a.float() - z_b.float()).abs().mean()
-    return 1.0 / (ratio + eps)
-
-
-def class_loss(out: DOut, targets: Tensor, twin: bool = False) -> Tensor:
-    """Cross-entropy of D's species head (``model`` built with classes; ``loss.class_coef``).
+def class_loss(out: DOut, targets: Tensor) -> Tensor:
+    """Cross-entropy of D's species head (``loss.class_coef``).
 
     On real images it trains D to name the species; on G's fakes it asks G to draw the species
     its caption belongs to. A caption states two to four parts; the species fixes the others,
     and real images of a species show all of them, so only this signal tells G what the
-    unstated parts look like (AC-GAN, Odena et al. 2017; TAC-GAN, Dash et al. 2017). D's head
-    is trained on real images only: trained on fakes too, it rewards G for easy-to-classify
-    images rather than for the species' real look.
+    unstated parts look like (AC-GAN, Odena et al. 2017). D's head is trained on real images
+    only: trained on fakes too, it rewards G for easy-to-classify images rather than for the
+    species' real look. Its price is variety (docs/quality.md)."""
+    if out.cls_logits is None:
+        raise ValueError("class_loss: D has no species head (set loss.class_coef > 0)")
+    if targets.dim() != 1 or len(targets) != len(out.cls_logits):
+        raise ValueError(f"class_loss: targets must be ({len(out.cls_logits)},) class indices, "
+                         f"got {tuple(targets.shape)}")
+    return F.cross_entropy(out.cls_logits.float(), targets)
 
-    ``twin``: the same loss on the twin head (``loss.class_twin``; TAC-GAN, Gong et al. 2019),
-    which D trains on G's fakes. G's loss subtracts it: minimising the species loss alone also
-    minimises the species' entropy given the image, so G draws the one most recognisable
-    picture of each species; the twin's term cancels that part."""
-    logits = out.twin_logits if twin else out.cls_logits
-    if logits is None:
-        raise ValueError("class_loss: D has no " + ("twin species head (set loss.class_twin=true)" if twin
-                                                    else "species head (set loss.class_coef > 0)"))
-    if targets.dim() != 1 or len(targets) != len(logits):
-        raise ValueError(f"class_loss: targets must be ({len(logits)},) class indices, got {tuple(targets.shape)}")
-    return F.cross_entropy(logits.float(), targets)
+
+def recon_loss(refined: Tensor, real: Tensor) -> Tensor:
+    """Stage II (``loss.recon_coef``): mean L1 between G's refinement of the real 64-px crops
+    and the real 256-px crops they were downsampled from. Real images give stage II paired
+    examples of what a 64-px bird looks like at 256 px, a signal its adversarial loss alone
+    finds slowly (super-resolution GANs pair the two the same way)."""
+    if refined.shape != real.shape:
+        raise ValueError(f"recon_loss: shapes differ: {tuple(refined.shape)} vs {tuple(real.shape)}")
+    return (refined.float() - real.float()).abs().mean()
 
 
 class CaptionBank:
@@ -230,7 +216,7 @@ def _score(x: Tensor, kind: str) -> Tensor:
     return (torch.sigmoid(x) if kind == "bce" else x).mean()
 
 
-def d_loss(real: DOut, fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+def d_loss(real: DOut, fake: DOut, kind: str = "bce") -> tuple[Tensor, dict[str, Tensor]]:
     """Matching-aware discriminator loss over real / wrong / fake pairs.
 
     ``real`` = D(real images, their condition, wrong_cond=...) so ``real.wrong`` holds the
@@ -244,8 +230,6 @@ def d_loss(real: DOut, fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) 
         raise ValueError("d_loss: real.wrong is None; run D(real_img, cond, wrong_cond=cond[idx]) for the real batch")
     if (real.uncond is None) != (fake.uncond is None):
         raise ValueError("d_loss: real and fake outputs must both have, or both lack, unconditional logits")
-    if uncond_coef < 0:
-        raise ValueError(f"d_loss: uncond_coef must be >= 0, got {uncond_coef}")
     parts = {
         "loss_real": _pos(real.cond, kind),
         "loss_wrong": _neg(real.wrong, kind),
@@ -255,45 +239,25 @@ def d_loss(real: DOut, fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) 
     if real.uncond is None:
         loss = parts["loss_real"] + (parts["loss_wrong"] + parts["loss_fake"]) / 2
     else:
-        u = float(uncond_coef)
         parts["loss_uncond_real"] = _pos(real.uncond, kind)
         parts["loss_uncond_fake"] = _neg(fake.uncond, kind)
         stats["d_uncond_real"] = _score(real.uncond, kind)
         stats["d_uncond_fake"] = _score(fake.uncond, kind)
-        loss = (parts["loss_real"] + u * parts["loss_uncond_real"]) / (1 + u) + (
-            parts["loss_fake"] + parts["loss_wrong"] + u * parts["loss_uncond_fake"]
-        ) / (2 + u)
+        loss = (parts["loss_real"] + parts["loss_uncond_real"]) / 2 + (
+            parts["loss_fake"] + parts["loss_wrong"] + parts["loss_uncond_fake"]
+        ) / 3
     stats.update({k: v.detach() for k, v in parts.items()})
     return loss, stats
 
 
-def r1_penalty(real_in: Tensor, real: DOut) -> Tensor:
-    """R1: mean over the batch of |d D(x, text) / dx|^2 at real images with their own text.
-
-    ``real_in`` is the real batch as a leaf that requires grad, and ``real`` D's output on
-    it; the gradient is of the matching-pair logit (plus the unconditional one where D has
-    it), taken with ``create_graph`` so the penalty trains D. Zero-centred on real data
-    (Mescheder et al. 2018): D is kept from growing arbitrarily sharp where real images are.
-    """
-    if not real_in.requires_grad:
-        raise ValueError("r1_penalty: real_in must require grad (x.detach().requires_grad_(True) before D)")
-    logits = real.cond.float().sum()
-    if real.uncond is not None:
-        logits = logits + real.uncond.float().sum()
-    (grad,) = torch.autograd.grad(logits, real_in, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(1).mean()
-
-
-def g_loss(fake: DOut, kind: str = "bce", uncond_coef: float = 1.0) -> Tensor:
-    """Adversarial generator loss (without the KL term, which the trainer adds)."""
+def g_loss(fake: DOut, kind: str = "bce") -> Tensor:
+    """Adversarial generator loss (without the KL term, which the step adds)."""
     _check_kind(kind)
-    if uncond_coef < 0:
-        raise ValueError(f"g_loss: uncond_coef must be >= 0, got {uncond_coef}")
 
     def term(x: Tensor) -> Tensor:
         return _pos(x, kind) if kind == "bce" else -x.float().mean()
 
     loss = term(fake.cond)
     if fake.uncond is not None:
-        loss = loss + uncond_coef * term(fake.uncond)
+        loss = loss + term(fake.uncond)
     return loss

@@ -46,6 +46,7 @@ from stackgan.config import ModelConfig, image_size
 
 __all__ = [
     "CANet",
+    "CODE_DIM",
     "DOut",
     "UpsampleConv3x3",
     "Stage1D",
@@ -127,6 +128,31 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.block(x) + x)
+
+
+def film_layers(cond_dim: int, upsample: nn.Sequential) -> nn.ModuleList:
+    """``model.g_film`` (not in StackGAN, which feeds the condition only into G's first layer):
+    one linear map per up-block giving a scale and shift of its normalised map,
+    ``h * (1 + g(c)) + b(c)`` (feature-wise modulation, as conditional BN / DF-GAN), so every
+    scale sees the text."""
+    return nn.ModuleList(nn.Linear(cond_dim, 2 * block[1].out_channels) for block in upsample)
+
+
+def zero_film(film: nn.ModuleList | None) -> None:
+    """Start the modulation at zero: the generator begins as the plain one (after init_weights)."""
+    for m in film or ():
+        nn.init.zeros_(m.weight)
+
+
+def up_with_film(upsample: nn.Sequential, film: nn.ModuleList | None, h: Tensor, c: Tensor) -> Tensor:
+    """Run the up-blocks, each modulated by the condition ``c`` when ``film`` is given."""
+    if film is None:
+        return upsample(h)
+    for (_, conv, bn, relu), lin in zip(upsample, film):
+        h = bn(conv(h))
+        scale, shift = lin(c).to(h.dtype)[:, :, None, None].chunk(2, 1)
+        h = relu(h * (1 + scale) + shift)
+    return h
 
 
 def init_weights(module: nn.Module) -> None:
@@ -214,29 +240,16 @@ class Stage1G(nn.Module):
             up_block(ngf // 8, ngf // 16),  # 64x64
         )
         self.img = nn.Sequential(conv3x3(ngf // 16, 3), nn.Tanh())
-        # film (not in StackGAN, which feeds the condition only into the first layer): every
-        # up-block's normalised map is scaled and shifted by the condition, h * (1 + g(c)) + b(c)
-        # (feature-wise modulation, as conditional BN / DF-GAN), so each scale sees the text
-        self.film = (nn.ModuleList(nn.Linear(cond_dim, 2 * ngf // 2 ** k) for k in range(1, 5))
-                     if film else None)
+        self.film = film_layers(cond_dim, self.upsample) if film else None
         init_weights(self)
-        if self.film is not None:  # start as the plain generator
-            for m in self.film:
-                nn.init.zeros_(m.weight)
+        zero_film(self.film)
 
     def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _check_input("Stage1G emb", emb, (None, self.text_dim))
         _check_input("Stage1G z", z, (emb.shape[0], self.z_dim))
         c, mu, logvar = self.ca_net(emb)
         h = self.fc(torch.cat((z, c), 1))  # official order: (noise, c_code)
-        h = h.view(-1, self.ngf, 4, 4)
-        if self.film is None:
-            h = self.upsample(h)
-        else:
-            for (_, conv, bn, relu), film in zip(self.upsample, self.film):
-                h = bn(conv(h))
-                scale, shift = film(c).to(h.dtype)[:, :, None, None].chunk(2, 1)
-                h = relu(h * (1 + scale) + shift)
+        h = up_with_film(self.upsample, self.film, h.view(-1, self.ngf, 4, 4), c)
         return self.img(h), mu, logvar
 
 
@@ -245,12 +258,20 @@ class Stage2G(nn.Module):
 
     The Stage-I generator is frozen here: its parameters stop requiring grad, it stays in
     eval mode whatever ``train()`` is called with, and it runs under ``no_grad``.
+
+    ``upsample_skip`` (``model.upsample_skip``, not in StackGAN): the output is the stage-I
+    image upsampled bicubically plus a correction G draws, ``tanh(atanh(up) + r)`` with the
+    last convolution starting at zero, so stage II starts exactly at the baseline it has to
+    beat and only learns what the 64-px image lacks. The official G draws a new image from
+    its 16x16 code, which must first relearn the whole bird (docs/quality.md, "Stage II").
+    ``film`` (``model.g_film``): the condition modulates every up-block, as in stage I.
     """
 
     image_size = 256
 
     def __init__(self, stage1: Stage1G, text_dim: int, cond_dim: int = 128, gf_dim: int = 128,
-                 r_num: int = 4, emb_scale: float = 1.0, ca_act: str = "relu"):
+                 r_num: int = 4, emb_scale: float = 1.0, ca_act: str = "relu", film: bool = False,
+                 upsample_skip: bool = False):
         super().__init__()
         if not isinstance(stage1, Stage1G):
             raise TypeError(f"Stage2G: stage1 must be a Stage1G, got {type(stage1).__name__}")
@@ -263,7 +284,7 @@ class Stage2G(nn.Module):
         if cond_dim <= 0 or r_num < 0:
             raise ValueError(f"Stage2G: need cond_dim > 0 and r_num >= 0, got {cond_dim}, {r_num}")
         self.text_dim, self.z_dim, self.cond_dim = text_dim, stage1.z_dim, cond_dim
-        self.gf_dim, self.r_num = gf_dim, r_num
+        self.gf_dim, self.r_num, self.upsample_skip = gf_dim, r_num, upsample_skip
         ngf = gf_dim
         self.ca_net = CANet(text_dim, cond_dim, emb_scale, ca_act)
         self.encoder = nn.Sequential(
@@ -288,8 +309,12 @@ class Stage2G(nn.Module):
             up_block(ngf, ngf // 2),  # 128
             up_block(ngf // 2, ngf // 4),  # 256
         )
-        self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Tanh())
+        self.film = film_layers(cond_dim, self.upsample) if film else None
+        self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Identity() if upsample_skip else nn.Tanh())
         init_weights(self)  # before attaching stage1, so its loaded weights are untouched
+        zero_film(self.film)
+        if upsample_skip:
+            nn.init.zeros_(self.img[0].weight)
         stage1.requires_grad_(False)
         stage1.eval()
         self.stage1 = stage1
@@ -304,25 +329,36 @@ class Stage2G(nn.Module):
         """The frozen Stage-I image (B, 3, 64, 64) for (emb, z), without autograd history."""
         return self.stage1(emb, z)[0].detach()
 
-    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        low = self.low_res(emb, z)  # checks emb and z
+    def forward(self, emb: Tensor, z: Tensor | None, low: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """256-px images for (emb, z); ``low`` (B, 3, 64, 64) replaces the stage-I images (the
+        real 64-px crops of ``loss.recon_coef``), and ``z`` is then not needed."""
+        if low is None:
+            low = self.low_res(emb, z)  # checks emb and z
+        else:
+            _check_input("Stage2G emb", emb, (None, self.text_dim))
+            _check_input("Stage2G low", low, (emb.shape[0], 3, 64, 64))
         c, mu, logvar = self.ca_net(emb)
         h = self.encoder(low)
-        c = c.view(-1, self.cond_dim, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
-        h = self.hr_joint(torch.cat((h, c), 1))
-        h = self.upsample(self.residual(h))
-        return self.img(h), mu, logvar
+        cmap = c.view(-1, self.cond_dim, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
+        h = self.hr_joint(torch.cat((h, cmap.to(h.dtype)), 1))
+        h = up_with_film(self.upsample, self.film, self.residual(h), c)
+        if not self.upsample_skip:
+            return self.img(h), mu, logvar
+        base = F.interpolate(low.float(), scale_factor=4, mode="bicubic", align_corners=False)
+        return torch.tanh(torch.atanh(base.clamp(-0.99, 0.99)) + self.img(h).float()), mu, logvar
 
 
 # --------------------------------------------------------------------------------------
 # Discriminators
 # --------------------------------------------------------------------------------------
+CODE_DIM = 128  # size of D's image and text codes for the contrastive loss (loss.contrastive_coef)
+
+
 class DOut(NamedTuple):
     """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs;
-    with a contrastive head (``model.contrastive_dim``) also the unit-norm image and text
-    codes, each (B, contrastive_dim), for :func:`stackgan.losses.contrastive_loss`; with a
-    species head (``num_classes``) its logits, (B, num_classes), for ``class_loss``, and with
-    the twin head (``class_twin``) the twin's logits, same shape."""
+    with the code heads (``code_dim``) also the unit-norm image and text codes, each (B,
+    code_dim), for :func:`stackgan.losses.contrastive_loss`; with a species head
+    (``num_classes``) its logits, (B, num_classes), for ``class_loss``."""
 
     cond: Tensor
     uncond: Tensor | None = None
@@ -330,7 +366,6 @@ class DOut(NamedTuple):
     img_code: Tensor | None = None
     txt_code: Tensor | None = None
     cls_logits: Tensor | None = None
-    twin_logits: Tensor | None = None
 
 
 def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
@@ -364,14 +399,21 @@ class DLogits(nn.Module):
 
 
 class _Discriminator(nn.Module):
-    image_size: int
+    """The official heads on a stage's image encoder, plus two optional heads on its pooled
+    4x4 code (both off by default): image/text codes whose batch similarities train both nets
+    to tell which caption an image belongs to (``code_dim``; XMC-GAN style), and a species
+    classifier (``num_classes``; AC-GAN)."""
 
-    def __init__(self, df_dim: int, cond_dim: int, spectral_norm: bool, uncond: bool,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 contrastive_spatial: bool = False, num_classes: int = 0, class_twin: bool = False):
+    image_size: int
+    uncond: bool  # stage II's unconditional (realism only) head
+
+    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False, text_dim: int = 0,
+                 emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0):
         super().__init__()
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
+        if code_dim < 0 or num_classes < 0:
+            raise ValueError(f"{type(self).__name__}: code_dim and num_classes must be >= 0")
         self.df_dim, self.cond_dim, self.spectral_norm = df_dim, cond_dim, spectral_norm
         # text_dim > 0: D embeds the raw text itself (official TensorFlow StackGAN) instead of
         # taking G's CA mean mu (official PyTorch), which the KL term keeps pulling towards 0
@@ -381,24 +423,10 @@ class _Discriminator(nn.Module):
         self.in_dim = text_dim if text_dim > 0 else cond_dim
         self.encode_img = nn.Sequential(*self._encoder(df_dim, not spectral_norm, spectral_norm))
         self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm)
-        self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if uncond else None
-        # Options beyond the official heads (both off by default), on the pooled 4x4 image code:
-        # projection (Miyato & Koyama 2018): + <W h, cond> added to the conditional logit;
-        # contrastive (XMC-GAN style): image and text codes on the unit sphere whose batch
-        # similarities train both nets to tell which caption an image belongs to.
-        self.proj = nn.Linear(cond_dim, df_dim * 8, bias=False) if projection else None
-        # contrastive_spatial: the image code reads the whole 4x4 map, not its mean, so it can
-        # tell a red crown from a red tail (where a colour is, not only which colours there are)
-        self.contrastive_spatial = contrastive_spatial
-        code_in = df_dim * 8 * (16 if contrastive_spatial else 1)
-        self.img_code = nn.Linear(code_in, contrastive_dim) if contrastive_dim > 0 else None
-        self.txt_code = nn.Linear(cond_dim, contrastive_dim) if contrastive_dim > 0 else None
-        # num_classes > 0 (loss.class_coef): a species classifier on the pooled code (AC-GAN)
+        self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if self.uncond else None
+        self.img_code = nn.Linear(df_dim * 8, code_dim) if code_dim > 0 else None
+        self.txt_code = nn.Linear(cond_dim, code_dim) if code_dim > 0 else None
         self.classify = nn.Linear(df_dim * 8, num_classes) if num_classes > 0 else None
-        # class_twin (loss.class_twin): TAC-GAN's twin head, trained on G's fakes
-        if class_twin and num_classes <= 0:
-            raise ValueError(f"{type(self).__name__}: class_twin needs num_classes > 0")
-        self.classify_twin = nn.Linear(df_dim * 8, num_classes) if class_twin else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
             for m in list(self.modules()):
@@ -421,44 +449,31 @@ class _Discriminator(nn.Module):
         cond_logits = self.get_cond_logits(h, cond)
         wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
         uncond = None if self.get_uncond_logits is None else self.get_uncond_logits(h)
-        img_code = txt_code = cls_logits = twin_logits = None
-        if self.proj is not None or self.img_code is not None or self.classify is not None:
+        img_code = txt_code = cls_logits = None
+        if self.img_code is not None or self.classify is not None:
             pooled = h.float().mean((2, 3))
-            if self.proj is not None:
-                cond_logits = cond_logits + (pooled * self.proj(cond.float())).sum(1)
-                if wrong is not None:
-                    wrong = wrong + (pooled * self.proj(wrong_cond.float())).sum(1)
             if self.img_code is not None:
-                img_code = F.normalize(self.img_code(h.float().flatten(1) if self.contrastive_spatial else pooled), dim=1)
+                img_code = F.normalize(self.img_code(pooled), dim=1)
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
             if self.classify is not None:
                 cls_logits = self.classify(pooled)
-            if self.classify_twin is not None:
-                twin_logits = self.classify_twin(pooled)
-        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, twin_logits)
+        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits)
 
     def text_codes(self, text: Tensor) -> Tensor:
         """Unit text codes of raw text embeddings (N, text_dim), as ``forward`` makes them:
         the contrastive loss's extra negative captions (``loss.contrastive_bank``)."""
         if self.txt_code is None or self.text_proj is None:
-            raise ValueError(f"{type(self).__name__}.text_codes needs model.contrastive_dim > 0 and model.d_cond=text")
+            raise ValueError(f"{type(self).__name__}.text_codes needs loss.contrastive_coef > 0 and model.d_cond=text")
         _check_input(f"{type(self).__name__}.text_codes text", text, (None, self.in_dim))
         return F.normalize(self.txt_code(self.text_proj(text * self.emb_scale).float()), dim=1)
 
 
 class Stage1D(_Discriminator):
-    """64x64 image + condition -> logits; conditional head only (as the official), and with
-    ``uncond`` (``model.d_uncond``) also stage II's unconditional realism head (StackGAN-v2)."""
+    """64x64 image + condition -> conditional logits (the official stage-I D has no
+    unconditional head)."""
 
     image_size = 64
-
-    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 uncond: bool = False, contrastive_spatial: bool = False, num_classes: int = 0,
-                 class_twin: bool = False):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=uncond, text_dim=text_dim, emb_scale=emb_scale,
-                         projection=projection, contrastive_dim=contrastive_dim,
-                         contrastive_spatial=contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
+    uncond = False
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -474,13 +489,7 @@ class Stage2D(_Discriminator):
     """256x256 image + condition -> conditional and unconditional logits."""
 
     image_size = 256
-
-    def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False,
-                 text_dim: int = 0, emb_scale: float = 1.0, projection: bool = False, contrastive_dim: int = 0,
-                 contrastive_spatial: bool = False, num_classes: int = 0, class_twin: bool = False):
-        super().__init__(df_dim, cond_dim, spectral_norm, uncond=True, text_dim=text_dim, emb_scale=emb_scale,
-                         projection=projection, contrastive_dim=contrastive_dim,
-                         contrastive_spatial=contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
+    uncond = True
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         return [
@@ -514,8 +523,6 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     stage = _stage(mcfg)
     if text_dim <= 0:
         raise ValueError(f"build_generator: text_dim must be > 0 (resolve it from the shards), got {text_dim}")
-    if mcfg.text_dim not in (0, text_dim):
-        raise ValueError(f"model.text_dim={mcfg.text_dim} does not match the text embeddings' dim {text_dim}")
     if stage == 1:
         if stage1 is not None:
             raise ValueError("build_generator: stage1 is only used for model.stage=2")
@@ -527,26 +534,17 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     if stage1.z_dim != mcfg.z_dim:
         raise ValueError(f"model.z_dim={mcfg.z_dim} differs from the stage-I generator's z_dim {stage1.z_dim}")
     return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale,
-                   ca_act=mcfg.ca_act)
+                   ca_act=mcfg.ca_act, film=mcfg.g_film, upsample_skip=mcfg.upsample_skip)
 
 
-def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, num_classes: int = 0,
-                        class_twin: bool = False) -> nn.Module:
+def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0, num_classes: int = 0) -> nn.Module:
     """Stage-I or Stage-II discriminator. Its condition input is G's ``mu`` (cond_dim) when
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text".
-    ``num_classes`` > 0 adds the species head (the trainer passes the training split's classes
-    when ``loss.class_coef`` > 0); ``class_twin`` its TAC-GAN twin (``loss.class_twin``)."""
+    ``code_dim`` > 0 adds the contrastive code heads (the trainer passes :data:`CODE_DIM` when
+    ``loss.contrastive_coef`` > 0), ``num_classes`` > 0 the species head (``loss.class_coef``)."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
-    if num_classes < 0:
-        raise ValueError(f"build_discriminator: num_classes must be >= 0, got {num_classes}")
-    extra = dict(projection=mcfg.d_projection, contrastive_dim=mcfg.contrastive_dim,
-                 contrastive_spatial=mcfg.contrastive_spatial, num_classes=num_classes, class_twin=class_twin)
-    if cls is Stage1D:
-        extra["uncond"] = mcfg.d_uncond
-    if mcfg.d_cond == "text":
-        if text_dim <= 0:
-            raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
-        return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim, emb_scale=mcfg.emb_scale,
-                   **extra)
-    return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, **extra)
+    if mcfg.d_cond == "text" and text_dim <= 0:
+        raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
+    return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim if mcfg.d_cond == "text" else 0,
+               emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes)

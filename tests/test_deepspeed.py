@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
 
 STEPS = 10
 COMMON = [*TINY, f"train.steps={STEPS}", "train.channels_last=false", "train.log_every=1",
-          "train.sample_every=100", "train.keep_last=5"]
+          "train.sample_every=100"]
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 

@@ -147,14 +147,14 @@ def test_chain_runs_stage2_after_a_preempted_stage1(slurm_cluster, tiny_shards, 
 
 @pytest.mark.slurm
 def test_chain_with_a_failed_stage1_never_starts_stage2(slurm_cluster, tiny_shards, tmp_path, cluster_yaml):  # noqa: F811
-    # model.text_dim=7 passes the launcher's checks but the trainer refuses it (the shards hold 384-d)
+    # an unknown metric passes the launcher's checks but the trainer refuses it before training
     p = launcher("train_chain.py", "--cluster", str(cluster_yaml), "--cluster-set", "train.nodes=1", "--wait",
                  "--set", f"data.shards={tiny_shards}", *TINY,
-                 "--stage1-set", f"train.run_dir={tmp_path / 's1'}", "model.text_dim=7", "train.steps=3",
+                 "--stage1-set", f"train.run_dir={tmp_path / 's1'}", "train.metrics=nonsense", "train.steps=3",
                  "--stage2-set", f"train.run_dir={tmp_path / 's2'}", "train.steps=3", timeout=300)
     assert p.returncode == 1, p.stdout + p.stderr
     rows = {line.split()[0]: line for line in p.stdout.splitlines() if line.startswith("stage")}
-    assert " FAILED " in rows["stage1"] and "model.text_dim=7 but" in rows["stage1"], p.stdout
+    assert " FAILED " in rows["stage1"] and "unknown metric" in rows["stage1"], p.stdout
     assert " CANCELLED " in rows["stage2"] and "never started" in rows["stage2"], p.stdout
     assert not (tmp_path / "s2").exists()  # stage II never ran
 

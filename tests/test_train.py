@@ -19,8 +19,7 @@ from stackgan.export import load_generator, read_export
 from .conftest import ROOT, run_cmd
 
 TINY = ["model.gf_dim=16", "model.df_dim=8", "model.z_dim=16", "model.cond_dim=16", "model.r_num=1",
-        "data.batch_size=4", "data.num_workers=0", "data.fixed_samples=2",
-        "train.log_every=2", "train.diag_every=4", "train.sample_every=5", "train.tqdm=false",
+        "data.batch_size=4", "data.num_workers=0", "train.log_every=2", "train.sample_every=5",
         "optim.ema_decay=0.9"]
 
 
@@ -58,14 +57,14 @@ def assert_same_state(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 def test_stage1_then_stage2(tiny_shards, tmp_path):
     s1 = tmp_path / "s1"
-    p = run_cmd(train_args(tiny_shards, s1, "train.steps=10", "train.ckpt_every=4", "train.keep_last=2",
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=10", "train.ckpt_every=3",
                            "train.metrics=diversity", "train.metrics_every=5"))
     assert p.returncode == 0, p.stderr[-3000:]
     # run folder: resolved config, logs, TensorBoard, grids, kept checkpoints, export, marker
     assert (s1 / "config.yaml").is_file() and (s1 / "COMPLETE").is_file()
     assert (s1 / "samples" / "reals.png").is_file() and (s1 / "samples" / "step-00000010.png").is_file()
     assert list((s1 / "tb").iterdir())
-    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000008", "step-00000010"]
+    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000006", "step-00000009", "step-00000010"]  # last 3
     recs = log_records(s1)
     steps = [r["step"] for r in recs if "loss_d" in r]
     assert steps == [2, 4, 6, 8, 10]
@@ -81,7 +80,7 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
     # resuming a run folder with other networks is refused clearly, and loses nothing
     p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32"))
     assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]
-    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000008", "step-00000010"]
+    assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000006", "step-00000009", "step-00000010"]
 
     s2 = tmp_path / "s2"
     export1 = s1 / "export" / "generator.pt"
@@ -102,7 +101,7 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_after_sigkill(tiny_shards, tmp_path, workers):
     n = 8
-    common = [f"train.steps={2 * n}", f"train.ckpt_every={n}", f"data.num_workers={workers}", "train.keep_last=5"]
+    common = [f"train.steps={2 * n}", f"train.ckpt_every={n}", f"data.num_workers={workers}"]
     ref = tmp_path / "ref"
     p = run_cmd(train_args(tiny_shards, ref, *common))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -144,8 +143,8 @@ def test_sigterm_saves_and_exits_for_requeue(tiny_shards, tmp_path):
 
 
 def test_bad_input_exits_2_before_training(tiny_shards, tmp_path):
-    p = run_cmd(train_args(tiny_shards, tmp_path / "x", "model.text_dim=1024", "train.steps=2"))
-    assert p.returncode == 2 and "text_dim" in p.stderr
+    p = run_cmd(train_args(tiny_shards, tmp_path / "x", "loss.ms_coef=1", "train.steps=2"))
+    assert p.returncode == 2 and "loss.ms_coef was retired" in p.stderr and "docs/quality.md" in p.stderr
     p = run_cmd(train_args(tiny_shards, tmp_path / "x", "train.metrics=diversity,nonsense", "train.steps=2"))
     assert p.returncode == 2 and "nonsense" in p.stderr
     p = run_cmd(train_args(tmp_path / "nowhere", tmp_path / "y", "train.steps=2"))
@@ -164,30 +163,36 @@ def test_bf16_autocast_on_cpu(tiny_shards, tmp_path):
     assert len(recs) == 2 and all(abs(r["loss_d"]) < 1e4 and abs(r["loss_g"]) < 1e4 for r in recs)
 
 
-def test_contrastive_and_projection_options_train(tiny_shards, tmp_path):
+def test_recipe_options_train(tiny_shards, tmp_path):
     run = tmp_path / "con"
-    p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "model.d_projection=true",
-                           "model.contrastive_dim=8", "loss.contrastive_coef=1.0", "model.d_cond=text",
-                           "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "model.d_uncond=true",
-                           "loss.diffaug_shift=2", "loss.contrastive_g_coef=0.5", "loss.class_coef=1",
-                           "loss.class_twin=true",
-                           "loss.r1_gamma=1", "loss.r1_every=2", "loss.ms_coef=1", "loss.ms_samples=2"))
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "loss.contrastive_coef=1.0",
+                           "model.d_cond=text", "loss.contrastive_bank=16", "loss.class_coef=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
-    assert all(0 < r["loss_twin_d"] < 10 and 0 < r["loss_twin_fake"] < 10 for r in recs)
-    assert [r["step"] for r in recs if "loss_r1" in r] == [1, 3] and all(r["loss_r1"] > 0 for r in recs[::2])
-    assert all(0 < r["loss_ms"] < 1e4 for r in recs)  # two samples of a caption differ
     state = final_state(run)
     n_train = len(load_metadata(tiny_shards).splits["train"].classes)
     assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
-    assert state["D"]["classify_twin.weight"].shape == state["D"]["classify.weight"].shape
-    assert "proj.weight" in state["D"] and "get_uncond_logits.outlogits.0.weight" in state["D"]
-    assert all(0 < r["d_uncond_real"] < 1 for r in recs)
+    assert state["D"]["img_code.weight"].shape[0] == 128
     bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
     assert bank["n"] == 12 and (bank["cls"][:12] >= 0).all()  # 3 batches of 4, kept for a resume
+
+
+def test_checkpoint_with_a_retired_option_is_refused(tiny_shards, tmp_path):
+    """A run whose saved config used an option that no longer exists cannot silently continue
+    without it; the checkpoint is left as it was."""
+    run = tmp_path / "old"
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=2", "train.ckpt_every=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    path = ckpt.latest(run)
+    state = torch.load(path / "state.pt", weights_only=False)
+    state["config"]["loss"]["r1_gamma"] = 1.0  # as a run of an earlier version would have saved it
+    torch.save(state, path / "state.pt")
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=4"))
+    assert p.returncode == 2 and "loss.r1_gamma was retired" in p.stderr and "r1_gamma=1.0" in p.stderr, p.stderr
+    assert ckpt.latest(run) == path
 
 
 def test_fp16_on_cpu_says_it_runs_fp32(tiny_shards, tmp_path):
@@ -202,11 +207,8 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
     args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
             "--main_process_port", "29561", "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
             f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=6", "train.ckpt_every=3",
-            "loss.contrastive_bank=8", "loss.contrastive_fakes=true",  # each rank's own bank, D still in sync
-            "loss.class_coef=1",  # the species head is used on real images only, yet reduced in sync
-            "loss.class_twin=true",  # and its twin on fakes only
-            "loss.r1_gamma=1", "loss.r1_every=2",  # R1's double backward through DDP's D
-            "loss.ms_coef=1"]  # G called on the batch plus second samples, one backward
+            "loss.contrastive_bank=8",  # each rank's own bank, D still in sync
+            "loss.class_coef=1"]  # the species head is used on real images only, yet reduced in sync
     p = run_cmd(args, env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     fin = [r for r in log_records(run) if r.get("event") == "finished"]
@@ -219,7 +221,7 @@ def test_two_processes_accelerate_launch(tiny_shards, tmp_path):
 def test_loader_workers_fit_the_machine(monkeypatch):
     """-1 sizes the loader from the CPUs this process may use, shared by the node's processes;
     an explicit count is kept."""
-    from stackgan.train import loader_workers
+    from stackgan.run import loader_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     for k in ("SLURM_STEP_ID", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
@@ -237,39 +239,32 @@ def test_loader_workers_fit_the_machine(monkeypatch):
     assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
 
 
-def _one_step(overrides: list[str], lr_d: float = 1e-3, r1: bool = False):
-    """One gan_step of a tiny stage-I pair from fixed weights and inputs; returns its StepOut.
-    With ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2."""
+def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1):
+    """One gan_step of a tiny pair from fixed weights and inputs; returns its StepOut. With
+    ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2. Stage
+    II refines a fresh tiny stage-I generator."""
     from accelerate import Accelerator
 
     from stackgan.config import load_config
-    from stackgan.models import build_discriminator, build_generator
-    from stackgan.train import gan_step
+    from stackgan.models import CODE_DIM, build_discriminator, build_generator
+    from stackgan.step import Batch, gan_step
 
     cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
-                             "model.contrastive_dim=8", "model.d_cond=text", "loss.contrastive_coef=1.0",
-                             *overrides])
+                             "model.d_cond=text", "loss.contrastive_coef=1.0", f"model.stage={stage}", *overrides])
     torch.manual_seed(0)
+    stage1 = build_generator(load_config(None, ["model.gf_dim=8", "model.z_dim=8", "model.cond_dim=8"]).model, 12)
+    G = build_generator(cfg.model, 12, stage1=stage1 if stage == 2 else None)
     classes = 3 if cfg.loss.class_coef > 0 else 0
-    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12, num_classes=classes,
-                                                               class_twin=cfg.loss.class_twin)
+    D = build_discriminator(cfg.model, 12, code_dim=CODE_DIM, num_classes=classes)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters(), lr=lr_d)
     acc = Accelerator(cpu=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
-    real, emb, z = torch.rand(6, 3, 64, 64) * 2 - 1, torch.randn(6, 12), torch.randn(6, 8)
-    targets = torch.arange(6) % 3 if classes else None
-    return gan_step(acc, G, D, opt_g, opt_d, real, emb, z, torch.roll(torch.arange(6), 1), cfg, targets=targets,
-                    r1=r1)
-
-
-def test_contrastive_g_coef_weighs_only_g_contrastive_term():
-    base, heavy = _one_step(["loss.contrastive_g_coef=0"]), _one_step(["loss.contrastive_g_coef=2.5"])
-    same = _one_step([])  # -1 = loss.contrastive_coef (1.0)
-    assert torch.equal(base.loss_d, heavy.loss_d)  # D's step does not read it
-    c = heavy.stats["loss_contrastive_fake"]
-    assert torch.equal(c, base.stats["loss_contrastive_fake"]) and c > 0
-    assert torch.allclose(heavy.loss_g - base.loss_g, 2.5 * c, atol=1e-5)
-    assert torch.allclose(same.loss_g - base.loss_g, c, atol=1e-5)
+    size = 64 if stage == 1 else 256
+    real = torch.rand(6, 3, size, size) * 2 - 1
+    low = torch.nn.functional.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
+    batch = Batch(real=real, emb=torch.randn(6, 12), z=torch.randn(6, 8), wrong=torch.roll(torch.arange(6), 1),
+                  cls=torch.arange(6), species=torch.arange(6) % 3 if classes else None, real_low=low)
+    return gan_step(acc, G, D, opt_g, opt_d, batch, cfg)
 
 
 def test_class_coef_weighs_the_species_terms_of_d_and_g():
@@ -281,81 +276,65 @@ def test_class_coef_weighs_the_species_terms_of_d_and_g():
     assert 0 < real < 10 and 0 < fake < 10
     assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
     assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
-    with pytest.raises(ValueError, match="class indices"):
-        from stackgan.train import gan_step
-        from stackgan.config import load_config
-        gan_step(None, None, None, None, None, None, None, None, None, load_config(None, ["loss.class_coef=1"]))
 
 
-def test_class_g_coef_weighs_only_g_species_terms():
-    """G's own weight of the species terms (and of the twin's, subtracted); D's step and the
-    terms themselves do not change; 0 leaves the head to D alone."""
-    base = _one_step(["loss.class_coef=1", "loss.class_g_coef=0", "loss.class_twin=true"], lr_d=0.0)
-    heavy = _one_step(["loss.class_coef=1", "loss.class_g_coef=2.5", "loss.class_twin=true"], lr_d=0.0)
-    assert torch.equal(base.loss_d, heavy.loss_d)
-    fake, twin = heavy.stats["loss_class_fake"], heavy.stats["loss_twin_fake"]
-    assert torch.equal(fake, base.stats["loss_class_fake"]) and torch.equal(twin, base.stats["loss_twin_fake"])
-    assert torch.allclose(heavy.loss_g - base.loss_g, 2.5 * (fake - twin), atol=1e-5)
-    from stackgan.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="class_g_coef"):
-        load_config(None, ["loss.class_coef=1", "loss.class_g_coef=-0.5"])
-
-
-def test_class_twin_trains_on_fakes_for_d_and_is_subtracted_for_g():
-    """TAC-GAN: D's loss carries coef x (species loss on real + twin's loss on fakes); G's (D
-    held still) coef x (species loss on fakes - twin's loss on fakes). Without the species
-    head the twin is refused."""
-    one = _one_step(["loss.class_coef=1", "loss.class_twin=true"], lr_d=0.0)
-    two = _one_step(["loss.class_coef=2", "loss.class_twin=true"], lr_d=0.0)
-    real, fake = one.stats["loss_class_real"], one.stats["loss_class_fake"]
-    twin_d, twin_g = one.stats["loss_twin_d"], one.stats["loss_twin_fake"]
-    assert 0 < twin_d < 10 and 0 < twin_g < 10
-    assert torch.allclose(twin_d, twin_g, atol=1e-5)  # D does not move (lr 0): the same fakes, the same head
-    assert torch.allclose(two.loss_d - one.loss_d, real + twin_d, atol=1e-5)
-    assert torch.allclose(two.loss_g - one.loss_g, fake - twin_g, atol=1e-5)
-    from stackgan.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="class_twin"):
-        load_config(None, ["loss.class_twin=true"])
-
-
-def test_r1_steps_carry_the_weighted_penalty_in_d_loss_only():
-    """On an R1 step D's loss carries gamma/2 x every x the penalty; D's other terms and G's
-    step (D held still) are those of a plain step; off-steps and gamma 0 add nothing."""
-    plain = _one_step(["loss.r1_gamma=3", "loss.r1_every=4"], lr_d=0.0)
-    lazy = _one_step(["loss.r1_gamma=3", "loss.r1_every=4"], lr_d=0.0, r1=True)
-    off = _one_step(["loss.r1_gamma=0"], lr_d=0.0, r1=True)
-    assert "loss_r1" not in plain.stats and "loss_r1" not in off.stats
-    pen = lazy.stats["loss_r1"]
-    assert pen > 0
-    assert torch.allclose(lazy.loss_d - plain.loss_d, 0.5 * 3 * 4 * pen, rtol=1e-4)
-    assert torch.equal(lazy.loss_g, plain.loss_g) and torch.equal(off.loss_d, plain.loss_d)
-
-
-def test_ms_coef_weighs_the_mode_seeking_term_in_g_loss_only():
-    """G's loss carries coef x the mode-seeking term; D's step does not read the coefficient;
-    samples from a second noise vector differ, so the term is finite."""
-    one, two = _one_step(["loss.ms_coef=1", "loss.ms_samples=3"]), _one_step(["loss.ms_coef=2", "loss.ms_samples=3"])
-    ms = one.stats["loss_ms"]
-    assert torch.equal(ms, two.stats["loss_ms"]) and 0 < ms < 1e3
+def test_recon_coef_weighs_stage2_reconstruction_in_g_loss_only():
+    """Stage II: G's loss carries coef x the L1 of its refinement of the real 64-px crops; D's
+    step does not read it; stage I refuses the option."""
+    one = _one_step(["loss.recon_coef=1", "model.upsample_skip=true"], lr_d=0.0, stage=2)
+    two = _one_step(["loss.recon_coef=3", "model.upsample_skip=true"], lr_d=0.0, stage=2)
+    rec = one.stats["loss_recon"]
+    assert torch.equal(rec, two.stats["loss_recon"]) and 0 < rec < 2
     assert torch.equal(one.loss_d, two.loss_d)
-    assert torch.allclose(two.loss_g - one.loss_g, ms, rtol=1e-4)
-    assert "loss_ms" not in _one_step([]).stats
+    assert torch.allclose(two.loss_g - one.loss_g, 2 * rec, atol=1e-5)
+    assert "loss_recon" not in _one_step(["model.upsample_skip=true"], stage=2).stats
+    from stackgan.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="stage-II options"):
+        load_config(None, ["loss.recon_coef=1"])
 
 
 def test_class_index_maps_training_classes_only(tiny_shards):
-    from stackgan.config import load_config
     from stackgan.data.meta import load_metadata
-    from stackgan.train import class_index
+    from stackgan.run import class_index
 
     meta = load_metadata(tiny_shards)
     classes = sorted(meta.splits["train"].classes)
-    lut = class_index(meta, load_config(None, [f"data.shards={tiny_shards}"]))
+    lut = class_index(meta)
     assert lut[torch.tensor(classes)].tolist() == list(range(len(classes)))
     others = [c for c in range(len(lut)) if c not in classes]
     assert (lut[torch.tensor(others, dtype=torch.long)] == -1).all()
 
 
-def test_diffaug_shift_changes_what_d_sees():
-    plain, shifted = _one_step([]), _one_step(["loss.diffaug_shift=4"])
-    assert not torch.equal(plain.stats["d_real"], shifted.stats["d_real"])
-    assert torch.isfinite(shifted.loss_d) and torch.isfinite(shifted.loss_g)
+def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
+    """The fp16 path with a real GradScaler (torch's CPU one, in place of the CUDA one that
+    Accelerate makes on a GPU): a step whose D gradients are inf is skipped for D only, the
+    skip is in the step's stats, the scale backs off, and the grad norm is unscaled."""
+    from accelerate import Accelerator
+
+    from stackgan.config import load_config
+    from stackgan.models import build_discriminator, build_generator
+    from stackgan.step import Batch, gan_step
+
+    cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
+                             "model.d_cond=text"])
+    torch.manual_seed(0)
+    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12)
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what prepare() hands the optimizers
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+    batch = Batch(real=torch.rand(6, 3, 64, 64) * 2 - 1, emb=torch.randn(6, 12), z=torch.randn(6, 8),
+                  wrong=torch.roll(torch.arange(6), 1), cls=torch.arange(6))
+    ok = gan_step(acc, G, D, opt_g, opt_d, batch, cfg, diag=True)
+    assert ok.stats["skipped_d"] == 0 and ok.stats["skipped_g"] == 0
+    assert 0 < ok.grad_norm_d < 1e3  # unscaled: the raw norm would be 2**10 times larger
+
+    bad = Batch(**{**batch.__dict__, "real": batch.real.clone()})
+    bad.real[0, 0, 0, 0] = float("inf")  # an inf pixel: D's loss and gradients are not finite
+    before = {k: v.clone() for k, v in acc.unwrap_model(D).state_dict().items()}
+    scale = acc.scaler.get_scale()
+    out = gan_step(acc, G, D, opt_g, opt_d, bad, cfg)
+    assert out.stats["skipped_d"] == 1
+    assert acc.scaler.get_scale() < scale
+    after = acc.unwrap_model(D).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))

@@ -1,0 +1,369 @@
+"""Building a training run, and saving / restoring / exporting it.
+
+:func:`build_run` does everything before the first step, in the order that keeps failures
+cheap: config and shard checks, the frozen stage-I generator (stage II), the accelerator,
+G and D, the optimisers, the restore from a checkpoint, and the data stream. The result is a
+:class:`Run`, which :func:`save_checkpoint` writes whole and :func:`restore` reads back, so a
+resumed run continues on exactly the batches, noise and wrong pairs an uninterrupted one
+would have seen.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .backends import check_resume, launched_with_deepspeed
+from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
+from .data.meta import ShardError, ShardMeta, load_metadata
+from .ema import EMA
+from .export import load_stage1_for_stage2, save_export
+from .layout import apply_layout, layout_min_hw
+from .losses import CaptionBank
+
+SPLIT = "train"  # the split the trainer streams; metrics score the test split's unseen species
+KEEP_LAST = 3  # complete checkpoints kept in <run_dir>/checkpoints
+CPU_NCHW_BELOW = 32  # CPU: layers on maps narrower than this stay NCHW (faster there; docs/performance.md)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: Config
+    meta: ShardMeta
+    acc: Any  # an accelerate.Accelerator, or backends.DeepSpeedGAN (two engines)
+    G: nn.Module  # as prepared (DDP-wrapped, a DeepSpeed engine, ...)
+    D: nn.Module
+    opt_g: Any
+    opt_d: Any
+    ema: EMA | None
+    bank: CaptionBank | None  # extra contrastive negatives (loss.contrastive_bank), per rank
+    species: torch.Tensor | None  # class id -> D's species-head index (loss.class_coef)
+    stream: Any  # data.stream.TrainStream
+    z_gen: torch.Generator  # noise, per rank
+    pair_gen: torch.Generator  # wrong pairs, per rank
+    step: int
+    n_steps: int
+    steps_per_epoch: int
+    stage1_cfg: ModelConfig | None  # stage II: the frozen stage-I generator's config (for the export)
+    resumed_from: Path | None
+    log: Callable[[str], None]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def G_inner(self) -> nn.Module:
+        return self.acc.unwrap_model(self.G)
+
+    @property
+    def D_inner(self) -> nn.Module:
+        return self.acc.unwrap_model(self.D)
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator to sample and score: the EMA copy where there is one."""
+        return self.ema.module if self.ema is not None else self.G_inner
+
+    def set_lr(self) -> None:
+        """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``."""
+        scale = lr_factor(self.cfg, self.step, self.steps_per_epoch)
+        for opt, lr in ((self.opt_g, self.cfg.optim.lr_g), (self.opt_d, self.cfg.optim.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+
+
+# --------------------------------------------------------------------------------------
+# Checks before any expensive work
+# --------------------------------------------------------------------------------------
+def check_inputs(cfg: Config) -> ShardMeta:
+    """Shards exist and fit the config (image size, train split); metric names are known."""
+    meta = load_metadata(cfg.data.shards)
+    if SPLIT not in meta.splits:
+        raise ShardError(f"{cfg.data.shards} has no {SPLIT!r} split (has {sorted(meta.splits)})")
+    if meta.splits[SPLIT].num_samples <= 0 or not meta.splits[SPLIT].shards:
+        raise ShardError(f"{cfg.data.shards}: split {SPLIT!r} is empty")
+    for s in meta.splits[SPLIT].shards:
+        if not (meta.root / s.name).is_file():
+            raise ShardError(f"{meta.root / s.name}: listed in metadata.json but missing")
+    need = 76 if cfg.model.stage == 1 else 304
+    if need not in meta.image_sizes:
+        raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
+    if cfg.train.metrics:
+        from .metrics import names as metric_names
+
+        unknown = [m for m in cfg.train.metrics.split(",") if m.strip() and m.strip() not in metric_names()]
+        if unknown:
+            raise ConfigError(f"train.metrics: unknown metric(s) {unknown}; known: {', '.join(metric_names())}")
+    if cfg.model.stage == 2 and not cfg.model.stage1_export:
+        raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")
+    return meta
+
+
+def class_index(meta: ShardMeta) -> torch.Tensor:
+    """Class id -> index 0..K-1 over the training split's classes (D's species head); -1 elsewhere."""
+    classes = sorted(meta.splits[SPLIT].classes)
+    if not classes:
+        raise ShardError(f"loss.class_coef > 0: {meta.root} lists no classes for split {SPLIT!r}")
+    lut = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+    lut[torch.tensor(classes)] = torch.arange(len(classes))
+    return lut
+
+
+def steps_per_epoch(meta: ShardMeta, cfg: Config, world_size: int) -> int:
+    return max(1, meta.splits[SPLIT].num_samples // (cfg.data.batch_size * world_size))
+
+
+def total_steps(cfg: Config, spe: int) -> int:
+    return cfg.train.steps if cfg.train.steps > 0 else max(1, math.ceil(cfg.train.epochs * spe))
+
+
+def lr_factor(cfg: Config, step: int, spe: int) -> float:
+    """0.5 ** (epochs done // optim.lr_decay_epochs); 1 when the decay is off."""
+    if cfg.optim.lr_decay_epochs <= 0:
+        return 1.0
+    return 0.5 ** (step // max(1, round(cfg.optim.lr_decay_epochs * spe)))
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``data.num_workers``, or for -1 a size that fits the machine: the CPUs this process may
+    use, shared among the processes of this node. On a GPU the loader gets all of its share
+    but one core (at most 8: decoding is ~40x ahead of a CPU step and JPEG-bound on a GPU); on
+    a CPU the step itself needs the cores, so one worker when there are cores to spare, else
+    none (the stream is 40-50x faster than the CPU step; docs/performance.md)."""
+    if requested >= 0:
+        return requested
+    if os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_CPUS_PER_TASK"):  # one srun task per process
+        share = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:  # launchers that start every process of a node with the same CPUs (accelerate, torchrun)
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        share = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, share)
+    if device.type == "cuda":
+        return max(1, min(8, share - 1))
+    return 1 if share >= 2 else 0
+
+
+def adam_options(cfg: Config) -> dict:
+    """Adam's keyword arguments besides the learning rate: fused Adam (one kernel over all
+    parameters, CPU and CUDA) measured fastest in ``python -m stackgan.bench``."""
+    return dict(betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True)
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+def make_accelerator(cfg: Config):
+    """The backend (Accelerate for DDP, or two DeepSpeed engines), the precision it really
+    runs in, and a note when that differs from the config's."""
+    if cfg.train.backend == "deepspeed" or launched_with_deepspeed():
+        from .backends import DeepSpeedGAN  # two ZeRO engines in place of one Accelerator
+
+        cfg.train.backend = "deepspeed"  # also when chosen by a DeepSpeed accelerate config
+        acc = DeepSpeedGAN(cfg)
+        return acc, acc.precision, acc.note
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    use_cuda = torch.cuda.is_available()
+    precision, note = cfg.train.mixed_precision, None
+    if precision == "fp16" and not use_cuda:
+        note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
+        precision = "no"
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=False)]
+    if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else each CPU process thinks it is alone
+    return Accelerator(cpu=not use_cuda, mixed_precision=precision, kwargs_handlers=handlers), precision, note
+
+
+def cuda_settings(cfg: Config) -> None:
+    """TF32 and cuDNN autotuning (``train.tf32``, ``train.cudnn_benchmark``); no-ops on CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device: torch.device):
+    """G and D with identical initial weights on every rank, in the trainer's memory layout."""
+    from .models import CODE_DIM, build_discriminator, build_generator
+
+    torch.manual_seed(cfg.train.seed)
+    G = build_generator(cfg.model, meta.text_dim, stage1=stage1)
+    classes = len(meta.splits[SPLIT].classes) if cfg.loss.class_coef > 0 else 0
+    D = build_discriminator(cfg.model, meta.text_dim, code_dim=CODE_DIM if cfg.loss.contrastive_coef > 0 else 0,
+                            num_classes=classes)
+    if cfg.train.channels_last and cfg.train.backend == "ddp":  # DeepSpeed wants contiguous weights
+        example = (torch.zeros(2, meta.text_dim), torch.zeros(2, cfg.model.z_dim))
+        apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(CPU_NCHW_BELOW, device))
+    return G, D
+
+
+def build_run(cfg: Config, resume: str = "auto") -> Run:
+    """Everything before the first step; see the module docstring for the order."""
+    from .data.stream import TrainStream
+
+    meta = check_inputs(cfg)
+    stage1, stage1_cfg = None, None
+    if cfg.model.stage == 2:
+        stage1, stage1_cfg = load_stage1_for_stage2(cfg.model.stage1_export, meta.text_dim, meta.encoder)
+    resume_path = ckpt.resolve(cfg.train.run_dir, resume)
+    acc, precision, note = make_accelerator(cfg)
+    cuda_settings(cfg)
+    main = acc.is_main_process
+
+    def log(msg: str) -> None:
+        if main:
+            print(f"[stackgan] {msg}", flush=True)
+
+    run_dir = Path(cfg.train.run_dir)
+    if main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    if note:
+        log(f"WARNING: {note}")
+        warnings.warn(note)
+    spe = steps_per_epoch(meta, cfg, acc.num_processes)
+    n_steps = total_steps(cfg, spe)
+    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | precision {precision} | "
+        f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
+
+    G, D = build_models(cfg, meta, stage1, acc.device)
+    ema = EMA(G, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_options(cfg))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, **adam_options(cfg))
+    rank = acc.process_index
+    run = Run(cfg=cfg, meta=meta, acc=acc, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema,
+              bank=CaptionBank(cfg.loss.contrastive_bank, meta.text_dim, acc.device) if cfg.loss.contrastive_bank else None,
+              species=class_index(meta) if cfg.loss.class_coef > 0 else None, stream=None,
+              z_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1),
+              pair_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000),
+              step=0, n_steps=n_steps, steps_per_epoch=spe, stage1_cfg=stage1_cfg, resumed_from=resume_path, log=log)
+    state = restore(run, resume_path) if resume_path is not None else None
+    if state is None:
+        torch.manual_seed(cfg.train.seed * 7919 + rank)  # per-rank CA-net noise
+
+    if cfg.train.compile:
+        run.G, run.D = torch.compile(run.G), torch.compile(run.D)
+        log("torch.compile requested (compiles lazily on the first step)")
+    run.G, run.D, run.opt_g, run.opt_d = acc.prepare(run.G, run.D, run.opt_g, run.opt_d)
+    if cfg.train.backend == "deepspeed":
+        log(acc.describe())
+        if resume_path is not None:
+            acc.load_checkpoint(resume_path)  # both engines: weights and ZeRO optimizer partitions
+    if state is not None and state.get("scaler") is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+
+    workers = loader_workers(cfg.data.num_workers, acc.device)
+    log(f"data: {workers} loader worker(s) per process")
+    run.stream = TrainStream(
+        cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
+        world_size=acc.num_processes, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
+        pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
+    )
+    if state is not None and state.get("stream") not in (None, run.stream.signature()):
+        log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
+            "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint, restore, export
+# --------------------------------------------------------------------------------------
+def _state(run: Run) -> dict:
+    """What rank 0 writes to state.pt (DeepSpeed's optimizer state is sharded: in the engines' files)."""
+    ds = run.cfg.train.backend == "deepspeed"
+    return {
+        "G": run.G_inner.state_dict(), "D": run.D_inner.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "opt_g": None if ds else run.opt_g.state_dict(), "opt_d": None if ds else run.opt_d.state_dict(),
+        "backend": run.cfg.train.backend,
+        "scaler": run.acc.scaler.state_dict() if run.acc.scaler is not None else None,
+        "step": run.step, "world_size": run.world, "config": to_dict(run.cfg), "stream": run.stream.signature(),
+        "text_encoder": run.meta.encoder, "text_dim": run.meta.text_dim,
+    }
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write checkpoint ``run.step`` on every rank (atomic; the newest 3 complete ones are kept)."""
+    extra = {"z": run.z_gen.get_state(), "pair": run.pair_gen.get_state()}
+    if run.bank is not None:  # per rank, like the RNG streams: each rank's bank holds its own batches
+        extra["bank"] = run.bank.state_dict()
+    if run.cfg.train.backend == "deepspeed":  # every rank also writes its engines' ZeRO partitions
+        return run.acc.save_checkpoint(run.run_dir, run.step, lambda: _state(run), extra, keep_last=KEEP_LAST)
+    return ckpt.save(run.run_dir, run.step, lambda: _state(run), extra, rank=run.rank, barrier=run.acc.wait_for_everyone,
+                     keep_last=KEEP_LAST)
+
+
+def restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint into the (not yet prepared) run: weights, optimisers, EMA, step, RNG
+    streams and the caption bank. Returns the state for what is restored after ``prepare``."""
+    state, rng = ckpt.load(path, run.rank)
+    check_resume(state, run.cfg.train.backend, run.world, path)
+    removed = changed_by_removal(state.get("config") or {})
+    if removed:
+        raise ckpt.CheckpointError(f"{path} cannot continue with this version: " + "; ".join(removed))
+    try:
+        run.G.load_state_dict(state["G"])
+        run.D.load_state_dict(state["D"])
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(
+            f"{path} was written for other networks than this config builds "
+            f"(model.* differs from the checkpoint's config.yaml); use another train.run_dir or --resume none. "
+            f"Details: {str(e).splitlines()[0]}") from None
+    if run.cfg.train.backend == "ddp":  # DeepSpeed: optimizer state is in the engines' files, loaded after prepare
+        run.opt_g.load_state_dict(state["opt_g"])
+        run.opt_d.load_state_dict(state["opt_d"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.step = int(state["step"])
+    if rng is not None and state.get("world_size") == run.world:
+        ckpt.set_rng_state(rng)
+        run.z_gen.set_state(rng["extra"]["z"])
+        run.pair_gen.set_state(rng["extra"]["pair"])
+        if run.bank is not None and "bank" in rng["extra"]:
+            run.bank.load_state_dict(rng["extra"]["bank"])
+    else:
+        run.log("WARNING: world size changed since the checkpoint; RNG streams are re-seeded")
+        torch.manual_seed(run.cfg.train.seed * 7919 + run.step * 31 + run.rank)
+    run.log(f"resumed from {path} at step {run.step}")
+    return state
+
+
+def export(run: Run) -> Path:
+    """The sampling generator (EMA where there is one) as ``<run_dir>/export/generator.pt``."""
+    path = run.run_dir / "export" / "generator.pt"
+    if run.main:
+        save_export(path, run.sampler, run.cfg.model, text_encoder=run.meta.encoder, text_dim=run.meta.text_dim,
+                    step=run.step, config=to_dict(run.cfg), stage1_model=run.stage1_cfg)
+    run.acc.wait_for_everyone()
+    return path

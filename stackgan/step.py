@@ -1,0 +1,170 @@
+"""One StackGAN iteration: the D update on real / wrong / fake pairs, then the G update.
+
+As in the official StackGAN, G makes a batch of fakes from (text, z) once; D is updated on
+real pairs, wrong pairs (real images with another species' caption) and the detached fakes;
+G is then updated through the new D, plus ``kl_coef`` x the conditioning-augmentation KL.
+The recipe's terms beyond StackGAN (each a named function in :mod:`stackgan.losses`, each off
+at 0) are added to those two losses: the image-caption contrastive loss, the species head, and
+stage II's reconstruction of real crops.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import Config
+from .losses import CaptionBank, class_loss, contrastive_loss, d_loss, g_loss, kl_loss, recon_loss, wrong_indices
+
+
+@dataclass
+class Batch:
+    """What one step consumes, on the training device."""
+
+    real: Tensor  # (B, 3, S, S) real crops in [-1, 1]
+    emb: Tensor  # (B, text_dim) caption embeddings
+    z: Tensor  # (B, z_dim) noise
+    wrong: Tensor  # (B,) whose caption each real image is mismatched with
+    cls: Tensor  # (B,) class ids (the caption bank's same-species mask)
+    species: Tensor | None = None  # (B,) species indices of D's species head (loss.class_coef)
+    real_low: Tensor | None = None  # (B, 3, 64, 64) the real crops at 64 px (stage II, loss.recon_coef)
+
+
+@dataclass
+class StepOut:
+    loss_d: Tensor
+    loss_g: Tensor
+    stats: dict  # detached scalars: D's outputs, every loss term (kl included)
+    grad_norm_d: Tensor | None = None  # when asked for (diagnostics)
+    grad_norm_g: Tensor | None = None
+
+
+def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Generator, pair_gen: torch.Generator,
+               species: Tensor | None) -> Batch:
+    """A stream batch on the device, with its noise and wrong pairs drawn from the run's own
+    generators (on the CPU, so a resumed run draws the same numbers on any device)."""
+    from .data.stream import to_unit_range
+
+    real = to_unit_range(raw["img"].to(device, non_blocking=True))
+    if cfg.train.channels_last:
+        real = real.contiguous(memory_format=torch.channels_last)
+    cls = raw["cls"]
+    z = torch.randn(len(cls), cfg.model.z_dim, generator=z_gen)
+    wrong = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
+    low = F.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
+    return Batch(real=real, emb=raw["emb"].to(device, non_blocking=True), z=z.to(device, non_blocking=True),
+                 wrong=wrong.to(device, non_blocking=True), cls=cls.to(device, non_blocking=True),
+                 species=None if species is None else species[cls].to(device, non_blocking=True), real_low=low)
+
+
+def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,
+             diag: bool = False) -> StepOut:
+    """D update, then G update through the updated D. Losses stay on the device (no host
+    sync here); ``diag`` also returns both grad norms.
+
+    G runs once: its fakes are detached for D and reused for G's loss. During G's update D is
+    frozen and called without its DDP wrapper, so no gradient is computed or all-reduced for D.
+    ``bank``: extra negative captions for the contrastive loss; the batch is pushed into it
+    after the step.
+    """
+    lc = cfg.loss
+    D_inner = acc.unwrap_model(D)
+    with acc.autocast():
+        fake, mu, logvar, refined = _generate(G, acc.unwrap_model(G), batch)
+    cond = batch.emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
+    same_species = batch.cls if bank is not None else None  # a batch of 32 rarely holds two; the bank does
+
+    with acc.autocast():
+        out_real = D(batch.real, cond, cond[batch.wrong])
+        out_fake = D(fake.detach(), cond)
+        loss_d, stats = d_loss(out_real, out_fake, kind=lc.kind)
+        if lc.contrastive_coef > 0:
+            fakes = out_fake.img_code if bank is not None else None
+            stats["loss_contrastive_real"] = contrastive_loss(out_real, same_species, *_negatives(D_inner, bank), fakes)
+            loss_d = loss_d + lc.contrastive_coef * stats["loss_contrastive_real"]
+        if lc.class_coef > 0:
+            stats["loss_class_real"] = class_loss(out_real, batch.species)
+            loss_d = loss_d + lc.class_coef * stats["loss_class_real"]
+    gnorm_d = update(acc, D, opt_d, loss_d, cfg, diag, stats, "d")
+
+    with frozen(D_inner):
+        with acc.autocast():
+            out_g = D_inner(fake, cond)
+            stats["kl"] = kl_loss(mu, logvar)
+            loss_g = g_loss(out_g, kind=lc.kind) + lc.kl_coef * stats["kl"]
+            if lc.contrastive_coef > 0:  # D moved: its codes of the stored captions too (constants for G)
+                stats["loss_contrastive_fake"] = contrastive_loss(out_g, same_species, *_negatives(D_inner, bank))
+                loss_g = loss_g + lc.contrastive_coef * stats["loss_contrastive_fake"]
+            if lc.class_coef > 0:
+                stats["loss_class_fake"] = class_loss(out_g, batch.species)
+                loss_g = loss_g + lc.class_coef * stats["loss_class_fake"]
+            if refined is not None:
+                stats["loss_recon"] = recon_loss(refined, batch.real)
+                loss_g = loss_g + lc.recon_coef * stats["loss_recon"]
+        gnorm_g = update(acc, G, opt_g, loss_g, cfg, diag, stats, "g")
+    if bank is not None:
+        bank.push(batch.emb, batch.cls)
+    return StepOut(loss_d.detach(), loss_g.detach(), {k: v.detach() for k, v in stats.items()}, gnorm_d, gnorm_g)
+
+
+def _generate(G, G_inner, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """G's fakes, CA mean and log-variance, and (stage II with ``real_low``) its refinement of
+    the real 64-px crops, all from one G call: one forward per backward, as DDP expects."""
+    if batch.real_low is None:
+        fake, mu, logvar = G(batch.emb, batch.z)
+        return fake, mu, logvar, None
+    n = len(batch.z)
+    low = torch.cat([G_inner.low_res(batch.emb, batch.z), batch.real_low.to(batch.emb.dtype)])
+    img, mu, logvar = G(torch.cat([batch.emb, batch.emb]), None, low=low)
+    return img[:n], mu[:n], logvar[:n], img[n:]
+
+
+def _negatives(D_inner, bank: CaptionBank | None) -> tuple[Tensor | None, Tensor | None]:
+    """D's text codes of the bank's captions and their classes (None, None without a bank)."""
+    if bank is None or bank.n == 0:
+        return None, None
+    emb, cls = bank.get()
+    return D_inner.text_codes(emb), cls
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """``module`` does not require grad inside (DeepSpeed ZeRO-2 also needs this, or D's
+    gradients would be reduced a second time during G's backward)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+def update(acc, model, opt, loss: Tensor, cfg: Config, diag: bool, stats: dict, name: str) -> Tensor | None:
+    """Backward, optional clipping and optimizer step of one network; its grad norm (a device
+    tensor, unscaled) when ``diag``. Under fp16 loss scaling, ``stats["skipped_<name>"]`` records
+    whether the scaler skipped this step for an inf/NaN gradient (1) or not (0), so the log
+    shows the share of skipped steps. A DeepSpeed engine does all of it itself (reduction,
+    clipping from its config, step)."""
+    if cfg.train.backend == "deepspeed":
+        return acc.update(model, loss, diag)
+    opt.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    gnorm = None
+    if diag:
+        gnorm = grad_norm(acc.unwrap_model(model))
+        if acc.scaler is not None:  # gradients are still scaled here
+            gnorm = gnorm / acc.scaler.get_scale()
+    if cfg.optim.grad_clip > 0:
+        acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)  # unscales first under fp16
+    opt.step()
+    if acc.scaler is not None:  # Accelerate compared the scale before and after this step
+        stats[f"skipped_{name}"] = torch.tensor(float(opt.step_was_skipped))
+    return gnorm
+
+
+def grad_norm(module: torch.nn.Module) -> Tensor:
+    """Total L2 norm of the module's gradients, on its device (no host sync)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(norms).norm() if norms else torch.zeros(())
