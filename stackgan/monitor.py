@@ -97,7 +97,7 @@ class Monitor:
         run = self.run
         bad = torch.zeros(1, device=run.device)
         for v in self.sums.values():
-            bad += (~torch.isfinite(v)).any().float()
+            bad += (~torch.isfinite(v)).any().float().to(bad.device)
         if run.world > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item():

@@ -160,7 +160,7 @@ def update(acc, model, opt, loss: Tensor, cfg: Config, diag: bool, stats: dict, 
         acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)  # unscales first under fp16
     opt.step()
     if acc.scaler is not None:  # Accelerate compared the scale before and after this step
-        stats[f"skipped_{name}"] = torch.tensor(float(opt.step_was_skipped))
+        stats[f"skipped_{name}"] = torch.tensor(float(opt.step_was_skipped), device=loss.device)
     return gnorm
 
 
