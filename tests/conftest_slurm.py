@@ -64,14 +64,14 @@ def slurm_cluster() -> None:
 
 def job_state(job_id: str) -> dict[str, str]:
     """sacct's view of one job (or array task): state, exit code, node list, reason."""
-    from stackgan.cluster import sacct_info
+    from stackgan.cluster.submit import sacct_info
 
     return sacct_info([job_id]).get(job_id, {})
 
 
 def wait_job(job_id: str, timeout: float, poll: float = 1.0) -> dict[str, str]:
     """Until the job is in a final state; fail with its log tail on time-out."""
-    from stackgan.cluster import wait_jobs
+    from stackgan.cluster.submit import wait_jobs
 
     try:
         return wait_jobs([job_id], poll_s=poll, timeout_s=timeout)[job_id]

@@ -11,12 +11,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stackgan import bench
+from stackgan.bench.cases import build_models, make_batch, tiny_case
+from stackgan.bench.cli import main
+from stackgan.bench.measure import CONV_LAYERS
+from stackgan.bench.original import OriginalStep, use_plain_upsample
+from stackgan.bench.ours import check_original_matches, make_accelerator
+from stackgan.bench.plan import MAIN_RUNNERS
 
 
 @pytest.fixture(scope="module")
 def acc():
-    return bench.make_accelerator("cpu")
+    return make_accelerator("cpu")
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -24,7 +29,7 @@ def test_original_step_gives_our_losses(acc, stage):
     """Same weights, inputs, CA noise and wrong pairs: the sigmoid + BCELoss original and our
     logits step give the same D, G and KL losses for two steps (the second after both
     optimisers moved), and the same parameters afterwards."""
-    r = bench.check_original_matches(bench.tiny_case(stage), acc, steps=2)
+    r = check_original_matches(tiny_case(stage), acc, steps=2)
     assert r["max_loss_diff"] < 1e-5, r["losses"]
     assert r["frac_params_off"] < 1e-3  # Adam may flip a few ~0-gradient weights by rounding
     assert r["max_param_diff"] < 5e-4  # and never by more than ~2 lr
@@ -36,10 +41,10 @@ def test_original_step_gives_our_losses(acc, stage):
 def test_check_detects_a_different_step(acc):
     """The comparison is sensitive: the original's own wrong pairs (features[:-1] with
     cond[1:]) differ from our full-batch shift, and the check sees it."""
-    case = bench.tiny_case(1)
-    G, D = bench.build_models(case, "cpu")
-    orig = bench.OriginalStep(G, D)
-    b = bench.make_batch(case, "cpu", seed=3)
+    case = tiny_case(1)
+    G, D = build_models(case, "cpu")
+    orig = OriginalStep(G, D)
+    b = make_batch(case, "cpu", seed=3)
     torch.manual_seed(0)
     official = orig.d_loss(b.real, *G(b.emb, b.z)[:2], widx=None)[0].detach()
     torch.manual_seed(0)
@@ -50,11 +55,11 @@ def test_check_detects_a_different_step(acc):
 def test_plain_upsample_keeps_the_generator():
     """The original step's G (Upsample + plain conv, sharing the weights) computes what ours
     computes with the transposed-conv up-blocks (stage II: both generators' blocks)."""
-    case = bench.tiny_case(2)
-    G, _ = bench.build_models(case, "cpu")
-    G2, _ = bench.build_models(case, "cpu")
+    case = tiny_case(2)
+    G, _ = build_models(case, "cpu")
+    G2, _ = build_models(case, "cpu")
     assert not any(isinstance(m, nn.Upsample) for m in G2.modules())
-    assert bench.use_plain_upsample(G2) == 8  # 4 in stage II + 4 in the frozen stage-I G
+    assert use_plain_upsample(G2) == 8  # 4 in stage II + 4 in the frozen stage-I G
     assert sum(isinstance(m, nn.Upsample) for m in G2.modules()) == 8
     assert G.state_dict().keys() == G2.state_dict().keys()
     G.eval(), G2.eval()
@@ -67,10 +72,10 @@ def test_plain_upsample_keeps_the_generator():
 
 
 def test_bad_options_are_refused(capsys):
-    assert bench.main(["--only", "stage1,nonsense"]) == 2
+    assert main(["--only", "stage1,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert bench.main(["--device", "cuda"]) == 2
+        assert main(["--device", "cuda"]) == 2
         assert "CUDA" in capsys.readouterr().err
 
 
@@ -78,18 +83,18 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
     """The whole pipeline on tiny networks: workers, interleaved timing, FLOPs, fp32 and
     bf16 (the same precision loop the CUDA mode runs), 1 vs 2 DDP processes, JSON + table."""
     out = tmp_path / "b.json"
-    rc = bench.main(["--quick", "--only", "peak,stage1,bf16,procs", "--out", str(out)])
+    rc = main(["--quick", "--only", "peak,stage1,bf16,procs", "--out", str(out)])
     text = capsys.readouterr().out
     rep = json.loads(out.read_text())
     assert rc == 0, rep["errors"]
     assert rep["machine"]["torch"] == torch.__version__ and rep["load_start"]
     assert rep["peak"]["matmul"]["fp32"]["gflops"] > 0
-    assert {r["layer"] for r in rep["peak"]["conv"]} == {c[0] for c in bench.CONV_LAYERS}
+    assert {r["layer"] for r in rep["peak"]["conv"]} == {c[0] for c in CONV_LAYERS}
     cases = {(c["name"], c["precision"]): c for c in rep["cases"]}
     assert set(cases) == {("tiny-s1-b4", "fp32"), ("tiny-s1-b4", "bf16")}
     for c in cases.values():
         runners = c["runners"]
-        assert set(runners) == set(bench.MAIN_RUNNERS)
+        assert set(runners) == set(MAIN_RUNNERS)
         for name, r in runners.items():
             assert r["s_per_iter"] > 0 and r["img_per_s"] > 0 and r["flops"] > 0
             assert r["gflops_per_s"] > 0 and r["frac_matmul"] > 0

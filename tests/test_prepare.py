@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from stackgan.data import prepare as prep
+from stackgan.data.concurrency import parallel_map
 from stackgan.data.cub import DataError
 from stackgan.data.meta import load_metadata
 from tests.test_cub_layout import TEST_CLASSES, TRAIN_CLASSES, make_replica, py2_pickle, reference_box
@@ -255,10 +256,10 @@ def _square_or_die(x):
 def test_a_dead_worker_is_an_error_not_a_hang():
     from concurrent.futures.process import BrokenProcessPool
 
-    assert sorted(prep.parallel_map(_square_or_die, [1, 2], 2)) == [1, 4]
-    assert list(prep.parallel_map(_square_or_die, [1, 2, 4], 2, ordered=True)) == [1, 4, 16]
+    assert sorted(parallel_map(_square_or_die, [1, 2], 2)) == [1, 4]
+    assert list(parallel_map(_square_or_die, [1, 2, 4], 2, ordered=True)) == [1, 4, 16]
     with pytest.raises(BrokenProcessPool):
-        list(prep.parallel_map(_square_or_die, [1, 2, 3, 4, 5], 2))
+        list(parallel_map(_square_or_die, [1, 2, 3, 4, 5], 2))
 
 
 def test_shard_sizes_are_balanced():

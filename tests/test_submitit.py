@@ -1,4 +1,4 @@
-"""jobs/*.py and stackgan/cluster.py: submitit chains, preemption, sweeps.
+"""jobs/*.py and stackgan/cluster/: submitit chains, preemption, sweeps.
 
 The tests marked slurm run on the local 2-node cluster (tests/slurm/cluster.sh); the others
 (dry runs, input checks) need no Slurm.
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stackgan.cluster import (load_cluster_config, parse_grid, plan_chain, point_name, sacct_info, submit_plan,
-                              wait_jobs)
+from stackgan.cluster.plans import parse_grid, plan_chain, point_name
+from stackgan.cluster.settings import load_cluster_config
+from stackgan.cluster.submit import sacct_info, submit_plan, wait_jobs
 from stackgan.config import ConfigError, load_config
 from tests.conftest_slurm import (ROOT, TINY, TINY2, check_resumed_sequence, resumed_from,  # noqa: F401
                                   slurm_cluster, train_steps, wait_until)

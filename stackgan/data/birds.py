@@ -543,7 +543,7 @@ def generate(out: str | Path = DEFAULT_DIR, species: int = DEFAULT_SPECIES,
         raise ValueError(f"species and images_per_species must be >= 1, got {species}, {images_per_species}")
     if species > 999:
         raise ValueError(f"at most 999 species (class dirs are numbered 001..999), got {species}")
-    from .prepare import folder_lock
+    from .concurrency import folder_lock
 
     out = Path(out)
     with folder_lock(out.with_name(f".{out.name}.lock")):  # concurrent callers take turns
@@ -585,7 +585,7 @@ def _generate(out: Path, params: GeneratorParams, workers: int | None, force: bo
 
         bar = tqdm(total=species * images_per_species, desc="drawing birds", unit="img", disable=quiet)
         if workers > 1 and species > 1:
-            from .prepare import parallel_map
+            from .concurrency import parallel_map
 
             for recs in parallel_map(_render_species, jobs, workers, ordered=True):
                 records += recs

@@ -20,7 +20,6 @@ shards, and a rerun with the same inputs does nothing. ``metadata.json`` is writ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import cub
+from . import birds, cub
+from .concurrency import folder_lock, parallel_map
 from .cub import DataError
 from .meta import FORMAT, ShardInfo, ShardMeta, SplitInfo, write_metadata
 
@@ -165,58 +165,6 @@ def _check_disjoint(layout: cub.CubLayout) -> None:
                 "the "
                 "train and the test pickles; StackGAN's split is class-disjoint. Pass --allow-class-overlap "
                 "if this split is intended.")
-
-
-# --------------------------------------------------------------------------------------
-# Worker processes, and one writer per folder
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def folder_lock(path: Path):
-    """Hold an exclusive ``flock`` on ``path`` (created if missing), so that two runs aimed at
-    the same folder take turns instead of interleaving. Filesystems without flock support
-    (some network mounts) get no lock rather than an error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass
-        yield
-
-
-# --------------------------------------------------------------------------------------
-def parallel_map(fn: Callable, jobs: list, workers: int, ordered: bool = False):
-    """Yield ``fn(job)`` from ``workers`` processes (completion order unless ``ordered``).
-
-    Unlike ``multiprocessing.Pool``, a worker that dies (OOM killer, signal) raises
-    ``BrokenProcessPool`` instead of hanging, and stopping early (an error, Ctrl-C) kills the
-    workers at once instead of deadlocking in ``Pool.terminate``."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    ex = ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=mp.get_context())
-    futures = [ex.submit(fn, j) for j in jobs]
-    try:
-        if ordered:
-            for f in futures:
-                yield f.result()
-        else:
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    yield f.result()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        for proc in list(getattr(ex, "_processes", {}).values()):
-            if proc.is_alive():
-                proc.kill()  # a half-written temp file is all they leave behind
-        ex.shutdown(wait=True, cancel_futures=True)
-        raise
-    ex.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -374,8 +322,6 @@ def _reembed(captions: list[list[str]], encoder_name: str, cache_dir: Path,
 def _resolve_source(opts: PrepareOptions) -> tuple[Path, Path | None, Path, dict]:
     """(cub_root, birds_root, out, source info); generates the embedded set when asked."""
     if opts.cub_root is None:
-        from . import birds
-
         species = opts.embedded_species or birds.DEFAULT_SPECIES
         images = opts.embedded_images or birds.DEFAULT_IMAGES
         root = birds.generate(opts.embedded_dir, species, images, opts.embedded_seed,
