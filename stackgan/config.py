@@ -267,22 +267,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Build a :class:`Config` from a YAML file (optional) and ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        try:
-            apply_updates(cfg, data)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        update_from_yaml(cfg, path, what="config file")
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def update_from_yaml(obj: Any, path: str | Path, what: str = "config file") -> None:
+    """Apply a YAML mapping of sections to a config dataclass; errors name the file and key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    try:
+        apply_updates(obj, data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
 
 
 def apply_overrides(obj: Any, overrides: list[str] | tuple[str, ...], what: str = "command-line override") -> None:

@@ -16,7 +16,7 @@ Parts (``--only``, comma separated; default: all):
                   throughput at StackGAN layer sizes: NCHW, channels-last, up-conv rewrite;
 * ``stage1`` / ``stage2`` / ``embedded`` -- seconds per iteration, images/s, FLOPs per
                   iteration (``FlopCounterMode``), GFLOP/s and fraction of the matmul figure
-                  for the original step, our step (``stackgan.train.gan_step`` + EMA, set up
+                  for the original step, our step (``stackgan.step.gan_step`` + EMA, set up
                   as the trainer does: up-block as one transposed conv, fused Adam,
                   channels-last on large maps) and ``ours-before`` (the trainer's step before
                   those three speed-ups: the before/after in one run);

@@ -56,11 +56,11 @@ def tiny_case(stage: int, batch: int = 4) -> Case:
 
 
 def case_config(case: Case) -> Config:
-    """The Config that gan_step reads (official losses: bce, KL 2, uncond 1, no clipping)."""
+    """The Config that gan_step reads (official losses: bce, KL 2, no clipping)."""
     return load_config(None, [
         f"model.stage={case.stage}", f"model.z_dim={case.z}", f"model.cond_dim={case.cond}",
         f"model.gf_dim={case.gf}", f"model.df_dim={case.df}", f"model.r_num={case.r_num}",
-        f"data.batch_size={case.batch}", "loss.kind=bce", "loss.kl_coef=2.0", "loss.uncond_coef=1.0",
+        f"data.batch_size={case.batch}", "loss.kind=bce", "loss.kl_coef=2.0",
         "optim.grad_clip=0",
     ])
 

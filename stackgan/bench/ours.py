@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from ..ema import EMA
 from ..layout import apply_layout, layout_min_hw
-from ..train import adam_options, gan_step
+from ..run import CPU_NCHW_BELOW, adam_options
+from ..step import Batch, gan_step
 from .cases import Case, build_models, case_config, make_batch
 from .original import OriginalStep, use_plain_upsample
 
@@ -35,7 +36,7 @@ class Variant:
     upconv: bool = True  # the up-block as one transposed conv (models.UpsampleConv3x3)
     channels_last: bool = True
     min_hw: int | None = None  # channels-last only on maps >= this wide; None = the trainer's choice
-    adam: str = "trainer"  # trainer: fused (optim.fused); foreach; plain: for-loop
+    adam: str = "trainer"  # trainer: fused; foreach; plain: for-loop
     compile: bool = False
     inference_mode: bool = False
     ema: bool = True  # the trainer's EMA of G after every step (default config: on)
@@ -64,7 +65,7 @@ def low_res_inference_mode(self, emb: torch.Tensor, z: torch.Tensor) -> torch.Te
 
 
 class OursStep:
-    """``stackgan.train.gan_step`` + the EMA update, set up as the trainer does, plus a variant."""
+    """``stackgan.step.gan_step`` + the EMA update, set up as the trainer does, plus a variant."""
 
     def __init__(self, acc, case: Case, variant: Variant = Variant(), seed: int = 0):
         self.acc, self.case, self.variant = acc, case, variant
@@ -89,10 +90,10 @@ class OursStep:
         self.step = 0
 
     def _apply_layout(self, G: nn.Module, D: nn.Module) -> None:
-        """Channels-last on large maps, as train.py does it (``min_hw`` 0: everywhere)."""
+        """Channels-last on large maps, as stackgan.run does it (``min_hw`` 0: everywhere)."""
         min_hw = self.variant.min_hw
         if min_hw is None:
-            min_hw = layout_min_hw(self.cfg.train.channels_last_min_hw, self.acc.device)
+            min_hw = layout_min_hw(CPU_NCHW_BELOW, self.acc.device)
         ex = make_batch(dataclasses.replace(self.case, batch=2), self.acc.device)
         apply_layout(G, D, (ex.emb, ex.z), self.cfg.model.d_cond, min_hw)
 
@@ -106,11 +107,12 @@ class OursStep:
     def __call__(self, real, emb, z, widx):
         if self.variant.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)  # as the trainer, every step
-        out = gan_step(self.acc, self.G, self.D, self.opt_g, self.opt_d, real, emb, z, widx, self.cfg)
+        batch = Batch(real=real, emb=emb, z=z, wrong=widx, cls=widx)  # cls: only the caption bank reads it
+        out = gan_step(self.acc, self.G, self.D, self.opt_g, self.opt_d, batch, self.cfg)
         if self.ema is not None:
             self.ema.update(self.G_inner, self.step)
         self.step += 1
-        return out.loss_d, out.loss_g, out.kl
+        return out.loss_d, out.loss_g, out.stats["kl"]
 
 
 def check_original_matches(case: Case, acc=None, steps: int = 2, seed: int = 0) -> dict:

@@ -5,9 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from ..config import ConfigError, apply_overrides, apply_updates
+from ..config import ConfigError, apply_overrides, update_from_yaml
 
 
 @dataclass
@@ -46,7 +45,7 @@ def load_cluster_config(path: str | Path | None, overrides: list[str] = ()) -> C
     """Read jobs/cluster.yaml (unknown keys and wrong types are refused, naming the key)."""
     cc = ClusterConfig()
     if path is not None:
-        _update_from_file(cc, Path(path))
+        update_from_yaml(cc, path, what="cluster config")
     apply_overrides(cc, overrides, "cluster override")
     for name in ("train", "eval", "summary"):
         r: Resources = getattr(cc, name)
@@ -54,18 +53,6 @@ def load_cluster_config(path: str | Path | None, overrides: list[str] = ()) -> C
             raise ConfigError(f"cluster config {name}: nodes, cpus_per_task, timeout_min must be >= 1 "
                               f"and gpus_per_node >= 0, got {r}")
     return cc
-
-
-def _update_from_file(cc: ClusterConfig, path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"cluster config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    try:
-        apply_updates(cc, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
 
 
 def executor_parameters(cc: ClusterConfig, res: Resources, name: str) -> dict:
