@@ -25,6 +25,8 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -108,26 +110,63 @@ def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
     return out
 
 
-def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
-    """The judge on generated images for ``ctx.judge_samples`` captions (per compute call)."""
-    key = ("judge_gen", split)
-    call = ctx.cache.setdefault("call", {})
-    if key in call:
-        return call[key]
+@dataclass
+class JudgeItems:
+    """A split's items for the judge on generated images: what to draw, what to score it against."""
+
+    emb: np.ndarray  # (n, D) caption embeddings to generate from
+    own: np.ndarray  # (n, A) attributes each item is scored against (its caption's)
+    shuffled: np.ndarray  # (n, A) another item's attributes: the shuffled-caption chance level
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+
+def judge_items(ctx: EvalContext, judge: Judge, split: str) -> JudgeItems:
+    """``ctx.judge_samples`` (sample, caption) items of a split; generate them with tag ``TAGS[split]``."""
     data = split_data(ctx, split, judge.holdout_mod)
     sample, cap, partner = _items(data, ctx.judge_samples, ctx.seed, TAGS[split])
-    emb = data.emb[sample, cap]
     tgt = targets(ctx, data, sample, cap)
-    feats = GaussianSums(judge.net.feature_dim)
-    acc = {k: torch.zeros((), dtype=torch.float64) for k in ("own", "own_n", "shuf", "shuf_n")}
-    acc |= _group_acc(judge)
-    for lo, hi, img in generate(G, ctx, emb, TAGS[split]):
-        logits, f = judge(img)
-        feats.add(f)
-        _add(acc, judge, logits, tgt[lo:hi], tgt[partner[lo:hi]])
-    out = {"acc": all_sum(acc), "feats": feats.reduce(), "n": len(sample)}
-    call[key] = out
-    return out
+    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner])
+
+
+class JudgeTally:
+    """The judge's hits and features on one source of images for :class:`JudgeItems`, batch by
+    batch; :meth:`result` adds the sums over ranks."""
+
+    def __init__(self, judge: Judge, items: JudgeItems):
+        self.judge, self.items = judge, items
+        self.feats = GaussianSums(judge.net.feature_dim)
+        self.acc = {k: torch.zeros((), dtype=torch.float64) for k in ("own", "own_n", "shuf", "shuf_n")}
+        self.acc |= _group_acc(judge)
+
+    def add(self, images: torch.Tensor, lo: int, hi: int) -> None:
+        """Images of items ``lo:hi`` (any square size: the judge resizes to its input)."""
+        logits, f = self.judge(images)
+        self.feats.add(f)
+        _add(self.acc, self.judge, logits, self.items.own[lo:hi], self.items.shuffled[lo:hi])
+
+    def result(self) -> dict:
+        return {"acc": all_sum(self.acc), "feats": self.feats.reduce(), "n": len(self.items)}
+
+
+def gen_pass_key(split: str) -> tuple:
+    """Per-call cache key of the judge's pass over G's images of a split. A metric that makes
+    the same images (same items, ``generate`` tag ``TAGS[split]``) may fill it to save work."""
+    return ("judge_gen", split)
+
+
+def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
+    """The judge on generated images for ``ctx.judge_samples`` captions (per compute call)."""
+    key = gen_pass_key(split)
+    call = ctx.cache.setdefault("call", {})
+    if key not in call:
+        items = judge_items(ctx, judge, split)
+        tally = JudgeTally(judge, items)
+        for lo, hi, img in generate(G, ctx, items.emb, TAGS[split]):
+            tally.add(img, lo, hi)
+        call[key] = tally.result()
+    return call[key]
 
 
 def _group_acc(judge: Judge) -> dict[str, torch.Tensor]:
