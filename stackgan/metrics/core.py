@@ -135,6 +135,7 @@ class EvalContext:
     batch_size: int = 64
     judge: str = ""  # judge file; "" = <shards>/judge.pt, trained there on first use
     inception: str = ""  # torchvision Inception-v3 state_dict (IS / FID); never downloaded
+    detail_net: str = ""  # 256-px feature net (fd256); "" = <shards>/detail256.pt, trained there on first use
     num_samples: int = 30000  # generated images for IS / FID (the papers' test protocol)
     judge_samples: int = 1000  # generated images per split for the judge metrics
     judge_scope: str = "caption"  # score the groups the caption states, or all the "image"'s
@@ -203,6 +204,10 @@ class EvalContext:
                 f"{self.shards}: the shards carry no attributes (attr.npy); the attribute judge needs the "
                 "embedded bird set or CUB prepared with its attribute labels"
             )
+        if "stage2" in requires and self.image_size != 256:
+            raise MetricError(f"stage-II metrics compare a stage-II generator's 256px images with its "
+                              f"stage-I input; this generator makes {self.image_size}px images (stage I): "
+                              "evaluate a stage-II export, or leave the stage-II metrics out")
         if "inception" in requires:
             if not self.inception:
                 raise MetricError(
@@ -322,7 +327,7 @@ def compute(
     if unknown:
         raise MetricError(f"unknown metric(s) {unknown}; known: {', '.join(sorted(_REGISTRY))}")
     ctx.check({r for _, e in entries for r in e.requires})
-    ctx.cache["call"] = {}  # per-call cache (generated images depend on G)
+    ctx.cache["call"] = {"metrics": tuple(todo)}  # per-call cache (depends on G); what this call runs
     was_training = G.training
     G.eval()
     results: dict[str, dict] = {}
