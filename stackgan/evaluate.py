@@ -5,9 +5,12 @@
     python -m stackgan.evaluate --export ... --shards shards/cub --metrics inception_score,fid \\
         --inception /path/inception_v3_google-0cc3c7bd.pth          # 30000 samples by default
 
-Results are printed and appended (one JSON line per metric) to ``metrics.jsonl`` in the
-run folder (``--jsonl`` to change). The attribute judge is read from ``--judge`` (default
-``<shards>/judge.pt``) and trained there first if the file does not exist. Under
+A stage-II export is also scored against its own stage-I input (stage2_consistency,
+stage2_fd, fd256, sharpness: on by default for stage II). Results are printed and appended
+(one JSON line per metric) to ``metrics.jsonl`` in the run folder (``--jsonl`` to change).
+The attribute judge is read from ``--judge`` (default ``<shards>/judge.pt``) and the 256px
+detail net from ``--detail-net`` (default ``<shards>/detail256.pt``); each is trained there
+first if the file does not exist. Under
 ``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
 
 IS / FID here are monitoring figures (torchvision's Inception-v3 in PyTorch), not
@@ -26,9 +29,16 @@ import torch
 from .data.meta import ShardError
 from .export import ExportError, load_generator
 from .metrics import EvalContext, MetricError, compute, names, rank_world
+from .metrics.detail import DetailNetError
 from .metrics.judge import JudgeError
 
 DEFAULT_METRICS = "judge_consistency,judge_fd,diversity,judge_diversity"
+# stage II: first the figures against its own stage-I input (their generation pass serves the judge metrics)
+DEFAULT_METRICS_STAGE2 = "stage2_consistency,stage2_fd,fd256,sharpness," + DEFAULT_METRICS
+
+
+def default_metrics(stage: int) -> str:
+    return DEFAULT_METRICS_STAGE2 if stage == 2 else DEFAULT_METRICS
 
 
 def default_jsonl(export: str | Path) -> Path:
@@ -72,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--export", required=True, help="generator export")
     p.add_argument("--shards", required=True, help="the shard set the generator was trained on")
-    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated, from: {', '.join(names())}")
+    p.add_argument("--metrics", default="",
+                   help=f"comma-separated, from: {', '.join(names())} (default: {DEFAULT_METRICS}; "
+                        f"stage II: {DEFAULT_METRICS_STAGE2})")
     p.add_argument("--judge", default="", help="attribute judge file (default <shards>/judge.pt)")
     p.add_argument("--inception", default="", help="Inception-v3 state_dict for inception_score / fid")
+    p.add_argument("--detail-net", default="",
+                   help="256px detail net for fd256 (default <shards>/detail256.pt, trained there on first use)")
     p.add_argument("--num-samples", type=int, default=30000, help="generated images for IS / FID")
     p.add_argument("--is-splits", type=int, default=10)
     p.add_argument("--judge-samples", type=int, default=1000,
@@ -94,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         ctx = EvalContext.from_export(
             info, args.shards, device=device, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
             inception=args.inception, num_samples=args.num_samples, judge_samples=args.judge_samples,
-            judge_scope=args.judge_scope,
+            judge_scope=args.judge_scope, detail_net=args.detail_net,
             diversity_captions=args.diversity_captions, diversity_z=args.diversity_z,
             is_splits=args.is_splits,
         )
         jsonl = Path(args.jsonl) if args.jsonl else default_jsonl(args.export)
-        results = compute(args.metrics, G, ctx, step=info.step, jsonl=jsonl,
+        results = compute(args.metrics or default_metrics(info.stage), G, ctx, step=info.step, jsonl=jsonl,
                           extra={"export": str(args.export), "stage": info.stage, "source": "evaluate"})
-    except (MetricError, ExportError, ShardError, JudgeError) as e:
+    except (MetricError, ExportError, ShardError, JudgeError, DetailNetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank_world()[0] == 0:

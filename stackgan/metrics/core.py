@@ -42,7 +42,8 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
-_BUILTIN = ("stackgan.metrics.scores", "stackgan.metrics.inception")  # modules that register metrics
+# modules that register metrics
+_BUILTIN = ("stackgan.metrics.scores", "stackgan.metrics.inception", "stackgan.metrics.stage2")
 
 
 def _load_builtin() -> None:
