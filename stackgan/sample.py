@@ -7,9 +7,11 @@
 
 Writes one PNG per image (``p<prompt>_s<sample>.png``), a grid with each prompt written
 under its row (``grid.png``) and ``prompts.json`` (what was asked, with which export and
-seed) into ``--out`` (default ``<run folder>/generated``). The export holds the EMA
-weights when the run used EMA, so those are what is sampled. Stage I and stage II
-exports both work; ``--device cuda`` samples on a GPU.
+seed) into ``--out`` (default ``<run folder>/generated``). ``--stages`` (stage II) adds
+``stages.png``: per prompt one row, per sample three columns: the stage-I image it was
+refined from (64 px, shown x4), that image upsampled bicubically (the baseline), stage II.
+The export holds the EMA weights when the run used EMA, so those are what is sampled.
+Stage I and stage II exports both work; ``--device cuda`` samples on a GPU.
 
 Free-text prompts are embedded with the text encoder recorded in the export. A generator
 trained on embeddings that cannot be computed for new text (CUB's precomputed
@@ -31,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .data.meta import ShardError, load_metadata
 from .export import ExportError, ExportInfo, build_from_export, export_info, read_export
 from .grid import save_grid, save_png, to_uint8
 from .metrics.core import _seed, noise, run_generator
+from .metrics.detail import upsample
 from .text import PrecomputedEncoder, TextEncoder, TextEncoderError, get_encoder
 
 GRID_ROWS = 16  # prompts per grid file
@@ -145,8 +149,37 @@ def default_out(export: str | Path) -> Path:
     return (parent.parent if parent.name == "export" else parent) / "generated"
 
 
-def write_outputs(images: torch.Tensor, prompts: Prompts, out: Path, info: ExportInfo, seed: int) -> dict:
-    """PNGs, captioned grid(s) and prompts.json (every file written atomically)."""
+STAGES_LEGEND = "per sample: stage I (64 px, shown x4) | stage I upsampled bicubically | stage II"
+
+
+def stage_columns(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(P, n, 3, 64, 64) stage-I and (P, n, 3, 256, 256) stage-II images -> (P, 3n, 3, 256, 256):
+    per sample its stage-I image (nearest x4: its own pixels), that upsampled bicubically, stage II."""
+    p, n, _, size, _ = high.shape
+    flat = low.flatten(0, 1)
+    cols = [F.interpolate(flat, size=(size, size), mode="nearest"), upsample(flat, size), high.flatten(0, 1)]
+    return torch.stack(cols, 1).reshape(p, 3 * n, *high.shape[2:])
+
+
+def write_stage_sheets(low: torch.Tensor, high: torch.Tensor, prompts: Prompts, out: Path) -> list[str]:
+    """``stages.png`` (``stages-000.png``, ... beyond 16 prompts): a row of columns per prompt."""
+    rows = stage_columns(low, high)
+    chunks = range(0, len(rows), GRID_ROWS)
+    names = []
+    for k, lo in enumerate(chunks):
+        name = "stages.png" if len(chunks) == 1 else f"stages-{k:03d}.png"
+        part = rows[lo : lo + GRID_ROWS]
+        captions = [f"{lo + i}: {t}" for i, t in enumerate(prompts.texts[lo : lo + GRID_ROWS])]
+        captions[0] = f"{STAGES_LEGEND}\n{captions[0]}"
+        save_grid(part.flatten(0, 1), out / name, nrow=part.shape[1], captions=captions)
+        names.append(name)
+    return names
+
+
+def write_outputs(images: torch.Tensor, prompts: Prompts, out: Path, info: ExportInfo, seed: int,
+                  low: torch.Tensor | None = None) -> dict:
+    """PNGs, captioned grid(s) and prompts.json (every file written atomically); with the
+    stage-I images ``low`` of a stage-II generator, the stage sheet(s) too."""
     out.mkdir(parents=True, exist_ok=True)
     n_p, n = images.shape[:2]
     arr = to_uint8(images.reshape(-1, *images.shape[2:]))
@@ -162,6 +195,8 @@ def write_outputs(images: torch.Tensor, prompts: Prompts, out: Path, info: Expor
         save_grid(rows.reshape(-1, *images.shape[2:]), out / name, nrow=n,
                   captions=[f"{lo + i}: {t}" for i, t in enumerate(prompts.texts[lo : lo + GRID_ROWS])])
         grids.append(name)
+    if low is not None:
+        grids += write_stage_sheets(low, images, prompts, out)
     record = {"export": info.path, "stage": info.stage, "step": info.step, "text_encoder": info.text_encoder,
               "seed": seed, "n": n, "source": prompts.source, "prompts": prompts.texts, "grids": grids,
               "files": "p<prompt>_s<sample>.png"}
@@ -186,6 +221,7 @@ def run(
     device: str = "cpu",
     encoder: str | None = None,
     text_encoder: TextEncoder | None = None,
+    stages: bool = False,
 ) -> dict:
     """Everything ``main`` does, as a function. ``text_encoder`` reuses a loaded encoder."""
     if n <= 0:
@@ -199,6 +235,9 @@ def run(
     texts = read_prompts(prompts, prompts_file) if not split else []
     payload = read_export(export)
     info = export_info(payload, export)
+    if stages and info.stage != 2:
+        raise SamplingError(f"--stages shows stage II next to the stage-I image it refines: it needs a "
+                            f"stage-II export, {export} is stage {info.stage}")
     if split:
         pr = split_prompts(info, shards, split, limit, caption_index, encoder)
     else:
@@ -212,7 +251,9 @@ def run(
     G = build_from_export(payload).to(device).eval()
     G.requires_grad_(False)
     images = generate_images(G, pr.emb, n, seed, info.z_dim, device)
-    return write_outputs(images, pr, Path(out) if out else default_out(export), info, seed)
+    # the same seeds give the stage-I images G refined (its forward draws low_res first)
+    low = generate_images(G.low_res, pr.emb, n, seed, info.z_dim, device) if stages else None
+    return write_outputs(images, pr, Path(out) if out else default_out(export), info, seed, low)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,11 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default <run folder>/generated)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--encoder", help="text encoder to embed prompts with (must be the export's; default: it)")
+    p.add_argument("--stages", action="store_true",
+                   help="stage II: also write stages.png (stage I | it upsampled bicubically | stage II)")
     args = p.parse_args(argv)
     try:
         res = run(args.export, prompts=args.prompt, prompts_file=args.prompts, split=args.split,
                   shards=args.shards, limit=args.limit, caption_index=args.caption_index, n=args.n,
-                  seed=args.seed, out=args.out, device=args.device, encoder=args.encoder)
+                  seed=args.seed, out=args.out, device=args.device, encoder=args.encoder, stages=args.stages)
     except (SamplingError, ExportError, ShardError, TextEncoderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
