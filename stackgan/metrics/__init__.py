@@ -5,7 +5,9 @@
     compute("judge_consistency,judge_fd,diversity", G, ctx, step=step, jsonl=run_dir / "metrics.jsonl")
 
 Registered metrics: ``judge_consistency``, ``judge_fd``, ``diversity`` (:mod:`.scores`,
-attribute judge in :mod:`.judge`), ``inception_score``, ``fid`` (:mod:`.inception`). Add
+attribute judge in :mod:`.judge`), ``inception_score``, ``fid`` (:mod:`.inception`), and for
+stage II ``stage2_consistency``, ``stage2_fd``, ``fd256``, ``sharpness`` (:mod:`.stage2`,
+256-px detail net and sharpness in :mod:`.detail`). Add
 one with ``@register("name")`` on a function ``fn(G, ctx) -> dict``. The built-in metric
 modules are imported on first use of :func:`compute`, :func:`get` or :func:`names`.
 """
