@@ -194,10 +194,10 @@ def real_g(shards) -> RealG:
     return RealG(shards)
 
 
-def tiny_stage2(dim: int = DIM, seed: int = 0) -> tuple[nn.Module, ModelConfig, ModelConfig]:
+def tiny_stage2(dim: int = DIM, seed: int = 0, **model) -> tuple[nn.Module, ModelConfig, ModelConfig]:
     """A small real Stage2G with visible, seed-dependent pictures (BN stats away from identity)."""
     s1 = ModelConfig(stage=1, z_dim=Z_DIM, cond_dim=8, gf_dim=4)
-    s2 = ModelConfig(stage=2, z_dim=Z_DIM, cond_dim=8, gf_dim=4, r_num=1)
+    s2 = ModelConfig(stage=2, z_dim=Z_DIM, cond_dim=8, gf_dim=4, r_num=1, **model)
     torch.manual_seed(seed)
     g1 = build_generator(s1, dim)
     for m in g1.modules():
@@ -317,6 +317,21 @@ def test_one_generation_serves_every_figure_with_the_stage1_images_G_refined(ctx
     lows = [low for _, _, _, low in stage_batches(G, c, emb, tag=5)]
     refined = [x for k, x in enumerate(inner) if k % 2 == 0]  # forward's stage-I call, then low_res's
     assert len(lows) == len(refined) == 2 and all(torch.equal(a, b) for a, b in zip(lows, refined))
+
+
+def test_an_untrained_upsample_skip_stage2_scores_as_the_baseline(ctx):
+    """model.upsample_skip starts G at its input upsampled bicubically: every figure must
+    put it at the baseline (up to the skip's clamp to +-0.99)."""
+    G, _, _ = tiny_stage2(upsample_skip=True)
+    res = compute("stage2_consistency,stage2_fd,fd256,sharpness", G, ctx)
+    for split in ("train", "test"):
+        assert res["stage2_consistency"][f"gain_{split}"] == pytest.approx(0, abs=0.05), res
+        fds = res["stage2_fd"]
+        assert fds[split] == pytest.approx(fds[f"upsampled_{split}"], rel=0.05), fds
+    assert res["fd256"]["stage2"] == pytest.approx(res["fd256"]["upsampled"], rel=0.05), res["fd256"]
+    assert res["sharpness"]["stage2"] == pytest.approx(res["sharpness"]["upsampled"], rel=0.05), res
+    plain = compute("sharpness", tiny_stage2()[0], ctx)["sharpness"]  # the official G draws a new image
+    assert plain["stage2"] > 2 * plain["upsampled"], plain
 
 
 def test_stage1_generators_are_refused_before_any_work(ctx):
