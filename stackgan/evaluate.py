@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge", default="", help="attribute judge file (default <shards>/judge.pt)")
     p.add_argument("--inception", default="", help="Inception-v3 state_dict for inception_score / fid")
     p.add_argument("--detail-net", default="",
-                   help="256px detail net for fd256 (default <shards>/detail256.pt, trained there on first use)")
+                   help="256px detail net for fd256 (default <shards>/detail256.pt, trained on first use)")
     p.add_argument("--num-samples", type=int, default=30000, help="generated images for IS / FID")
     p.add_argument("--is-splits", type=int, default=10)
     p.add_argument("--judge-samples", type=int, default=1000,

@@ -242,7 +242,8 @@ class _JpegSet:
     def crops(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         imgs = np.stack([decode_image(self.jpegs[i], STORED) for i in idx.tolist()])
         corners = torch.randint(0, STORED - SIZE + 1, (len(idx), 2), generator=gen).tolist()
-        x = torch.from_numpy(np.stack([im[y : y + SIZE, x0 : x0 + SIZE] for im, (y, x0) in zip(imgs, corners)]))
+        x = torch.from_numpy(np.stack([im[y : y + SIZE, x0 : x0 + SIZE]
+                                       for im, (y, x0) in zip(imgs, corners)]))
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x[flip] = x[flip].flip(2)
         return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
