@@ -20,9 +20,10 @@ does not depend on the trainer's internals. Parts:
                 (``--deterministic-trainer``: cuDNN deterministic, no autotuning, cuBLAS
                 workspace pinned), because a resume can only be compared exactly when the
                 same inputs give the same bits;
-* ``ddp``       2 processes (``accelerate launch``, NCCL; gloo in smoke mode), bf16, at the
-                official widths and batch 64 per GPU: ranks' parameter fingerprints
-                identical; with two GPUs also 1-GPU vs 2-GPU images/s -> scaling;
+* ``ddp``       2 processes (``accelerate launch``, NCCL; gloo in smoke mode) of the quality
+                recipe (``configs/quality_recipe.yaml``: every option it uses, bf16) at the
+                official widths and batch 64 per GPU (smoke: tiny): ranks' parameter
+                fingerprints identical; with two GPUs also 1-GPU vs 2-GPU images/s -> scaling;
 * ``deepspeed`` ZeRO-2 in bf16 and fp16 (2 processes on 2 GPUs, else 1): finished, ranks
                 identical, losses finite, the engines' own description line;
 * ``bench``     ``python -m stackgan.bench --device cuda --only peak,stage1,stage2``: bf16
@@ -61,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_FRAC_BF16 = 0.40  # bf16 stage I b64: of the bf16 matmul peak
 TARGET_DDP_SCALING = 0.90  # 2 GPUs vs 1, images/s per GPU
 DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+DDP_CONFIG = "configs/quality_recipe.yaml"  # the DDP part runs every option the recipe uses
 MIXED_PRECISION = {"fp32": "'no'", "bf16": "bf16", "fp16": "fp16"}  # -> train.mixed_precision (quoted: YAML reads no as false)
 
 
@@ -333,10 +335,11 @@ class Check:
                 "--resume", resume, f"data.shards={self.shards}", f"train.run_dir={run}", "train.tqdm=false",
                 *overrides]
 
-    def launch(self, accel_config: str, nproc: int, run: Path, *overrides: str) -> list[str]:
+    def launch(self, accel_config: str, nproc: int, run: Path, *overrides: str,
+               config: str = "configs/birds_stage1.yaml") -> list[str]:
         return [self.py, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{accel_config}",
                 "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
-                "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", f"data.shards={self.shards}",
+                "-m", "stackgan.train", "--config", config, f"data.shards={self.shards}",
                 f"train.run_dir={run}", "train.tqdm=false", *overrides]
 
     def gpus(self, *index: int) -> dict:
@@ -448,19 +451,21 @@ class Check:
 
     # ---- DDP ------------------------------------------------------------------------------
     def ddp_jobs(self, after: tuple[str, ...]) -> list[Job]:
+        """The quality recipe (every option it uses, bf16), shortened: 2 processes, and on GPUs
+        also 1, for the scaling figure."""
         common = (*self.plan.ddp_model, f"train.steps={self.plan.ddp_steps}", f"train.log_every={self.plan.ddp_log_every}",
                   f"train.ckpt_every={self.plan.ddp_steps}", "train.sample_every=100000", "train.diag_every=100000",
-                  "train.mixed_precision=bf16")
+                  "train.mixed_precision=bf16", "train.time_limit_min=0", "train.metrics=", "train.metrics_every=0")
+        two = self.launch("cpu_2proc.yaml" if self.plan.smoke else "multi_gpu.yaml", 2, self.work / "ddp" / "two",
+                          *common, config=DDP_CONFIG)
         if self.plan.smoke:
-            return [Job("ddp-2proc", self.launch("cpu_2proc.yaml", 2, self.work / "ddp" / "two", *common), 300,
-                        {}, after)]
+            return [Job("ddp-2proc", two, 300, {}, after)]
         if self.n_gpus < 2:
             return []
-        one = [self.py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", f"data.shards={self.shards}",
+        one = [self.py, "-m", "stackgan.train", "--config", DDP_CONFIG, f"data.shards={self.shards}",
                f"train.run_dir={self.work / 'ddp' / 'one'}", "train.tqdm=false", *common]
         return [Job("ddp-1gpu", one, 180, self.gpus(1), after),
-                Job("ddp-2gpu", self.launch("multi_gpu.yaml", 2, self.work / "ddp" / "two", *common), 180,
-                    self.gpus(0, 1), after + ("ddp-1gpu",))]
+                Job("ddp-2gpu", two, 180, self.gpus(0, 1), after + ("ddp-1gpu",))]
 
     def ddp_record(self, results: dict[str, Result]) -> dict:
         if not self.plan.smoke and self.n_gpus < 2:
@@ -468,7 +473,7 @@ class Check:
         two = results.get("ddp-2proc") or results["ddp-2gpu"]
         recs = log_records(self.work / "ddp" / "two")
         fin = finished_record(recs) or {}
-        rec = {"run": _result_fields(two), "world_size": fin.get("world_size"),
+        rec = {"run": _result_fields(two), "config": DDP_CONFIG, "world_size": fin.get("world_size"),
                "ranks_identical": fin.get("ranks_identical"), "fingerprints": fin.get("fingerprints"),
                "nonfinite": nonfinite_losses(recs)[:5], "img_per_s_2": median_img_per_s(recs)}
         problems = []
