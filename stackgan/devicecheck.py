@@ -36,9 +36,10 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 _THIS = str(Path(__file__).resolve())
 _SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
 _COPY_OPS = {aten._to_copy.default, aten.copy_.default}
-_MATH_OPS = {aten.convolution.default: "convolution", aten.convolution_backward.default: "convolution_backward",
-             aten.mm.default: "matmul", aten.addmm.default: "matmul", aten.bmm.default: "matmul",
-             aten.baddbmm.default: "matmul"}
+_MATH_OPS = {aten.convolution.default: "convolution",
+             aten.convolution_backward.default: "convolution_backward",
+             aten.mm.default: "matmul", aten.addmm.default: "matmul",
+             aten.bmm.default: "matmul", aten.baddbmm.default: "matmul"}
 
 
 class Finding(NamedTuple):
@@ -96,7 +97,8 @@ class DeviceGuard(TorchDispatchMode):
             if func is aten._to_copy.default:
                 dst = kwargs.get("device")
                 return dst is not None and torch.device(dst).type == "cpu" and self._on_device(args[0])
-            return args[0].device.type == "cpu" and isinstance(args[1], torch.Tensor) and self._on_device(args[1])
+            src = args[1]
+            return args[0].device.type == "cpu" and isinstance(src, torch.Tensor) and self._on_device(src)
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

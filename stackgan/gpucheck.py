@@ -63,7 +63,8 @@ TARGET_FRAC_BF16 = 0.40  # bf16 stage I b64: of the bf16 matmul peak
 TARGET_DDP_SCALING = 0.90  # 2 GPUs vs 1, images/s per GPU
 DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 DDP_CONFIG = "configs/quality_recipe.yaml"  # the DDP part runs every option the recipe uses
-MIXED_PRECISION = {"fp32": "'no'", "bf16": "bf16", "fp16": "fp16"}  # -> train.mixed_precision (quoted: YAML reads no as false)
+# -> train.mixed_precision ('no' quoted: YAML reads a bare no as false)
+MIXED_PRECISION = {"fp32": "'no'", "bf16": "bf16", "fp16": "fp16"}
 
 
 class CheckError(ValueError):
@@ -93,7 +94,8 @@ class Plan:
         return Plan(smoke=False, precisions=("fp32", "bf16", "fp16"), steps={1: 200, 2: 200},
                     model=("data.num_workers=2", "train.log_every=10", "train.diag_every=50",
                            "train.sample_every=100"),
-                    ddp_model=("model.gf_dim=128", "model.df_dim=64", "data.batch_size=64", "data.num_workers=3"),
+                    ddp_model=("model.gf_dim=128", "model.df_dim=64", "data.batch_size=64",
+                               "data.num_workers=3"),
                     ddp_steps=100, ddp_log_every=20, budget_s=budget_s, jobs=jobs)
 
     @staticmethod
@@ -164,7 +166,8 @@ class Runner:
                 failed = [d for d in blocked if d in self.results or d not in known]
                 if failed:
                     pending.remove(job)
-                    self._done(Result(job.name, "skipped", reason=f"needs {', '.join(failed)}, which did not succeed"))
+                    why = f"needs {', '.join(failed)}, which did not succeed"
+                    self._done(Result(job.name, "skipped", reason=why))
                 elif not blocked and len(running) < parallel:
                     pending.remove(job)
                     left = self.deadline - time.time()
@@ -182,7 +185,9 @@ class Runner:
                 log.close()
                 rc = proc.returncode
                 status = "ok" if rc in job.ok_codes and not timed_out else "failed"
-                reason = f"timed out after {limit:.0f}s" if timed_out else ("" if status == "ok" else f"exit {rc}")
+                reason = "" if status == "ok" else f"exit {rc}"
+                if timed_out:
+                    reason = f"timed out after {limit:.0f}s"
                 self._done(Result(name, status, rc, time.time() - t0, reason, str(self.logs / f"{name}.log")))
             time.sleep(0.2)
         return {j.name: self.results[j.name] for j in jobs}
@@ -309,7 +314,7 @@ def bench_figures(report: dict, device: str) -> dict:
                 "gflops_per_s": ours.get("gflops_per_s"), "frac_matmul_peak": ours.get("frac_matmul"),
                 "vs_original": ours.get("vs_original"), "peak_mem_mb": ours.get("peak_mem_mb")}
     out = {"matmul_peak_gflops": report.get("matmul_peak_gflops", {}), "cases": cases,
-           "errors": [e.get("label", "") + ": " + e.get("error", "")[-300:] for e in report.get("errors", [])]}
+           "errors": [f"{e.get('label', '')}: {e.get('error', '')[-300:]}" for e in report.get("errors", [])]}
     if device == "cuda":
         s1 = cases.get("official-s1-b64 bf16", {})
         out["target_bf16_stage1_b64"] = s1.get("frac_matmul_peak")
@@ -337,8 +342,9 @@ class Check:
 
     def launch(self, accel_config: str, nproc: int, run: Path, *overrides: str,
                config: str = "configs/birds_stage1.yaml") -> list[str]:
-        return [self.py, "-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{accel_config}",
-                "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
+        return [self.py, "-m", "accelerate.commands.launch",
+                "--config_file", f"configs/accelerate/{accel_config}", "--num_processes", str(nproc),
+                "--main_process_port", str(_free_port()),
                 "-m", "stackgan.train", "--config", config, f"data.shards={self.shards}",
                 f"train.run_dir={run}", "train.tqdm=false", *overrides]
 
@@ -349,9 +355,11 @@ class Check:
     def data_job(self) -> Job | None:
         if self.args.shards:
             return None
-        return Job("data", [self.py, "shards/prepare.py", "--embedded", "--embedded-dir", str(self.work / "birds"),
-                            "--species", "6", "--images-per-species", "8", "--out", str(self.shards),
-                            "--shard-size", "16", "--workers", "2" if self.plan.smoke else "4", "--quiet"], 300)
+        workers = "2" if self.plan.smoke else "4"
+        cmd = [self.py, "shards/prepare.py", "--embedded", "--embedded-dir", str(self.work / "birds"),
+               "--species", "6", "--images-per-species", "8", "--out", str(self.shards),
+               "--shard-size", "16", "--workers", workers, "--quiet"]
+        return Job("data", cmd, 300)
 
     # ---- pytest ------------------------------------------------------------------------
     def pytest_job(self, gpu_env: dict, after: tuple[str, ...]) -> Job:
@@ -383,18 +391,19 @@ class Check:
             n = self.plan.steps[stage]
             for prec in self.plan.precisions:
                 name = f"s{stage}-{prec}"
-                common = (*self.plan.model, f"train.steps={n}", f"train.ckpt_every={n // 2}", "train.keep_last=5",
-                          f"train.mixed_precision={MIXED_PRECISION[prec]}", *self.deterministic_overrides())
+                common = (*self.plan.model, f"train.steps={n}", f"train.ckpt_every={n // 2}",
+                          "train.keep_last=5", f"train.mixed_precision={MIXED_PRECISION[prec]}",
+                          *self.deterministic_overrides())
                 if stage == 2:
                     common += (f"model.stage1_export={export1}",)
                 deps = after + (("s1-fp32",) if stage == 2 else ())
                 config = f"configs/birds_stage{stage}.yaml"
                 straight, resumed = self.work / "train" / name, self.work / "train" / f"{name}-resumed"
-                jobs.append(Job(name, self.trainer(straight, config, *common), 300, {**gpu_env, **DETERMINISTIC_ENV},
-                                deps))
+                env = {**gpu_env, **DETERMINISTIC_ENV}
                 middle = straight / "checkpoints" / f"step-{n // 2:08d}"
-                jobs.append(Job(f"{name}-resumed", self.trainer(resumed, config, *common, resume=str(middle)), 300,
-                                {**gpu_env, **DETERMINISTIC_ENV}, (name,)))
+                jobs.append(Job(name, self.trainer(straight, config, *common), 300, env, deps))
+                again = self.trainer(resumed, config, *common, resume=str(middle))
+                jobs.append(Job(f"{name}-resumed", again, 300, env, (name,)))
         return jobs
 
     def deterministic_overrides(self) -> tuple[str, ...]:
@@ -424,18 +433,22 @@ class Check:
     def _resume_record(self, name: str, results: dict[str, Result]) -> dict:
         straight, resumed = results[name], results[f"{name}-resumed"]
         rec = {"straight": _result_fields(straight), "resumed": _result_fields(resumed)}
-        problems = [f"{r.name}: {r.status} {r.reason}".strip() for r in (straight, resumed) if r.status != "ok"]
+        problems = [f"{r.name}: {r.status} {r.reason}".strip()
+                    for r in (straight, resumed) if r.status != "ok"]
         for tag, res in (("straight", straight), ("resumed", resumed)):
             run = self.work / "train" / res.name
             recs = log_records(run)
             bad = nonfinite_losses(recs)
             rec[tag].update(finished=finished_record(recs) is not None, nonfinite=bad[:5],
-                            img_per_s=median_img_per_s(recs), mem_mb=max((r.get("mem_mb", 0) for r in recs), default=None))
+                            img_per_s=median_img_per_s(recs),
+                            mem_mb=max((r.get("mem_mb", 0) for r in recs), default=None))
             if res.status == "ok" and (bad or not rec[tag]["finished"]):
-                problems.append(f"{res.name}: " + (f"non-finite losses {bad[:3]}" if bad else "no 'finished' record"))
+                what = f"non-finite losses {bad[:3]}" if bad else "no 'finished' record"
+                problems.append(f"{res.name}: {what}")
             if res.status != "ok":
                 rec[tag]["log_tail"] = res.tail(1500)
-        a, b = latest_checkpoint(self.work / "train" / name), latest_checkpoint(self.work / "train" / f"{name}-resumed")
+        a = latest_checkpoint(self.work / "train" / name)
+        b = latest_checkpoint(self.work / "train" / f"{name}-resumed")
         if straight.status == "ok" and resumed.status == "ok" and a and b:
             cmp = compare_states(_load_state(a), _load_state(b))
             rec["exact_resume"] = cmp["equal"]
@@ -453,11 +466,13 @@ class Check:
     def ddp_jobs(self, after: tuple[str, ...]) -> list[Job]:
         """The quality recipe (every option it uses, bf16), shortened: 2 processes, and on GPUs
         also 1, for the scaling figure."""
-        common = (*self.plan.ddp_model, f"train.steps={self.plan.ddp_steps}", f"train.log_every={self.plan.ddp_log_every}",
-                  f"train.ckpt_every={self.plan.ddp_steps}", "train.sample_every=100000", "train.diag_every=100000",
-                  "train.mixed_precision=bf16", "train.time_limit_min=0", "train.metrics=", "train.metrics_every=0")
-        two = self.launch("cpu_2proc.yaml" if self.plan.smoke else "multi_gpu.yaml", 2, self.work / "ddp" / "two",
-                          *common, config=DDP_CONFIG)
+        n = self.plan.ddp_steps
+        common = (*self.plan.ddp_model, f"train.steps={n}", f"train.log_every={self.plan.ddp_log_every}",
+                  f"train.ckpt_every={n}", "train.sample_every=100000", "train.diag_every=100000",
+                  "train.mixed_precision=bf16", "train.time_limit_min=0", "train.metrics=",
+                  "train.metrics_every=0")
+        accel = "cpu_2proc.yaml" if self.plan.smoke else "multi_gpu.yaml"
+        two = self.launch(accel, 2, self.work / "ddp" / "two", *common, config=DDP_CONFIG)
         if self.plan.smoke:
             return [Job("ddp-2proc", two, 300, {}, after)]
         if self.n_gpus < 2:
@@ -521,8 +536,8 @@ class Check:
     def deepspeed_record(self, results: dict[str, Result]) -> dict:
         if self.plan.smoke:
             return {"status": "skipped",
-                    "reason": "no CUDA device: DeepSpeed's two engines (ZeRO-1/2, bf16, fp16) are exercised on "
-                              "CPU processes by tests/test_deepspeed.py"}
+                    "reason": "no CUDA device: DeepSpeed's two engines (ZeRO-1/2, bf16, fp16) are exercised "
+                              "on CPU processes by tests/test_deepspeed.py"}
         runs, problems = {}, []
         for prec in ("bf16", "fp16"):
             res = results[f"deepspeed-{prec}"]
@@ -538,7 +553,8 @@ class Check:
                 problems.append(f"deepspeed-{prec}: {res.reason}")
                 runs[prec]["log_tail"] = res.tail(2000)
             elif not fin.get("ranks_identical") or runs[prec]["nonfinite"] or want not in line:
-                problems.append(f"deepspeed-{prec}: finished={bool(fin)}, ranks_identical={fin.get('ranks_identical')}, "
+                problems.append(f"deepspeed-{prec}: finished={bool(fin)}, "
+                                f"ranks_identical={fin.get('ranks_identical')}, "
                                 f"nonfinite={runs[prec]['nonfinite']}, describe={line!r}")
         return {"status": "failed" if problems else "ok", "problems": problems, "runs": runs, "zero_stage": 2}
 
@@ -548,7 +564,8 @@ class Check:
         if self.plan.smoke:
             cmd = [self.py, "-m", "stackgan.bench", "--quick", "--only", "peak,stage1", "--out", str(out)]
         else:
-            cmd = [self.py, "-m", "stackgan.bench", "--device", "cuda", "--only", "peak,stage1,stage2", "--out", str(out)]
+            cmd = [self.py, "-m", "stackgan.bench", "--device", "cuda", "--only", "peak,stage1,stage2",
+                   "--out", str(out)]
         return Job("bench", cmd, 240 if self.cuda else 300, gpu_env, after)
 
     def bench_record(self, res: Result) -> dict:
@@ -595,7 +612,8 @@ def probe_env() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda_build": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(), "gpu_count": torch.cuda.device_count(),
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
             "cpus": os.cpu_count()}
     for pkg in ("accelerate", "deepspeed", "numpy"):
         try:
@@ -694,10 +712,12 @@ def targets(report: dict) -> list[dict]:
     return [
         {"name": "bf16 stage I batch 64, of the bf16 matmul peak (same run)", "value": frac,
          "target": TARGET_FRAC_BF16, "met": None if frac is None else frac >= TARGET_FRAC_BF16},
-        {"name": "2-GPU DDP scaling (images/s of 2 GPUs / 2 x 1 GPU), bf16, batch 64 per GPU", "value": scaling,
-         "target": TARGET_DDP_SCALING, "met": None if scaling is None else scaling >= TARGET_DDP_SCALING},
+        {"name": "2-GPU DDP scaling (images/s of 2 GPUs / 2 x 1 GPU), bf16, batch 64 per GPU",
+         "value": scaling, "target": TARGET_DDP_SCALING,
+         "met": None if scaling is None else scaling >= TARGET_DDP_SCALING},
         {"name": "bf16 stage II batch 16 (stated)", "value": s2.get("frac_matmul_peak"),
-         "img_per_s": s2.get("img_per_s"), "gflops_per_s": s2.get("gflops_per_s"), "target": None, "met": None},
+         "img_per_s": s2.get("img_per_s"), "gflops_per_s": s2.get("gflops_per_s"),
+         "target": None, "met": None},
     ]
 
 
@@ -738,11 +758,13 @@ def deterministic_trainer(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stackgan.gpucheck", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="CPU mode: tiny networks and steps, gloo, no DeepSpeed")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU mode: tiny networks and steps, gloo, no DeepSpeed")
     p.add_argument("--out", default="runs/gpucheck.json", help="the JSON of figures (default %(default)s)")
     p.add_argument("--work", default="", help="scratch folder for runs and logs (default: next to --out)")
     p.add_argument("--shards", default="", help="use these shards instead of making a tiny set")
-    p.add_argument("--budget-s", type=float, default=0, help="time budget in seconds (default: 290 GPU, 600 smoke)")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="time budget in seconds (default: 290 GPU, 600 smoke)")
     p.add_argument("--jobs", type=int, default=0, help="correctness runs at a time (default: 4 GPU, 2 smoke)")
     p.add_argument("--keep", action="store_true", help="do not clear the scratch folder first")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -762,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget_s < 0 or args.jobs < 0:
             raise CheckError("--budget-s and --jobs must be >= 0")
         if args.shards and not (Path(args.shards) / "metadata.json").is_file():
-            raise CheckError(f"--shards {args.shards}: no metadata.json there (make shards with shards/prepare.py)")
+            raise CheckError(f"--shards {args.shards}: no metadata.json there "
+                             "(make shards with shards/prepare.py)")
         out = Path(args.out)
         args.work = args.work or str(out.with_suffix("")) + "-work"
         report = run_check(args)

@@ -33,7 +33,8 @@ def _pair(acc, fused: bool = False):
     torch.manual_seed(0)
     G, D = nn.Linear(4, 3), nn.Linear(3, 1)
     kw = {"fused": True} if fused else {"foreach": False}
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), lr=0.1, **kw), torch.optim.Adam(D.parameters(), lr=0.1, **kw)
+    opt_g = torch.optim.Adam(G.parameters(), lr=0.1, **kw)
+    opt_d = torch.optim.Adam(D.parameters(), lr=0.1, **kw)
     out = acc.prepare(G, D, opt_g, opt_d)
     # native AMP on after prepare: the scaler logic of a GPU run, without fp16 autocast on the
     # nets, so fp32 losses scale by an exact power of two

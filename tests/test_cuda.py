@@ -206,7 +206,8 @@ def test_deepspeed_fp16_engines_train_on_one_gpu(tiny_shards, tmp_path):
     run = tmp_path / "ds-fp16"
     p = run_cmd([sys.executable, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
                  f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.steps=30",
-                 "train.backend=deepspeed", "train.mixed_precision=fp16", "train.channels_last=false"], timeout=600)
+                 "train.backend=deepspeed", "train.mixed_precision=fp16", "train.channels_last=false"],
+                timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "fp16 (fp16 weights, fp32 master copy, dynamic loss scale per engine" in p.stdout
     recs = [r for r in log_records(run) if "loss_d" in r]

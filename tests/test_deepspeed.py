@@ -78,18 +78,19 @@ def launch(config: str, run_dir: Path, shards: Path, *extra: str) -> subprocess.
 
 
 def spawn_ranks(run_dir: Path, shards: Path, *extra: str, resume: str = "auto",
-                entry: tuple[str, ...] = ("-m", "stackgan.train"), env: dict | None = None) -> list[subprocess.Popen]:
+                entry: tuple[str, ...] = ("-m", "stackgan.train"),
+                env: dict | None = None) -> list[subprocess.Popen]:
     """Two trainer processes started directly, one per rank, as slurm/common.sh does (no launcher)."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env_r = {**os.environ, **ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                 "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env_r = {**os.environ, **ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         args = [sys.executable, *entry, "--config", "configs/birds_stage1.yaml",
                 "--resume", resume, f"data.shards={shards}", f"train.run_dir={run_dir}", *COMMON,
                 "train.backend=deepspeed", *extra]
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env_r, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env_r, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     return procs
 
 
@@ -214,7 +215,8 @@ def _engine_amp(checkpoint: Path, tag: str) -> tuple[int, float]:
     """(skipped steps, current loss scale) of one engine, from its checkpoint files."""
     folder = checkpoint / "deepspeed" / tag
     model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    optim = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+    optim = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)
     return model["skipped_steps"], optim["optimizer_state_dict"]["loss_scaler"].cur_scale
 
 
@@ -226,8 +228,8 @@ def test_fp16_engines_scale_their_losses_apart_and_resume_exactly(tiny_shards, t
     DeepSpeed config file, so the 10 steps both overflow and train), ranks identical, and a
     resume from the middle checkpoint ends bit-identical to the uninterrupted run."""
     ds_conf = tmp_path / "ds_fp16.json"
-    ds_conf.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                   "train_batch_size": "auto",
+    ds_conf.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                   "train_micro_batch_size_per_gpu": "auto",
                                    "fp16": {"initial_scale_power": 12, "hysteresis": 1}}))
     env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_conf)}
     fp16 = ["train.mixed_precision=fp16", f"train.ckpt_every={STEPS // 2}"]

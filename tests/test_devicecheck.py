@@ -22,9 +22,10 @@ from stackgan.models import build_discriminator, build_generator
 
 META = torch.device("meta")
 TEXT = 12
-ALL_OPTIONS = ["model.d_cond=text", "model.contrastive_dim=8", "loss.contrastive_coef=1", "loss.contrastive_bank=16",
-               "loss.contrastive_fakes=true", "loss.class_coef=1", "loss.class_twin=true", "loss.diffaug_shift=2",
-               "loss.r1_gamma=1", "loss.ms_coef=0.1", "loss.ms_samples=2", "optim.grad_clip=1", "model.d_projection=true"]
+ALL_OPTIONS = ["model.d_cond=text", "model.contrastive_dim=8", "loss.contrastive_coef=1",
+               "loss.contrastive_bank=16", "loss.contrastive_fakes=true", "loss.class_coef=1",
+               "loss.class_twin=true", "loss.diffaug_shift=2", "loss.r1_gamma=1", "loss.ms_coef=0.1",
+               "loss.ms_samples=2", "optim.grad_clip=1", "model.d_projection=true"]
 
 
 def _cfg(stage: int, *extra: str):

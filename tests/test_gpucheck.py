@@ -60,7 +60,8 @@ def json_roundtrip(state: dict) -> dict:
 def test_bench_figures_and_targets():
     report = {"matmul_peak_gflops": {"bf16": 1000.0},
               "cases": [{"name": "official-s1-b64", "precision": "bf16",
-                         "runners": {"ours": {"img_per_s": 900.0, "gflops_per_s": 450.0, "frac_matmul": 0.45}}},
+                         "runners": {"ours": {"img_per_s": 900.0, "gflops_per_s": 450.0,
+                                              "frac_matmul": 0.45}}},
                         {"name": "official-s2-b16", "precision": "bf16",
                          "runners": {"ours": {"img_per_s": 80.0, "gflops_per_s": 300.0, "frac_matmul": 0.3}}},
                         {"label": "x", "error": "boom"}],
@@ -126,4 +127,5 @@ def test_smoke_mode_runs_every_part(tiny_shards, tmp_path):
     assert parts["pytest"]["status"] == "ok" and parts["pytest"]["failures"] == 0
     assert parts["bench"]["status"] == "ok" and "tiny-s1-b4 fp32" in parts["bench"]["cases"]
     assert [t["met"] for t in rep["targets"]] == [None, None, None]  # measured on GPUs only
-    assert "gpucheck (smoke (CPU)): OK" in p.stdout and Path(rep["work"], "logs", "s1-bf16-resumed.log").is_file()
+    assert "gpucheck (smoke (CPU)): OK" in p.stdout
+    assert Path(rep["work"], "logs", "s1-bf16-resumed.log").is_file()

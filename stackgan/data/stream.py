@@ -574,7 +574,8 @@ def _new_batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) 
     return t
 
 
-def to_unit_range(img: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def to_unit_range(img: torch.Tensor,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 images (0..255) -> float32 in [-1, 1]; for ``img_dtype="uint8"`` batches, call it
     after moving them to the GPU (4x less to copy and no CPU conversion). ``memory_format``:
     the layout of the result (``torch.channels_last`` for a channels-last D: the conversion
