@@ -138,8 +138,10 @@ def _fp16_pair():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision="fp16")
+    from accelerate.utils import GradScalerKwargs
+
+    AcceleratorState._reset_state()  # a modest first scale: the clean steps below must not overflow
+    acc = Accelerator(mixed_precision="fp16", kwargs_handlers=[GradScalerKwargs(init_scale=2.0**10)])
     assert acc.scaler is not None
     torch.manual_seed(0)
     G, D = nn.Linear(16, 8), nn.Linear(8, 1)
