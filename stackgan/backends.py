@@ -19,8 +19,18 @@ config, ``configs/accelerate/deepspeed_zero{1,2}.yaml``). Choices made here:
 * ``mixed_precision=bf16`` uses DeepSpeed's ``torch_autocast`` mode: fp32 weights and fp32
   ZeRO master copy, forward under ``torch.autocast(bf16)`` exactly as the DDP path, and
   conv/linear gradients reduced in bf16. Weights stay fp32, so EMA, exports and the frozen
-  stage-I generator inside stage II are unchanged. ``fp16`` is refused on GPUs (it would
-  need DeepSpeed's loss scaling on fp16 weights; use bf16); on CPU it runs fp32 as with DDP.
+  stage-I generator inside stage II are unchanged. No loss scaling (bf16 has fp32's range).
+* ``mixed_precision=fp16`` uses DeepSpeed's own fp16 mode, because its ``torch_autocast``
+  mode scales losses only without ZeRO: fp16 weights and buffers in the engines (BatchNorm
+  needs its statistics in the weights' dtype), an fp32 master copy in the ZeRO partitions,
+  and **one dynamic loss scaler per engine**, so an overflow in D's step halves D's scale
+  and skips D's step only, never G's. Inputs are cast to fp16 by the engines, and forwards
+  outside them run under ``torch.autocast(fp16)`` (:meth:`DeepSpeedGAN.autocast`). The EMA
+  keeps fp32 weights and exports are written in fp32 (``stackgan.export``); the frozen
+  stage-I generator inside stage II is held in fp16 like the rest of G (autocast would round
+  its convolution weights to fp16 anyway). fp16 needs an accelerator DeepSpeed supports fp16
+  on (any CUDA GPU); elsewhere the run trains in fp32 and says so, as with DDP.
+  :meth:`DeepSpeedGAN.amp_state` reports each engine's loss scale and skipped steps.
 * The trainer's own per-step learning rate (StackGAN's halving schedule) is written into the
   engines' optimizer param groups; no DeepSpeed scheduler. Gradient accumulation is 1.
 * Checkpoints: every rank writes its ZeRO partition with ``engine.save_checkpoint`` into a
@@ -46,6 +56,10 @@ from .config import Config, ConfigError
 ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
 SUPPORTED_ZERO = (1, 2)
 BUCKET_ELEMENTS = 25_000_000  # largest ZeRO bucket we pick (100 MB fp32; DDP's is 25 MB)
+# fp16: dynamic loss scaling, per engine (DeepSpeed's defaults, as torch's GradScaler: 2^16,
+# halve on overflow, double after 1000 clean steps); a DeepSpeed config file may set them
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}
 
 
 def launched_with_deepspeed() -> bool:
@@ -82,6 +96,40 @@ def _import_deepspeed():
     return deepspeed
 
 
+def _fp16_supported() -> bool:
+    """Whether DeepSpeed's accelerator (CUDA, or its CPU accelerator) trains in fp16."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+def _enabled(section: dict | None) -> bool:
+    return str((section or {}).get("enabled", False)).lower() == "true"
+
+
+def _precision_sections(conf: dict, precision: str) -> None:
+    """The engine's precision from ``train.mixed_precision`` (a config file may not disagree).
+
+    bf16: DeepSpeed's torch_autocast (fp32 weights). fp16: DeepSpeed's fp16 mode with dynamic
+    loss scaling, inputs cast by the engine, and BatchNorm statistics in fp16 like the weights
+    (mixed fp16 weights / fp32 statistics are refused by batch_norm)."""
+    for key in ("fp16", "bf16"):
+        if _enabled(conf.get(key)) and key != precision:
+            raise ConfigError(f"DeepSpeed config enables {key!r} but train.mixed_precision={precision}: "
+                              "set the precision with train.mixed_precision only")
+    conf["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    conf["bf16"] = {"enabled": False}
+    if precision != "fp16":
+        conf["fp16"] = {"enabled": False}
+        return
+    fp16 = conf.setdefault("fp16", {})
+    fp16.update(enabled=True, auto_cast=True)
+    for key, value in FP16_LOSS_SCALING.items():
+        if fp16.get(key, "auto") == "auto":
+            fp16[key] = value
+    conf.setdefault("data_types", {}).setdefault("buffer_dtype", "fp16")
+
+
 def _plugin(cfg: Config, precision: str):
     """One network's DeepSpeed plugin: launcher settings plus what the trainer owns."""
     from accelerate.utils import DeepSpeedPlugin
@@ -95,7 +143,7 @@ def _plugin(cfg: Config, precision: str):
     conf["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     conf["gradient_accumulation_steps"] = 1
     conf["gradient_clipping"] = float(cfg.optim.grad_clip)  # 0 = off (not accelerate's 'auto' = 1.0)
-    conf["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    _precision_sections(conf, precision)
     conf["steps_per_print"] = 2**62
     return plugin
 
@@ -122,7 +170,7 @@ class DeepSpeedGAN:
     :meth:`update`).
     """
 
-    scaler = None  # no GradScaler: bf16 needs none, fp16 is refused
+    scaler = None  # no torch GradScaler: bf16 needs none; fp16 scales inside each engine (amp_state)
 
     def __init__(self, cfg: Config):
         if cfg.train.compile:
@@ -133,10 +181,9 @@ class DeepSpeedGAN:
 
         use_cuda = torch.cuda.is_available()
         precision, self.note = cfg.train.mixed_precision, None
-        if precision == "fp16":
-            if use_cuda:
-                raise ConfigError("train.backend=deepspeed: mixed_precision=fp16 is not supported; use bf16")
-            self.note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
+        if precision == "fp16" and not _fp16_supported():
+            self.note = ("mixed_precision=fp16 needs a GPU (DeepSpeed has no fp16 on this machine's "
+                         "accelerator); this run has no GPU and runs in fp32")
             precision = "no"
         self.precision = precision
         if precision == "bf16":
@@ -181,9 +228,11 @@ class DeepSpeedGAN:
         return self.acc_g.unwrap_model(model)
 
     def autocast(self):
-        """bf16 autocast for forwards outside an engine (G's pass through D, sample grids)."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """The run's autocast for forwards outside an engine (G's pass through D, sample grids).
+        Under fp16 it is also what lets fp32 inputs meet the engines' fp16 weights."""
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
         return nullcontext()
 
     def prepare(self, G, D, opt_g, opt_d):
@@ -205,9 +254,27 @@ class DeepSpeedGAN:
         """One log line with what the engines themselves report (after :meth:`prepare`)."""
         G = self.G
         clip = G.gradient_clipping()
-        mode = "bf16 (torch autocast, fp32 weights)" if G.torch_autocast_enabled() else "fp32"
+        if G.fp16_enabled():
+            mode = (f"fp16 (fp16 weights, fp32 master copy, dynamic loss scale per engine from "
+                    f"{G.optimizer.loss_scale:g})")
+        elif G.torch_autocast_enabled():
+            mode = "bf16 (torch autocast, fp32 weights)"
+        else:
+            mode = "fp32"
         return (f"backend deepspeed: ZeRO-{G.zero_optimization_stage()}, one engine each for G and D, "
                 f"gradient clipping {clip if clip > 0 else 'off'}, {mode}")
+
+    def amp_state(self) -> dict[str, float]:
+        """fp16: each engine's current loss scale and the steps it skipped so far (gradient
+        overflow); empty otherwise. Host numbers the engines keep: reading them never waits
+        for the device. Log them with the losses (``train.log_every``)."""
+        if self.G is None or not self.G.fp16_enabled():
+            return {}
+        out = {}
+        for tag, engine in (("g", self.G), ("d", self.D)):
+            out[f"loss_scale_{tag}"] = float(engine.optimizer.loss_scale)
+            out[f"skipped_steps_{tag}"] = int(engine.skipped_steps)
+        return out
 
     @staticmethod
     def update(engine, loss: torch.Tensor, diag: bool = False) -> float | None:

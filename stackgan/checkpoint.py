@@ -11,6 +11,10 @@ A folder named ``step-*`` only ever appears by an atomic rename of a finished te
 so a kill at any moment leaves either the previous set of checkpoints or the new one.
 All ranks must call :func:`save` (each writes its RNG file); the run folder must be on a
 filesystem every rank sees (the usual shared cluster filesystem).
+
+Tensors are written from host memory (a GPU run's checkpoint loads on a machine without the
+GPU), and each rank keeps the CUDA RNG state of its own device only: ranks of a Slurm job
+may see one GPU each or all of the node's, and a requeue may land on either layout.
 """
 from __future__ import annotations
 
@@ -55,13 +59,14 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's global RNG states; for CUDA the current device's (the rank's GPU)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -69,8 +74,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = _own_cuda_state(state.get("cuda"))
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def _own_cuda_state(saved: torch.Tensor | list | None) -> torch.Tensor | None:
+    """The current device's CUDA RNG state from a checkpoint: one state (this format) or, from
+    older checkpoints, the list of every visible device's, indexed by the current device."""
+    if saved is None or torch.is_tensor(saved):
+        return saved
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
+
+
+def to_host(obj: Any) -> Any:
+    """``obj`` with every tensor (in dicts, lists, tuples) copied to host memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        out = type(obj)((k, to_host(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's per-layer versions
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
 
 
 def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict, *,
@@ -98,7 +129,7 @@ def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng
         rank_files(tmp)
     barrier()
     if rank == 0:
-        torch.save(state_fn(), tmp / "state.pt")
+        torch.save(to_host(state_fn()), tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
         if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
             shutil.rmtree(final)

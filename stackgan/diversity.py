@@ -30,6 +30,14 @@ def pairwise_l1(imgs: Tensor) -> Tensor:
     return d.sum(dim=(1, 2)) / (k * (k - 1))
 
 
+def _autocast_like(G: nn.Module, device: torch.device):
+    """Autocast in G's own half dtype (inputs are fp32), or nothing for an fp32 G."""
+    dtype = next(G.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: torch.Generator) -> float:
     """Normalised mean pairwise L1 between ``z_per_caption`` samples of each caption.
@@ -37,7 +45,10 @@ def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: to
     ``emb`` is (n, text_dim). Noise comes from ``generator``; the CA-Net's own noise is
     drawn from a global RNG seeded from ``generator`` inside ``torch.random.fork_rng``, so
     the call is reproducible and leaves the caller's global RNG state untouched. G runs in
-    eval mode (BatchNorm running statistics, no updates) and its mode is restored.
+    eval mode (BatchNorm running statistics, no updates) and its mode is restored. A generator
+    held in half precision (DeepSpeed fp16 without EMA) runs under autocast of its dtype, as
+    in training; noise is drawn on the host and moved once, so a CUDA G costs one copy in and
+    one number out.
     """
     if z_per_caption < 2:
         raise ValueError(f"diversity_score: z_per_caption must be >= 2, got {z_per_caption}")
@@ -60,7 +71,8 @@ def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: to
             with ctx:
                 if cuda:
                     torch.cuda.manual_seed(seed)
-                fake = G(emb.repeat_interleave(k, dim=0), z)[0]
+                with _autocast_like(G, dev):
+                    fake = G(emb.repeat_interleave(k, dim=0), z)[0]
     finally:
         G.train(was_training)
     return float(pairwise_l1(fake.reshape(n, k, *fake.shape[1:])).mean() / UNIFORM_L1)

@@ -11,8 +11,13 @@ copied from the live generator, such a mix of old weights and new statistics sam
 (the short stage-II run of the demo looked collapsed in eval mode for this reason).
 Buffers (BatchNorm running statistics) and frozen parameters (the Stage-I generator inside
 a Stage-II generator) are copied, never averaged, so they stay bit-identical.
-The copy lives on the device the model was on when the EMA was made (move it with
-``ema.model.to(...)``); updates work across devices.
+
+The copy lives where its generator lives: an update from a generator on another device
+first moves the copy there (once). A trainer that builds the EMA before
+``accelerate.prepare`` moves G to the GPU would otherwise read all of G back to the host
+after every step, and sample from a host copy with device inputs. Weights are averaged in
+the copy's own dtype (fp32), also when the generator holds fp16 weights (DeepSpeed fp16).
+An update is a few fused (``_foreach``) kernels and never waits for the device.
 """
 from __future__ import annotations
 
@@ -56,32 +61,50 @@ class EMA:
         n = step - self.start
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
+    @property
+    def device(self) -> torch.device:
+        """Where the averaged weights are."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "EMA":
+        """Move the averaged copy (weights and buffers) to ``device``."""
+        self.model.to(device)
+        return self
+
+    def _follow(self, src: nn.Module) -> None:
+        """Move the copy to the generator's device if the generator moved (one transfer)."""
+        devices = {p.device for p in src.parameters()}
+        if len(devices) == 1:
+            (dev,) = devices
+            if dev != self.device:
+                self.to(dev)
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold the current weights of ``model`` in; ``step`` is the optimizer step just done."""
         src = unwrap(model)
+        self._follow(src)  # first: a move may replace the copy's parameter objects
         ema_p = dict(self.model.named_parameters())
         src_p = dict(src.named_parameters())
         if ema_p.keys() != src_p.keys():
             missing = sorted(set(ema_p) ^ set(src_p))[:5]
             raise ValueError(f"EMA.update: model parameters differ from the EMA copy's (e.g. {missing})")
-        avg_e, avg_s, copy_e, copy_s = [], [], [], []
+        ema_b, src_b = list(self.model.named_buffers()), list(src.named_buffers())
+        if [n for n, _ in ema_b] != [n for n, _ in src_b]:
+            raise ValueError("EMA.update: the model's buffers do not match the EMA copy's")
+        avg_e, avg_s, copy_e, copy_s = [], [], [b for _, b in ema_b], [b for _, b in src_b]
         for name, pe in ema_p.items():
             ps = src_p[name]
             if step >= self.start and ps.requires_grad and pe.is_floating_point():
                 avg_e.append(pe)
-                avg_s.append(ps.detach().to(device=pe.device, dtype=pe.dtype))
+                avg_s.append(ps.to(device=pe.device, dtype=pe.dtype))  # no-op unless fp16 / elsewhere
             else:
                 copy_e.append(pe)
-                copy_s.append(ps.detach())
+                copy_s.append(ps)
         if avg_e:
             torch._foreach_lerp_(avg_e, avg_s, 1.0 - self.decay_at(step))
-        for pe, ps in zip(copy_e, copy_s):
-            pe.copy_(ps)
-        for (ne, be), (ns, bs) in zip(self.model.named_buffers(), src.named_buffers()):
-            if ne != ns:
-                raise ValueError(f"EMA.update: buffer {ns!r} does not match the EMA copy's {ne!r}")
-            be.copy_(bs)
+        if copy_e:
+            torch._foreach_copy_(copy_e, copy_s)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "start": self.start, "warmup": self.warmup, "model": self.model.state_dict()}

@@ -8,7 +8,8 @@ An export is one ``torch.save`` file (``<run_dir>/export/generator.pt``)::
      "image_size": 64|256, "step": int, "config": full resolved config}
 
 A stage-II export carries its frozen stage-I weights inside ``state_dict`` (``stage1.*``), so
-it rebuilds on its own.
+it rebuilds on its own. Weights are stored on the host in fp32, whatever device and precision
+the generator trained in (DeepSpeed fp16 holds G in fp16), so an export samples anywhere.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def save_export(path: str | Path, generator: nn.Module, mcfg: ModelConfig, *, te
     """Write an export atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+    state = {k: _host_fp32(v) for k, v in generator.state_dict().items()}
     payload = {
         "format": FORMAT,
         "stage": int(mcfg.stage),
@@ -70,6 +71,11 @@ def save_export(path: str | Path, generator: nn.Module, mcfg: ModelConfig, *, te
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def _host_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t``; floating point in fp32 (integer buffers keep their dtype)."""
+    return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
 
 
 def read_export(path: str | Path) -> dict:

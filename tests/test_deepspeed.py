@@ -15,6 +15,7 @@ differences, amplified the same way); the bf16 + clipping test checks what the e
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -76,18 +77,20 @@ def launch(config: str, run_dir: Path, shards: Path, *extra: str) -> subprocess.
     return run_cmd(args, env=ENV, timeout=600)
 
 
-def spawn_ranks(run_dir: Path, shards: Path, *extra: str, resume: str = "auto") -> list[subprocess.Popen]:
+def spawn_ranks(run_dir: Path, shards: Path, *extra: str, resume: str = "auto",
+                entry: tuple[str, ...] = ("-m", "stackgan.train"),
+                env: dict | None = None) -> list[subprocess.Popen]:
     """Two trainer processes started directly, one per rank, as slurm/common.sh does (no launcher)."""
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        args = [sys.executable, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
+        env_r = {**os.environ, **ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                 "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        args = [sys.executable, *entry, "--config", "configs/birds_stage1.yaml",
                 "--resume", resume, f"data.shards={shards}", f"train.run_dir={run_dir}", *COMMON,
                 "train.backend=deepspeed", *extra]
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env_r, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     return procs
 
 
@@ -203,3 +206,54 @@ def test_single_process_bf16_clipping_and_backend_mismatch(tiny_shards, tmp_path
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
     assert "written by the deepspeed backend" in p.stderr
     assert ckpt.latest(run).name == "step-00000002"
+
+
+FP16_ON_CPU = ("tests/ds_fp16_cpu.py",)  # DeepSpeed's CPU accelerator told it has fp16 (see the file)
+
+
+def _engine_amp(checkpoint: Path, tag: str) -> tuple[int, float]:
+    """(skipped steps, current loss scale) of one engine, from its checkpoint files."""
+    folder = checkpoint / "deepspeed" / tag
+    model = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    optim = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)
+    return model["skipped_steps"], optim["optimizer_state_dict"]["loss_scaler"].cur_scale
+
+
+@pytest.mark.slow
+def test_fp16_engines_scale_their_losses_apart_and_resume_exactly(tiny_shards, tmp_path, ds_ops_built):
+    """fp16 on DeepSpeed (what a GPU run uses), 2 ranks on the CPU: fp16 weights and buffers in
+    the engines, fp32 EMA and export, one dynamic loss scaler per engine whose scale halves at
+    every skipped step of its own engine only (hysteresis 1 and a small initial scale, from a
+    DeepSpeed config file, so the 10 steps both overflow and train), ranks identical, and a
+    resume from the middle checkpoint ends bit-identical to the uninterrupted run."""
+    ds_conf = tmp_path / "ds_fp16.json"
+    ds_conf.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                   "train_micro_batch_size_per_gpu": "auto",
+                                   "fp16": {"initial_scale_power": 12, "hysteresis": 1}}))
+    env = {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_conf)}
+    fp16 = ["train.mixed_precision=fp16", f"train.ckpt_every={STEPS // 2}"]
+    run = tmp_path / "fp16"
+    procs = spawn_ranks(run, tiny_shards, *fp16, entry=FP16_ON_CPU, env=env)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert ("fp16 (fp16 weights, fp32 master copy, dynamic loss scale per engine from 4096)") in outs[0][0]
+    fin = finished(run)
+    assert fin["step"] == STEPS and fin["ranks_identical"], fin
+    last = ckpt.latest(run)
+    amp = {tag: _engine_amp(last, tag) for tag in ("G", "D")}
+    for tag, (skipped, scale) in amp.items():
+        assert scale == 4096 * 0.5 ** skipped, (tag, amp)  # each engine backs off on its own overflows
+    assert sum(s for s, _ in amp.values()) < 2 * STEPS, amp  # and steps were taken
+    state = final_state(run)
+    assert state["G"]["ca_net.fc.weight"].dtype == torch.float16  # the engines' weights
+    assert {v.dtype for v in state["ema"]["model"].values() if v.is_floating_point()} == {torch.float32}
+    g, _ = load_generator(run / "export" / "generator.pt")
+    assert next(g.parameters()).dtype == torch.float32
+
+    resumed = tmp_path / "fp16-resumed"
+    middle = ckpt.ckpt_root(run) / f"step-{STEPS // 2:08d}"
+    procs = spawn_ranks(resumed, tiny_shards, *fp16, resume=str(middle), entry=FP16_ON_CPU, env=env)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert_states_match(final_state(resumed), state, atol=0.0)
