@@ -77,12 +77,17 @@ stackgan_log_path() {
 
 # stackgan_srun CMD...: one task per process; each task gets RANK/LOCAL_RANK from Slurm and
 # execs CMD, so Slurm's signals reach the trainer itself and srun returns its exit status.
+# Where Slurm binds one GPU per task (--gpus-per-task=1, --gpu-bind=single:1), the task sees a
+# single device, cuda:0, whatever its local rank: LOCAL_RANK is then 0 (Accelerate picks
+# cuda:LOCAL_RANK); LOCAL_WORLD_SIZE still says how many processes share the node's CPUs.
 # The batch shell survives SIGTERM (preemption, scontrol requeue) until srun returns, so the
 # trainers can finish their checkpoint before the job ends.
 stackgan_srun() {
   local pid rc
   srun --kill-on-bad-exit=0 --wait="${STACKGAN_SRUN_WAIT:-300}" \
-    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID; exec "$@"' \
+    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID
+             if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != *,* ]]; then export LOCAL_RANK=0; fi
+             exec "$@"' \
     stackgan-task "$@" &
   pid=$!
   trap 'stackgan_log "batch shell got SIGTERM: waiting for the trainers to checkpoint"' TERM

@@ -186,6 +186,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         allowed = get_args(tp)
+        if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` (mixed_precision=no) as false
+            return "no"
         for a in allowed:  # "1" from the command line matches Literal[1]
             if value == a or (isinstance(value, str) and not isinstance(a, str) and value == str(a)):
                 return a

@@ -92,7 +92,7 @@ class Plan:
     @staticmethod
     def gpu(budget_s: float, jobs: int) -> "Plan":
         return Plan(smoke=False, precisions=("fp32", "bf16", "fp16"), steps={1: 200, 2: 200},
-                    model=("data.num_workers=2", "train.log_every=10", "train.diag_every=50",
+                    model=("data.num_workers=2", "train.log_every=10",
                            "train.sample_every=100"),
                     ddp_model=("model.gf_dim=128", "model.df_dim=64", "data.batch_size=64",
                                "data.num_workers=3"),
@@ -101,8 +101,8 @@ class Plan:
     @staticmethod
     def cpu_smoke(budget_s: float, jobs: int) -> "Plan":
         tiny = ("model.gf_dim=16", "model.df_dim=8", "model.z_dim=16", "model.cond_dim=16", "model.r_num=1",
-                "data.batch_size=4", "data.num_workers=0", "data.fixed_samples=2", "optim.ema_decay=0.9",
-                "train.log_every=1", "train.diag_every=2", "train.sample_every=100")
+                "data.batch_size=4", "data.num_workers=0", "optim.ema_decay=0.9",
+                "train.log_every=1", "train.sample_every=100")
         return Plan(smoke=True, precisions=("fp32", "bf16"), steps={1: 4, 2: 2}, model=tiny,
                     ddp_model=tiny, ddp_steps=4, ddp_log_every=2, budget_s=budget_s, jobs=jobs)
 
@@ -337,7 +337,7 @@ class Check:
     def trainer(self, run: Path, config: str, *overrides: str, resume: str = "auto") -> list[str]:
         """The trainer's CLI under deterministic kernels (see ``--deterministic-trainer``)."""
         return [self.py, "-m", "stackgan.gpucheck", "--deterministic-trainer", "--config", config,
-                "--resume", resume, f"data.shards={self.shards}", f"train.run_dir={run}", "train.tqdm=false",
+                "--resume", resume, f"data.shards={self.shards}", f"train.run_dir={run}",
                 *overrides]
 
     def launch(self, accel_config: str, nproc: int, run: Path, *overrides: str,
@@ -346,7 +346,7 @@ class Check:
                 "--config_file", f"configs/accelerate/{accel_config}", "--num_processes", str(nproc),
                 "--main_process_port", str(_free_port()),
                 "-m", "stackgan.train", "--config", config, f"data.shards={self.shards}",
-                f"train.run_dir={run}", "train.tqdm=false", *overrides]
+                f"train.run_dir={run}", *overrides]
 
     def gpus(self, *index: int) -> dict:
         return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, index))} if self.cuda else {}
@@ -392,7 +392,7 @@ class Check:
             for prec in self.plan.precisions:
                 name = f"s{stage}-{prec}"
                 common = (*self.plan.model, f"train.steps={n}", f"train.ckpt_every={n // 2}",
-                          "train.keep_last=5", f"train.mixed_precision={MIXED_PRECISION[prec]}",
+                          f"train.mixed_precision={MIXED_PRECISION[prec]}",
                           *self.deterministic_overrides())
                 if stage == 2:
                     common += (f"model.stage1_export={export1}",)
@@ -468,7 +468,7 @@ class Check:
         also 1, for the scaling figure."""
         n = self.plan.ddp_steps
         common = (*self.plan.ddp_model, f"train.steps={n}", f"train.log_every={self.plan.ddp_log_every}",
-                  f"train.ckpt_every={n}", "train.sample_every=100000", "train.diag_every=100000",
+                  f"train.ckpt_every={n}", "train.sample_every=100000",
                   "train.mixed_precision=bf16", "train.time_limit_min=0", "train.metrics=",
                   "train.metrics_every=0")
         accel = "cpu_2proc.yaml" if self.plan.smoke else "multi_gpu.yaml"
@@ -478,7 +478,7 @@ class Check:
         if self.n_gpus < 2:
             return []
         one = [self.py, "-m", "stackgan.train", "--config", DDP_CONFIG, f"data.shards={self.shards}",
-               f"train.run_dir={self.work / 'ddp' / 'one'}", "train.tqdm=false", *common]
+               f"train.run_dir={self.work / 'ddp' / 'one'}", *common]
         return [Job("ddp-1gpu", one, 180, self.gpus(1), after),
                 Job("ddp-2gpu", two, 180, self.gpus(0, 1), after + ("ddp-1gpu",))]
 
@@ -527,7 +527,7 @@ class Check:
                 env = self.gpus(0, 1)
             else:
                 cmd = [self.py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
-                       f"data.shards={self.shards}", f"train.run_dir={run}", "train.tqdm=false",
+                       f"data.shards={self.shards}", f"train.run_dir={run}",
                        "train.backend=deepspeed", *over]
                 env = self.gpus(0)
             jobs.append(Job(f"deepspeed-{prec}", cmd, 240, env, after))

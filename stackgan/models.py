@@ -75,10 +75,11 @@ def conv3x3(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
 _UPMIX = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
-def upsample_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
+def upsample_conv3x3(x: Tensor, weight: Tensor, mix: Tensor | None = None) -> Tensor:
     """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)``, computed
-    as one transposed conv (same result up to float rounding)."""
-    a = _UPMIX.to(device=weight.device, dtype=weight.dtype)
+    as one transposed conv (same result up to float rounding). ``mix``: :data:`_UPMIX` already
+    on the weight's device (a module passes its buffer: no host copy per forward on a GPU)."""
+    a = (_UPMIX if mix is None else mix).to(device=weight.device, dtype=weight.dtype)
     k = torch.matmul(torch.matmul(a, weight), a.t()).transpose(0, 1)  # (cin, cout, 4, 4)
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     k = k.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
@@ -89,16 +90,21 @@ class UpsampleConv3x3(nn.Conv2d):
     """A bias-free 3x3 conv of the x2 nearest-upsampled input (see :func:`upsample_conv3x3`).
 
     Parameters and state-dict keys are those of the plain ``nn.Conv2d`` it replaces, so
-    checkpoints of either form load into the other. Maps smaller than ``min_size`` take the
-    plain path (on 4x4 inputs the rewrite gains nothing).
+    checkpoints of either form load into the other (the mixing constant is a non-persistent
+    buffer: it moves with the module, and stays out of the state dict). Maps smaller than
+    ``min_size`` take the plain path (on 4x4 inputs the rewrite gains nothing).
     """
 
     min_size = 8
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("upmix", _UPMIX.clone(), persistent=False)
+
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[-2:]) < self.min_size:
             return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), self.weight, padding=1)
-        return upsample_conv3x3(x, self.weight)
+        return upsample_conv3x3(x, self.weight, self.upmix)
 
 
 def up_block(cin: int, cout: int) -> nn.Sequential:
@@ -144,14 +150,20 @@ def zero_film(film: nn.ModuleList | None) -> None:
         nn.init.zeros_(m.weight)
 
 
-def up_with_film(upsample: nn.Sequential, film: nn.ModuleList | None, h: Tensor, c: Tensor) -> Tensor:
-    """Run the up-blocks, each modulated by the condition ``c`` when ``film`` is given."""
-    if film is None:
+def up_with_film(upsample: nn.Sequential, film: nn.ModuleList | None, h: Tensor, c: Tensor,
+                 skips: dict[int, Tensor] | None = None) -> Tensor:
+    """Run the up-blocks, each modulated by the condition ``c`` when ``film`` is given;
+    ``skips[i]`` is concatenated to block i's input (stage II's U-Net skips)."""
+    if film is None and not skips:
         return upsample(h)
-    for (_, conv, bn, relu), lin in zip(upsample, film):
+    for i, (_, conv, bn, relu) in enumerate(upsample):
+        if skips and i in skips:
+            h = torch.cat((h, skips[i].to(h.dtype)), 1)
         h = bn(conv(h))
-        scale, shift = lin(c).to(h.dtype)[:, :, None, None].chunk(2, 1)
-        h = relu(h * (1 + scale) + shift)
+        if film is not None:
+            scale, shift = film[i](c).to(h.dtype)[:, :, None, None].chunk(2, 1)
+            h = h * (1 + scale) + shift
+        h = relu(h)
     return h
 
 
@@ -259,10 +271,12 @@ class Stage2G(nn.Module):
     The Stage-I generator is frozen here: its parameters stop requiring grad, it stays in
     eval mode whatever ``train()`` is called with, and it runs under ``no_grad``.
 
-    ``upsample_skip`` (``model.upsample_skip``, not in StackGAN): the output is the stage-I
-    image upsampled bicubically plus a correction G draws, ``tanh(atanh(up) + r)`` with the
-    last convolution starting at zero, so stage II starts exactly at the baseline it has to
-    beat and only learns what the 64-px image lacks. The official G draws a new image from
+    ``upsample_skip`` (``model.upsample_skip``, not in StackGAN): stage II refines rather than
+    redraws. The output is the stage-I image upsampled bicubically plus a correction,
+    ``tanh(atanh(up) + r)``, whose last convolution starts at zero, so stage II starts exactly
+    at the baseline it has to beat; the correction's head sees that upsampled image next to
+    G's features, and the decoder gets the encoder's 64- and 32-px maps (U-Net skips), so
+    edges can be placed where the 64-px image has them. The official G draws a new image from
     its 16x16 code, which must first relearn the whole bird (docs/quality.md, "Stage II").
     ``film`` (``model.g_film``): the condition modulates every up-block, as in stage I.
     """
@@ -303,18 +317,22 @@ class Stage2G(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.residual = nn.Sequential(*[ResBlock(ngf * 4) for _ in range(r_num)])
+        extra = (ngf * 2, ngf) if upsample_skip else (0, 0)  # the encoder's 32- and 64-px maps
         self.upsample = nn.Sequential(
             up_block(ngf * 4, ngf * 2),  # 32
-            up_block(ngf * 2, ngf),  # 64
-            up_block(ngf, ngf // 2),  # 128
+            up_block(ngf * 2 + extra[0], ngf),  # 64
+            up_block(ngf + extra[1], ngf // 2),  # 128
             up_block(ngf // 2, ngf // 4),  # 256
         )
         self.film = film_layers(cond_dim, self.upsample) if film else None
-        self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Identity() if upsample_skip else nn.Tanh())
+        if upsample_skip:  # the correction, from G's features and the upsampled stage-I image
+            self.img = nn.Sequential(conv3x3(ngf // 4 + 3, ngf // 4), nn.ReLU(inplace=True), conv3x3(ngf // 4, 3))
+        else:
+            self.img = nn.Sequential(conv3x3(ngf // 4, 3), nn.Tanh())
         init_weights(self)  # before attaching stage1, so its loaded weights are untouched
         zero_film(self.film)
         if upsample_skip:
-            nn.init.zeros_(self.img[0].weight)
+            nn.init.zeros_(self.img[-1].weight)
         stage1.requires_grad_(False)
         stage1.eval()
         self.stage1 = stage1
@@ -338,14 +356,17 @@ class Stage2G(nn.Module):
             _check_input("Stage2G emb", emb, (None, self.text_dim))
             _check_input("Stage2G low", low, (emb.shape[0], 3, 64, 64))
         c, mu, logvar = self.ca_net(emb)
-        h = self.encoder(low)
+        e64 = self.encoder[:2](low)
+        e32 = self.encoder[2:5](e64)
+        h = self.encoder[5:](e32)
         cmap = c.view(-1, self.cond_dim, 1, 1).expand(-1, -1, h.shape[2], h.shape[3])
-        h = self.hr_joint(torch.cat((h, cmap.to(h.dtype)), 1))
-        h = up_with_film(self.upsample, self.film, self.residual(h), c)
+        h = self.residual(self.hr_joint(torch.cat((h, cmap.to(h.dtype)), 1)))
         if not self.upsample_skip:
-            return self.img(h), mu, logvar
-        base = F.interpolate(low.float(), scale_factor=4, mode="bicubic", align_corners=False)
-        return torch.tanh(torch.atanh(base.clamp(-0.99, 0.99)) + self.img(h).float()), mu, logvar
+            return self.img(up_with_film(self.upsample, self.film, h, c)), mu, logvar
+        h = up_with_film(self.upsample, self.film, h, c, skips={1: e32, 2: e64})
+        base = F.interpolate(low.float(), scale_factor=4, mode="bicubic", align_corners=False).clamp(-0.99, 0.99)
+        r = self.img(torch.cat((h, base.to(h.dtype)), 1)).float()
+        return torch.tanh(torch.atanh(base) + r), mu, logvar
 
 
 # --------------------------------------------------------------------------------------

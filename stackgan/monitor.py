@@ -116,6 +116,10 @@ class Monitor:
                "world_size": run.world, "lr_g": run.opt_g.param_groups[0]["lr"], "lr_d": run.opt_d.param_groups[0]["lr"],
                "mem_mb": memory_mb(run.device)}
         rec.update({k: float(v / self.counts[k]) for k, v in self.sums.items()})  # some terms come from some steps
+        if getattr(run.acc, "scaler", None) is not None:  # fp16: the shared loss scale
+            rec["loss_scale"] = run.acc.scaler.get_scale()
+        if hasattr(run.acc, "amp_state"):  # DeepSpeed: each engine's loss scale and skipped steps
+            rec.update(run.acc.amp_state())
         rec["g_d_ratio"] = rec["loss_g"] / max(abs(rec["loss_d"]), 1e-8)
         self.write(rec)
         d_outs = " ".join(f"{k} {rec[k]:.2f}" for k in self.sums if k.startswith("d_"))
@@ -164,8 +168,9 @@ class Monitor:
                                         z_dim=run.cfg.model.z_dim, text_encoder=run.meta.encoder,
                                         text_dim=run.meta.text_dim, device=run.device, judge=run.cfg.train.judge,
                                         judge_samples=run.cfg.train.metrics_samples, log=run.log)
-        res = compute(run.cfg.train.metrics, run.sampler, self.eval_ctx, step=run.step,
-                      jsonl=run.run_dir / "metrics.jsonl")
+        with run.acc.autocast():  # a DeepSpeed fp16 G without EMA holds fp16 weights
+            res = compute(run.cfg.train.metrics, run.sampler, self.eval_ctx, step=run.step,
+                          jsonl=run.run_dir / "metrics.jsonl")
         run.log(f"metrics at step {run.step}: " + "; ".join(
             f"{name} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float) and k != "seconds")
             for name, r in res.items()))

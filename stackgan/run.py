@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,15 @@ def make_accelerator(cfg: Config):
     if precision == "fp16" and not use_cuda:
         note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
         precision = "no"
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=False)]
-    if not use_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else each CPU process thinks it is alone
+    # gradient_as_bucket_view: gradients are views into DDP's buckets (one copy less per step);
+    # broadcast_buffers: D's BatchNorm statistics follow rank 0's
+    handlers = [DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=False,
+                                              gradient_as_bucket_view=True)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo on CPUs (else each CPU process thinks it is alone); a 30-minute timeout, because rank 0
+        # may train the judge on first use while the others wait (NCCL's default is 10 minutes)
+        pg = {"timeout": timedelta(minutes=30)} if use_cuda else {"backend": "gloo", "timeout": timedelta(minutes=30)}
+        handlers.append(InitProcessGroupKwargs(**pg))
     return Accelerator(cpu=not use_cuda, mixed_precision=precision, kwargs_handlers=handlers), precision, note
 
 
@@ -257,13 +264,12 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
 
     G, D = build_models(cfg, meta, stage1, acc.device)
-    ema = EMA(G, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_options(cfg))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, **adam_options(cfg))
     rank = acc.process_index
-    run = Run(cfg=cfg, meta=meta, acc=acc, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=ema,
+    run = Run(cfg=cfg, meta=meta, acc=acc, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=None,
               bank=CaptionBank(cfg.loss.contrastive_bank, meta.text_dim, acc.device) if cfg.loss.contrastive_bank else None,
-              species=class_index(meta) if cfg.loss.class_coef > 0 else None, stream=None,
+              species=class_index(meta).to(acc.device) if cfg.loss.class_coef > 0 else None, stream=None,
               z_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1),
               pair_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000),
               step=0, n_steps=n_steps, steps_per_epoch=spe, stage1_cfg=stage1_cfg, resumed_from=resume_path, log=log)
@@ -275,6 +281,10 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         run.G, run.D = torch.compile(run.G), torch.compile(run.D)
         log("torch.compile requested (compiles lazily on the first step)")
     run.G, run.D, run.opt_g, run.opt_d = acc.prepare(run.G, run.D, run.opt_g, run.opt_d)
+    if cfg.optim.ema_decay > 0:  # from the prepared G: on its device, in its precision's master weights
+        run.ema = EMA(run.G_inner, decay=cfg.optim.ema_decay)
+        if state is not None and state.get("ema") is not None:
+            run.ema.load_state_dict(state["ema"])
     if cfg.train.backend == "deepspeed":
         log(acc.describe())
         if resume_path is not None:
@@ -325,8 +335,9 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def restore(run: Run, path: Path) -> dict:
-    """Load a checkpoint into the (not yet prepared) run: weights, optimisers, EMA, step, RNG
-    streams and the caption bank. Returns the state for what is restored after ``prepare``."""
+    """Load a checkpoint into the (not yet prepared) run: weights, optimisers, step, RNG streams
+    and the caption bank. Returns the state for what is restored after ``prepare`` (the EMA,
+    the grad scaler, DeepSpeed's engines)."""
     state, rng = ckpt.load(path, run.rank)
     check_resume(state, run.cfg.train.backend, run.world, path)
     removed = changed_by_removal(state.get("config") or {})
@@ -343,8 +354,6 @@ def restore(run: Run, path: Path) -> dict:
     if run.cfg.train.backend == "ddp":  # DeepSpeed: optimizer state is in the engines' files, loaded after prepare
         run.opt_g.load_state_dict(state["opt_g"])
         run.opt_d.load_state_dict(state["opt_d"])
-    if run.ema is not None and state.get("ema") is not None:
-        run.ema.load_state_dict(state["ema"])
     run.step = int(state["step"])
     if rng is not None and state.get("world_size") == run.world:
         ckpt.set_rng_state(rng)

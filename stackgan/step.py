@@ -45,19 +45,19 @@ class StepOut:
 def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Generator, pair_gen: torch.Generator,
                species: Tensor | None) -> Batch:
     """A stream batch on the device, with its noise and wrong pairs drawn from the run's own
-    generators (on the CPU, so a resumed run draws the same numbers on any device)."""
-    from .data.stream import to_unit_range
+    generators (on the CPU, so a resumed run draws the same numbers on any device). Host
+    tensors cross pinned and non-blocking, so the host never waits for the GPU here;
+    ``species`` (class id -> species index) lives on the device."""
+    from .data.stream import to_device, to_unit_range
 
-    real = to_unit_range(raw["img"].to(device, non_blocking=True))
-    if cfg.train.channels_last:
-        real = real.contiguous(memory_format=torch.channels_last)
-    cls = raw["cls"]
-    z = torch.randn(len(cls), cfg.model.z_dim, generator=z_gen)
-    wrong = wrong_indices(cls, cfg.loss.wrong, generator=pair_gen).index
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    real = to_unit_range(to_device(raw["img"], device), memory_format=layout)
+    z = torch.randn(len(raw["cls"]), cfg.model.z_dim, generator=z_gen)
+    wrong = wrong_indices(raw["cls"], cfg.loss.wrong, generator=pair_gen).index
+    cls = to_device(raw["cls"], device)
     low = F.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
-    return Batch(real=real, emb=raw["emb"].to(device, non_blocking=True), z=z.to(device, non_blocking=True),
-                 wrong=wrong.to(device, non_blocking=True), cls=cls.to(device, non_blocking=True),
-                 species=None if species is None else species[cls].to(device, non_blocking=True), real_low=low)
+    return Batch(real=real, emb=to_device(raw["emb"], device), z=to_device(z, device), wrong=to_device(wrong, device),
+                 cls=cls, species=None if species is None else species[cls], real_low=low)
 
 
 def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,
@@ -142,29 +142,16 @@ def frozen(module: torch.nn.Module):
 
 
 def update(acc, model, opt, loss: Tensor, cfg: Config, diag: bool, stats: dict, name: str) -> Tensor | None:
-    """Backward, optional clipping and optimizer step of one network; its grad norm (a device
-    tensor, unscaled) when ``diag``. Under fp16 loss scaling, ``stats["skipped_<name>"]`` records
-    whether the scaler skipped this step for an inf/NaN gradient (1) or not (0), so the log
-    shows the share of skipped steps. A DeepSpeed engine does all of it itself (reduction,
-    clipping from its config, step)."""
+    """Backward, optional clipping and optimizer step of one network (:func:`stackgan.amp.update`:
+    this optimiser's gradients unscaled before they are measured or clipped); its grad norm (a
+    device tensor) when ``diag``. Under fp16 loss scaling, ``stats["skipped_<name>"]`` is 1 when
+    the scaler skipped this step for an inf/NaN gradient, so the log shows the share of skipped
+    steps. A DeepSpeed engine does all of it itself (reduction, clipping from its config, step)."""
+    from .amp import update as amp_update
+
     if cfg.train.backend == "deepspeed":
         return acc.update(model, loss, diag)
-    opt.zero_grad(set_to_none=True)
-    acc.backward(loss)
-    gnorm = None
-    if diag:
-        gnorm = grad_norm(acc.unwrap_model(model))
-        if acc.scaler is not None:  # gradients are still scaled here
-            gnorm = gnorm / acc.scaler.get_scale()
-    if cfg.optim.grad_clip > 0:
-        acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)  # unscales first under fp16
-    opt.step()
-    if acc.scaler is not None:  # Accelerate compared the scale before and after this step
-        stats[f"skipped_{name}"] = torch.tensor(float(opt.step_was_skipped), device=loss.device)
-    return gnorm
-
-
-def grad_norm(module: torch.nn.Module) -> Tensor:
-    """Total L2 norm of the module's gradients, on its device (no host sync)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
+    up = amp_update(acc, opt, loss, grad_clip=cfg.optim.grad_clip, want_norm=diag)
+    if up.skipped is not None:
+        stats[f"skipped_{name}"] = up.skipped
+    return up.grad_norm

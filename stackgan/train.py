@@ -88,16 +88,24 @@ class StopFlag:
         return False
 
 
-def agree_to_stop(run: Run, stop: StopFlag, t_begin: float) -> tuple[int, bool]:
+def stop_group(run: Run):
+    """The process group the stop flag travels in: gloo, on the host, so agreeing to stop
+    never waits for the GPU and can happen every step (None: one process, or gloo already)."""
+    if run.world == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")  # collective: every rank creates it, at the same point
+
+
+def agree_to_stop(run: Run, stop: StopFlag, t_begin: float, group) -> tuple[int, bool]:
     """(signal, time limit reached), the same on every rank, so every rank saves the same step.
-    With several processes this is one all-reduce, issued at the same steps on every rank."""
+    With several processes this is one all-reduce of a host tensor, at every step on every rank."""
     limit = run.cfg.train.time_limit_min
     over = limit > 0 and time.time() - t_begin > 60 * limit
     sig = stop.signum
     if run.world > 1:
-        t = torch.tensor([sig, int(over)], device=run.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        sig, over = int(t[0].item()), bool(t[1].item())
+        t = torch.tensor([sig, int(over)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        sig, over = int(t[0]), bool(t[1])
     return sig, over
 
 
@@ -109,25 +117,23 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     checkpoint in the run folder); returns when ``train.steps`` (or the time limit) is done."""
     run = build_run(cfg, resume)
     mon = Monitor(run)
-    stop = StopFlag(install=handle_signals)
-    check_every = 1 if run.device.type == "cpu" else 10  # agreeing on a stop costs a sync on a GPU
+    stop, group = StopFlag(install=handle_signals), stop_group(run)
     batches = run.stream.iterate(start=run.step)  # its loader has its own generator: the global RNG is untouched
     run.G.train()
     run.D.train()
     t_begin = time.time()
     try:
         while run.step < run.n_steps:
-            if run.step % check_every == 0:
-                sig, over = agree_to_stop(run, stop, t_begin)
-                if sig:
-                    mon.check_finite()
-                    path = save_checkpoint(run)
-                    run.log(f"signal {signal.Signals(sig).name}: checkpoint {path} saved at step {run.step}")
-                    raise TrainInterrupted(sig, run.step)
-                if over:  # a wall-clock budget for this launch: finish here (checkpoint, export, COMPLETE)
-                    run.log(f"time limit of {cfg.train.time_limit_min} min reached at step {run.step}")
-                    run.n_steps = run.step
-                    break
+            sig, over = agree_to_stop(run, stop, t_begin, group)
+            if sig:
+                mon.check_finite()
+                path = save_checkpoint(run)
+                run.log(f"signal {signal.Signals(sig).name}: checkpoint {path} saved at step {run.step}")
+                raise TrainInterrupted(sig, run.step)
+            if over:  # a wall-clock budget for this launch: finish here (checkpoint, export, COMPLETE)
+                run.log(f"time limit of {cfg.train.time_limit_min} min reached at step {run.step}")
+                run.n_steps = run.step
+                break
 
             batch = make_batch(next(batches), cfg, run.device, run.z_gen, run.pair_gen, run.species)
             run.set_lr()

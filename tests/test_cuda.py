@@ -27,7 +27,7 @@ from stackgan.grid import to_uint8
 from stackgan.models import build_generator
 
 from .conftest import run_cmd
-from .test_devicecheck import ALL_OPTIONS, _cfg, run_gan_step
+from .test_devicecheck import ALL_OPTIONS, STAGE2_OPTIONS, _cfg, run_gan_step
 from .test_train import TINY, log_records
 
 pytestmark = [pytest.mark.gpu,
@@ -185,12 +185,9 @@ def _cuda_accelerator(precision: str):
     return Accelerator(mixed_precision=precision)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="models.py upsample_conv3x3 copies its constant _UPMIX to the GPU in every forward "
-                          "(docs/cuda-review.md); remove this marker when that is fixed")
 @pytest.mark.parametrize("stage", [1, 2])
 def test_gan_step_on_the_gpu_does_no_host_work(stage):
-    options = ALL_OPTIONS if stage == 1 else [o for o in ALL_OPTIONS if "class" not in o]
+    options = ALL_OPTIONS if stage == 1 else ALL_OPTIONS + STAGE2_OPTIONS
     guard = run_gan_step(_cuda_accelerator("bf16"), _cfg(stage, *options), CUDA, batch=4)
     assert not guard.findings, guard.report()
 

@@ -306,35 +306,39 @@ def test_class_index_maps_training_classes_only(tiny_shards):
 
 
 def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
-    """The fp16 path with a real GradScaler (torch's CPU one, in place of the CUDA one that
-    Accelerate makes on a GPU): a step whose D gradients are inf is skipped for D only, the
-    skip is in the step's stats, the scale backs off, and the grad norm is unscaled."""
-    from accelerate import Accelerator
-
+    """The trainer's step with a real GradScaler (torch's CPU one in place of the CUDA one that
+    Accelerate makes on a GPU; tests/test_amp.py): a step whose D gradients are inf is skipped
+    for D only, the skip is in the step's stats, the scale backs off, and the logged grad norm
+    is the unscaled one."""
     from stackgan.config import load_config
     from stackgan.models import build_discriminator, build_generator
     from stackgan.step import Batch, gan_step
 
+    from .test_amp import INIT_SCALE, _accelerator
+
     cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
                              "model.d_cond=text"])
-    torch.manual_seed(0)
-    G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12)
-    acc = Accelerator(cpu=True)
-    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what prepare() hands the optimizers
-    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
-    G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     batch = Batch(real=torch.rand(6, 3, 64, 64) * 2 - 1, emb=torch.randn(6, 12), z=torch.randn(6, 8),
                   wrong=torch.roll(torch.arange(6), 1), cls=torch.arange(6))
-    ok = gan_step(acc, G, D, opt_g, opt_d, batch, cfg, diag=True)
-    assert ok.stats["skipped_d"] == 0 and ok.stats["skipped_g"] == 0
-    assert 0 < ok.grad_norm_d < 1e3  # unscaled: the raw norm would be 2**10 times larger
+    norms = {}
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        G, D = build_generator(cfg.model, 12), build_discriminator(cfg.model, 12)
+        acc = _accelerator(scaled)
+        opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
+        acc.native_amp = scaled  # the scaler logic of a GPU run (tests/test_amp.py)
+        torch.manual_seed(1)
+        out = gan_step(acc, G, D, opt_g, opt_d, batch, cfg, diag=True)
+        norms[scaled] = out.grad_norm_d
+    assert out.stats["skipped_d"] == 0 and out.stats["skipped_g"] == 0
+    torch.testing.assert_close(norms[True], norms[False], rtol=1e-3, atol=0)  # not 2**10 times larger
+    assert acc.scaler.get_scale() == INIT_SCALE
 
     bad = Batch(**{**batch.__dict__, "real": batch.real.clone()})
     bad.real[0, 0, 0, 0] = float("inf")  # an inf pixel: D's loss and gradients are not finite
-    before = {k: v.clone() for k, v in acc.unwrap_model(D).state_dict().items()}
-    scale = acc.scaler.get_scale()
+    before = [p.detach().clone() for p in acc.unwrap_model(D).parameters()]
     out = gan_step(acc, G, D, opt_g, opt_d, bad, cfg)
     assert out.stats["skipped_d"] == 1
-    assert acc.scaler.get_scale() < scale
-    after = acc.unwrap_model(D).state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert acc.scaler.get_scale() < INIT_SCALE
+    assert all(torch.equal(a, b) for a, b in zip(before, acc.unwrap_model(D).parameters()))
