@@ -342,3 +342,22 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     assert out.stats["skipped_d"] == 1
     assert acc.scaler.get_scale() < INIT_SCALE
     assert all(torch.equal(a, b) for a, b in zip(before, acc.unwrap_model(D).parameters()))
+
+
+def test_stage2_matching_term_is_live(tiny_shards, tmp_path):
+    """A short stage-II run of the demo's config (configs/birds_stage2.yaml, at tiny widths)
+    moves D(real) away from D(wrong): its D reads the text at 256 px (the official stage II
+    on the embedded set kept them equal, 0.52 / 0.52, for all of the demo's 200 steps)."""
+    s1 = tmp_path / "s1"
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    s2 = tmp_path / "s2"
+    p = run_cmd(train_args(tiny_shards, s2, "train.steps=100", "data.batch_size=4", "train.log_every=5",
+                           "train.sample_every=1000", "train.ckpt_every=1000", "model.df_dim=8", "optim.lr_d=1e-3",
+                           f"model.stage1_export={s1 / 'export' / 'generator.pt'}", config="configs/birds_stage2.yaml"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [r for r in log_records(s2) if "loss_d" in r]
+    gap = [r["d_real"] - r["d_wrong"] for r in recs]
+    assert abs(gap[0]) < 0.05, gap  # D starts blind to the text
+    assert sum(gap[-4:]) / 4 > 0.15, gap
+    assert all(0 < r["loss_recon"] < 1 for r in recs)
