@@ -6,9 +6,9 @@
    it into webdataset shards (``shards/prepare.py --embedded``);
 2. train stage I (``configs/birds_stage1.yaml``), then stage II from its export
    (``configs/birds_stage2.yaml``) with ``python -m stackgan.train``;
-3. train the attribute judge on the real images, score both stages (judge consistency on
-   training captions and on the unseen test species, judge-feature Frechet distance,
-   diversity) with ``python -m stackgan.evaluate``;
+3. train the part-wise attribute judge (on birds the renderer draws), score both stages
+   (judge consistency on training captions and on the unseen test species, judge-feature
+   Frechet distance, diversity) with ``python -m stackgan.evaluate``;
 4. sample from free-text prompts with ``python -m stackgan.sample``;
 5. plot the losses and diagnostics and print a summary (also ``<out>/summary.json``).
 
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         py, "-m", "stackgan.train", "--config", "configs/birds_stage2.yaml", f"data.shards={a.shards}",
         f"train.run_dir={s2}", f"model.stage1_export={export1}", *extra2, *a.overrides], logs)
 
-    judge = Path(a.shards) / "judge.pt"
     metrics = {}
     for name, export in (("stage1", export1), ("stage2", export2)):
         jsonl = out / f"metrics-{name}.jsonl"
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             jsonl.unlink()
         timings[f"eval-{name}"] = _run(f"eval-{name}", [
             py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
-            "--judge", str(judge), "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
+            "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
         metrics[name] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
                          for r in read_jsonl(jsonl)}
 

@@ -8,10 +8,11 @@
 A stage-II export is also scored against its own stage-I input (stage2_consistency,
 stage2_fd, fd256, sharpness: on by default for stage II). Results are printed and appended
 (one JSON line per metric) to ``metrics.jsonl`` in the run folder (``--jsonl`` to change).
-The attribute judge is read from ``--judge`` (default ``<shards>/judge.pt``) and the 256px
-detail net from ``--detail-net`` (default ``<shards>/detail256.pt``); each is trained there
-first if the file does not exist. Under
-``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
+The attribute judge is the one ``--judge`` selects: ``parts`` (the default on the embedded
+set, ``<shards>/judge-parts.pt``), ``species`` (``<shards>/judge.pt``; the default on CUB)
+or a judge file; the 256px detail net is read from ``--detail-net`` (default
+``<shards>/detail256.pt``); each is trained at its file first if the file does not exist.
+Under ``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
 
 IS / FID here are monitoring figures (torchvision's Inception-v3 in PyTorch), not
 directly comparable with the StackGAN papers' TensorFlow Inception scores.
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="",
                    help=f"comma-separated, from: {', '.join(names())} (default: {DEFAULT_METRICS}; "
                         f"stage II: {DEFAULT_METRICS_STAGE2})")
-    p.add_argument("--judge", default="", help="attribute judge file (default <shards>/judge.pt)")
+    p.add_argument("--judge", default="",
+                   help="attribute judge: parts, species, or a judge file (default: parts on the embedded "
+                        "set (<shards>/judge-parts.pt), species on other shards (<shards>/judge.pt))")
     p.add_argument("--inception", default="", help="Inception-v3 state_dict for inception_score / fid")
     p.add_argument("--detail-net", default="",
                    help="256px detail net for fd256 (default <shards>/detail256.pt, trained on first use)")

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,25 @@ def test_judge_cli_show_and_refusals(judge_path, tmp_path, capsys):
     assert "metadata.json" in capsys.readouterr().err
 
 
+def test_species_judge_files_of_the_first_format_still_load(judge_path, tmp_path, tmp_path_factory, capsys):
+    """Judge files written before judges had kinds (stackgan-judge/1) load as species judges."""
+    new = J.load_judge(judge_path)
+    assert new.kind == "species" and torch.load(judge_path, weights_only=False)["format"] == J.FORMAT
+    old = {"format": J.FORMAT_V1, "state_dict": new.net.state_dict(), "width": new.net.width,
+           "temperature": new.net.temperature, "attributes": new.attributes, "groups": new.groups,
+           "holdout_mod": new.holdout_mod, "prior": new.prior, "report": json.loads(json.dumps(
+               asdict(new.report))), "shards": new.trained_on}
+    torch.save(old, tmp_path / "v1.pt")
+    back = J.load_judge(tmp_path / "v1.pt")
+    assert back.kind == "species" and back.groups == new.groups and back.trained_on == new.trained_on
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(back(x)[0], new(x)[0])
+    # the shards of this module are not the renderer's: no part-wise judge for them
+    shards = eval_shards(tmp_path_factory)
+    assert J.main(["train", "--shards", str(shards), "--kind", "parts", "--out", str(tmp_path / "p.pt")]) == 2
+    assert "not made by the embedded bird generator" in capsys.readouterr().err
+
+
 def test_text_probe_reads_what_the_embedding_carries(judge_path, tmp_path_factory, tmp_path, capsys):
     from stackgan.metrics import text_probe as P
 
@@ -217,7 +237,8 @@ def test_text_probe_reads_what_the_embedding_carries(judge_path, tmp_path_factor
     assert rep.shuffled_holdout < 0.6 and rep.shuffled_test < 0.6, rep
     assert set(rep.per_group_test) == {f"has_{p}_color" for p in PARTS}
     out = tmp_path / "probe.json"
-    assert P.main(["--shards", str(shards), "--judge", str(judge_path), "--epochs", "2", "--out", str(out)]) == 0
+    assert P.main(["--shards", str(shards), "--judge", str(judge_path), "--epochs", "2",
+                   "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n_test"] == rep.n_test
     assert P.main(["--shards", str(shards), "--judge", str(tmp_path / "none.pt")]) == 2
     assert "none.pt" in capsys.readouterr().err

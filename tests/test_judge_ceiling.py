@@ -1,7 +1,7 @@
 """The judge's ceiling (stackgan.metrics.judge_ceiling): the caption-faithful draw, its
 stated-part mapping against judge consistency's own rule, the shard image path, the
-scoring rule, and the command line (refusals with exit 2; an end-to-end run on tiny
-metadata with a small untrained judge)."""
+scoring rule, and the command line (refusals with exit 2; an end-to-end run on the tiny
+embedded shards with a small untrained judge)."""
 from __future__ import annotations
 
 import json
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from stackgan.data import birds, cub
-from stackgan.data.meta import ShardMeta, SplitInfo, write_metadata
+from stackgan.data.meta import ShardMeta, SplitInfo, load_metadata, write_metadata
 from stackgan.data.prepare import _jpeg
 from stackgan.metrics import judge_ceiling as JC
-from stackgan.metrics.captions import caption_groups, stated_mask
-from stackgan.metrics.evalset import center_crop, decode_image
+from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
+from stackgan.metrics.evalset import center_crop, decode_image, is_holdout, load_split
 from stackgan.metrics.judge import Judge, JudgeNet, group_hits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,29 +171,71 @@ def _judge(path) -> None:
     for i, n in enumerate(NAMES):
         by.setdefault(n.split("::")[0], []).append(i)
     torch.manual_seed(0)
-    Judge(JudgeNet(len(NAMES), width=4), list(NAMES), list(by.values()), 10, torch.zeros(len(NAMES)),
-          width=4).save(path)
+    judge = Judge(JudgeNet(len(NAMES), width=4), list(NAMES), list(by.values()), 10, torch.zeros(len(NAMES)))
+    judge.save(path)
 
 
 EMBEDDED = {"kind": "embedded", "jpeg_quality": 90, "generator": birds.GeneratorParams(6, 8, 0).to_json()}
 
 
-def test_cli_end_to_end_small(tmp_path, capsys):
-    shards = tmp_path / "shards"
-    _metadata(shards, EMBEDDED)
-    _judge(shards / "judge.pt")
+def test_cli_end_to_end_small(tiny_shards, tmp_path, capsys):
+    _judge(tmp_path / "j.pt")
     outs = []
     for k in range(2):
-        assert JC.main(["--shards", str(shards), "--n", "6", "--out", str(tmp_path / f"r{k}.json")]) == 0
+        assert JC.main(["--shards", str(tiny_shards), "--judge", str(tmp_path / "j.pt"), "--n", "6",
+                        "--out", str(tmp_path / f"r{k}.json")]) == 0
         outs.append(json.loads((tmp_path / f"r{k}.json").read_text()))
     text = capsys.readouterr().out
-    assert "caption_faithful" in text and "overall" in text
+    assert "caption_faithful" in text and "overall" in text and "caption_faithful / real_train" in text
     rep = outs[0]
-    assert list(rep["conditions"]) == list(JC.CONDITIONS) and rep["n"] == 6
+    assert list(rep["conditions"]) == list(JC.CONDITIONS + JC.REAL)
+    assert rep["n"] == 6 and rep["kind"] == "species"
     for v in rep["conditions"].values():
         assert 0 <= v["overall"] <= 1 and len(v["groups"]) == 10
+    meta = load_metadata(tiny_shards)
+    held_out = sum(is_holdout(k, 10) for k in load_split(meta, "train").keys)
+    assert rep["conditions"]["real_train"]["n"] == held_out and rep["conditions"]["real_test"]["n"] == 12
     assert rep["conditions"] == outs[1]["conditions"]  # deterministic for a seed
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_score_real_scores_each_caption_on_what_it_states(tiny_shards):
+    """real_* = the mean over (image, caption) pairs of the share of the caption's stated
+    groups the judge sees: with a judge that reads the true labels, exactly 1; with one that
+    reads other labels, the share of the stated groups whose true value it still names."""
+    meta = load_metadata(tiny_shards)
+    data = load_split(meta, "test")
+    by: OrderedDict[str, list[int]] = OrderedDict()
+    for i, n in enumerate(NAMES):
+        by.setdefault(n.split("::")[0], []).append(i)
+
+    class LabelJudge:  # logits = the image's own labels (looked up by row order), or a fixed guess
+        groups, holdout_mod = list(by.values()), 10
+
+        def __init__(self, attrs):
+            self.attrs, self.i = torch.as_tensor(attrs, dtype=torch.float32), 0
+
+        def __call__(self, x):
+            out = self.attrs[self.i:self.i + len(x)]
+            self.i += len(x)
+            return out, None
+
+        def group_hits(self, logits, attrs):
+            return group_hits(logits, torch.as_tensor(np.asarray(attrs)), self.groups)
+
+    overall, per, n = JC.score_real(LabelJudge(data.attr), meta, "test")
+    assert overall == 1.0 and n == len(data) and all(v in (None, 1.0) for v in per)
+    wrong = np.roll(data.attr, 1, axis=0)
+    overall, _, _ = JC.score_real(LabelJudge(wrong), meta, "test")
+    scope = caption_scope(data.captions, NAMES)
+    want, pairs = 0.0, 0
+    for i in range(len(data)):
+        for c in range(scope.shape[1]):
+            stated = [g for g in by.values() if scope[i, c, g].any()]
+            if stated:
+                want += np.mean([wrong[i, g].argmax() == data.attr[i, g].argmax() for g in stated])
+                pairs += 1
+    assert overall == pytest.approx(want / pairs)
 
 
 @pytest.mark.parametrize("source, message", [

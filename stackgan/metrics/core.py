@@ -134,7 +134,7 @@ class EvalContext:
     device: str | torch.device = "cpu"
     seed: int = 0
     batch_size: int = 64
-    judge: str = ""  # judge file; "" = <shards>/judge.pt, trained there on first use
+    judge: str = ""  # "parts", "species" or a judge file; "" = the shards' default (judge.choose_judge)
     inception: str = ""  # torchvision Inception-v3 state_dict (IS / FID); never downloaded
     detail_net: str = ""  # 256-px feature net (fd256); "" = <shards>/detail256.pt, trained there on first use
     num_samples: int = 30000  # generated images for IS / FID (the papers' test protocol)
@@ -173,7 +173,10 @@ class EvalContext:
 
     @property
     def judge_path(self) -> Path:
-        return Path(self.judge) if self.judge else Path(self.shards) / "judge.pt"
+        """The file of the judge ``judge`` selects (see :func:`stackgan.metrics.judge.choose_judge`)."""
+        from .judge import choose_judge
+
+        return choose_judge(self.shards, self.judge, self.meta).path
 
     def check(self, requires: set[str]) -> None:
         """Refuse, before generating anything, what cannot give a meaningful number."""
@@ -205,6 +208,13 @@ class EvalContext:
                 f"{self.shards}: the shards carry no attributes (attr.npy); the attribute judge needs the "
                 "embedded bird set or CUB prepared with its attribute labels"
             )
+        if "attributes" in requires:
+            from .judge import JudgeError, choose_judge
+
+            try:
+                choose_judge(self.shards, self.judge, meta)  # a kind these shards cannot have is refused here
+            except JudgeError as e:
+                raise MetricError(str(e)) from e
         if "stage2" in requires and self.image_size != 256:
             raise MetricError(f"stage-II metrics compare a stage-II generator's 256px images with its "
                               f"stage-I input; this generator makes {self.image_size}px images (stage I): "
@@ -265,6 +275,12 @@ def generate(
                 f"{ctx.image_size}) (is the context's image_size right for this stage?)"
             )
         yield lo, hi, img
+
+
+def full_precision(device: str | torch.device):
+    """Autocast off on ``device``: a measuring network (a judge, an Inception) gives the same
+    numbers whatever precision its caller runs under (a bf16 run's snapshot metrics)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:

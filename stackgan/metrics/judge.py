@@ -1,8 +1,17 @@
-"""Attribute judge: a small CNN that says which CUB-format attributes an image shows.
+"""Attribute judges: small CNNs that say which CUB-format attributes an image shows.
 
-Trained on a shard set's *real* images (train split, minus a fixed held-out 1-in-``holdout``
-subset of keys) to predict the per-image attribute labels (``attr.npy``), it then scores
-generated images against the attributes of the caption they were generated from.
+Two kinds, selected by name (:func:`choose_judge`; :func:`ensure_judge` gives a metric the
+selected one):
+
+* ``parts`` (:mod:`.part_judge`, the default on the embedded bird set): trained on birds
+  the embedded renderer draws with random, independent part combinations, one head per
+  attribute group, so it reads each part on its own; its ceiling is what a caption states.
+* ``species`` (this module, the only kind for CUB): trained on a shard set's *real* images
+  (train split, minus a fixed held-out 1-in-``holdout`` subset of keys) to predict the
+  per-image attribute labels (``attr.npy``). It learns species cues with the parts: on
+  the embedded set a drawing of exactly what a caption states scores 75% of a real image.
+
+Either scores generated images against the attributes of the caption they were generated from.
 
 Scoring rule (:func:`attribute_hits`). Attribute names are ``group::value``
 (``has_wing_color::blue``). For each *group* the caption states (at least one positive
@@ -15,9 +24,9 @@ better than always guessing the most frequent value (e.g. the embedded set's bir
 is normalised away by the bounding-box crop, so no image shows it). Predicting
 everything at once cannot game the rule, and its chance level is about 1 / values.
 
-``python -m stackgan.metrics.judge train --shards DIR [--out PATH]`` trains and caches a
-judge (atomic write) and reports its score on held-out real images of the train split and
-on the real test images (unseen species).
+``python -m stackgan.metrics.judge train --shards DIR [--kind parts|species] [--out PATH]``
+trains and caches a judge (atomic write, default ``<shards>/judge-parts.pt`` or
+``<shards>/judge.pt``) and prints its report; ``show PATH`` prints a judge file's report.
 """
 from __future__ import annotations
 
@@ -39,10 +48,14 @@ from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 
-from .core import EvalContext, MetricError, barrier, rank_world, resize
+from .core import EvalContext, MetricError, barrier, full_precision, rank_world, resize
 from .evalset import center_crop, is_holdout, load_split, to_tensor
+from .redraw import RedrawError, is_embedded
 
-FORMAT = "stackgan-judge/1"
+FORMAT = "stackgan-judge/2"
+FORMAT_V1 = "stackgan-judge/1"  # species judges written before kinds existed: still read
+KINDS = ("parts", "species")
+DEFAULT_FILE = {"parts": "judge-parts.pt", "species": "judge.pt"}  # inside the shard folder
 JUDGE_SIZE = 64  # input side; real images are 64 crops of the 76px shard images
 MIN_STEPS = 300  # default training length floor (a CUB-sized set: 6 epochs = ~380 steps)
 READABLE_MARGIN = 0.1  # a group counts only if the judge beats the majority guess by this on real test images
@@ -69,9 +82,12 @@ class JudgeNet(nn.Module):
     set: 0.57 vs 0.45 on the unseen test species). Features (for ``judge_fd``): the mean
     and max over positions of the last block (``16 * width`` values)."""
 
+    kind = "species"
+
     def __init__(self, num_attributes: int, width: int = 16, temperature: float = 4.0):
         super().__init__()
         w = width
+        self.num_attributes, self.width = num_attributes, width
         self.body = nn.Sequential(
             *_block(3, w, 2),  # 32
             *_block(w, 2 * w, 2),  # 16
@@ -83,6 +99,9 @@ class JudgeNet(nn.Module):
         self.head = nn.Conv2d(8 * w, num_attributes, 1)
         self.temperature = temperature
         self.feature_dim = 16 * w
+
+    def config(self) -> dict:
+        return {"num_attributes": self.num_attributes, "width": self.width, "temperature": self.temperature}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
@@ -180,16 +199,23 @@ class JudgeReport:
 
 
 class Judge:
-    def __init__(self, net: JudgeNet, attributes: list[str], groups: list[list[int]], holdout_mod: int,
-                 prior: torch.Tensor, report: JudgeReport | None = None, width: int = 16):
+    """A judge network with what scoring needs: the attribute names, the scored groups, the
+    held-out key rule (which training captions judge consistency scores), the majority
+    prior, its training report and what it was trained on."""
+
+    def __init__(self, net: nn.Module, attributes: list[str], groups: list[list[int]], holdout_mod: int,
+                 prior: torch.Tensor, report=None):
         self.net = net.eval()
         self.attributes = attributes
         self.groups = groups
         self.holdout_mod = holdout_mod
         self.prior = prior  # (A,) log-frequency logits: the majority baseline
-        self.report = report
-        self.width = width
-        self.trained_on: dict = {}  # the shard set it was trained on (root, encoder, fingerprint)
+        self.report = report  # JudgeReport (species) or part_judge.PartJudgeReport (parts)
+        self.trained_on: dict = {}  # species: the shard set (root, encoder, fingerprint); parts: the renderer
+
+    @property
+    def kind(self) -> str:
+        return self.net.kind
 
     @property
     def device(self) -> torch.device:
@@ -203,8 +229,8 @@ class Judge:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B,3,H,W) in [-1,1], any square size -> (logits, features) on the judge's device."""
         self.net.eval()
-        x = resize(images.to(self.device, torch.float32), JUDGE_SIZE)
-        return self.net(x)
+        with full_precision(self.device):
+            return self.net(resize(images.to(self.device, torch.float32), JUDGE_SIZE))
 
     def hits(self, logits: torch.Tensor,
              attrs: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,20 +243,23 @@ class Judge:
         return group_hits(logits, torch.as_tensor(np.asarray(attrs)), self.groups)
 
     def save(self, path: str | Path, meta: ShardMeta | None = None) -> Path:
+        """Write the judge to ``path`` atomically (a temporary file renamed into place); with
+        ``meta``, a species judge records that shard set as the one it was trained on."""
+        if meta is not None and self.kind == "species":
+            self.trained_on = species_identity(meta)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": FORMAT,
+            "kind": self.kind,
+            "net": self.net.config(),
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "width": self.width,
-            "temperature": self.net.temperature,
             "attributes": self.attributes,
             "groups": self.groups,
             "holdout_mod": self.holdout_mod,
             "prior": self.prior.cpu(),
             "report": asdict(self.report) if self.report else None,
-            "shards": ({"root": str(meta.root), "encoder": meta.encoder, "source": meta.source,
-                        "fingerprint": fingerprint(meta)} if meta else None),
+            "trained_on": self.trained_on,
         }
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(payload, tmp)
@@ -238,9 +267,18 @@ class Judge:
         return path
 
 
+def _net_and_report(kind: str) -> tuple[type, type]:
+    if kind == "species":
+        return JudgeNet, JudgeReport
+    from .part_judge import PartJudgeNet, PartJudgeReport
+
+    return PartJudgeNet, PartJudgeReport
+
+
 def load_judge(path: str | Path, device: str | torch.device = "cpu",
                attributes: list[str] | None = None) -> Judge:
-    """Load a judge file; with ``attributes``, refuse one trained for other attribute names."""
+    """Load a judge file of either kind; with ``attributes``, refuse one trained for other
+    attribute names."""
     path = Path(path)
     if not path.is_file():
         raise JudgeError(
@@ -249,19 +287,31 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu",
         d = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise JudgeError(f"{path}: cannot read judge file ({e})") from e
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise JudgeError(f"{path}: not a {FORMAT} file")
+    fmt = d.get("format") if isinstance(d, dict) else None
+    if fmt == FORMAT_V1:
+        d = {**d, "kind": "species", "trained_on": d.get("shards") or {},
+             "net": {"num_attributes": len(d["attributes"]), "width": d["width"],
+                     "temperature": d["temperature"]}}
+    elif fmt != FORMAT or d.get("kind") not in KINDS:
+        raise JudgeError(f"{path}: not a judge file ({FORMAT} or {FORMAT_V1})")
     if attributes is not None and list(attributes) != list(d["attributes"]):
         raise JudgeError(
             f"{path}: judge was trained for {len(d['attributes'])} other attributes than the shards' "
             f"{len(attributes)}; train a judge on these shards (python -m stackgan.metrics.judge train)"
         )
-    net = JudgeNet(len(d["attributes"]), d["width"], d["temperature"])
+    net_cls, report_cls = _net_and_report(d["kind"])
+    net = net_cls(**d["net"])
     net.load_state_dict(d["state_dict"])
-    report = JudgeReport(**d["report"]) if d.get("report") else None
-    judge = Judge(net, d["attributes"], d["groups"], d["holdout_mod"], d["prior"], report, d["width"])
-    judge.trained_on = d.get("shards") or {}
+    report = report_cls(**d["report"]) if d.get("report") else None
+    judge = Judge(net, d["attributes"], d["groups"], d["holdout_mod"], d["prior"], report)
+    judge.trained_on = d.get("trained_on") or {}
     return judge.to(device)
+
+
+def species_identity(meta: ShardMeta) -> dict:
+    """What a species judge records of the shard set it learnt from (checked on use)."""
+    return {"root": str(meta.root), "encoder": meta.encoder, "source": meta.source,
+            "fingerprint": fingerprint(meta)}
 
 
 def fingerprint(meta: ShardMeta) -> str:
@@ -313,10 +363,16 @@ def group_names(attributes: list[str], groups: list[list[int]]) -> list[str]:
     return [attributes[idx[0]].split("::", 1)[0] for idx in groups]
 
 
-@torch.enable_grad()  # callers (metrics at snapshot time) may be inside no_grad
-def _fit(net: JudgeNet, x_tr: torch.Tensor, y_tr: torch.Tensor, groups: list[list[int]], total_steps: int,
+@torch.enable_grad()  # callers (metrics at snapshot time) may be inside no_grad and autocast
+def _fit(net: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, groups: list[list[int]], total_steps: int,
          batch_size: int, lr: float, gen: torch.Generator, device, log) -> None:
-    """AdamW + one-cycle LR, :func:`judge_loss`, random 64 crops and flips."""
+    """AdamW + one-cycle LR, :func:`judge_loss`, random 64 crops and flips, in fp32."""
+    with full_precision(device):
+        _fit_steps(net, x_tr, y_tr, groups, total_steps, batch_size, lr, gen, device, log)
+
+
+def _fit_steps(net: nn.Module, x_tr: torch.Tensor, y_tr: torch.Tensor, groups: list[list[int]],
+               total_steps: int, batch_size: int, lr: float, gen: torch.Generator, device, log) -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.15)
     net.train()
@@ -340,7 +396,7 @@ def _fit(net: JudgeNet, x_tr: torch.Tensor, y_tr: torch.Tensor, groups: list[lis
     net.eval()
 
 
-def train_judge(
+def train_species_judge(
     shards: str | Path,
     *,
     epochs: float = 6.0,
@@ -353,8 +409,8 @@ def train_judge(
     device: str | torch.device = "cpu",
     log=print,
 ) -> Judge:
-    """Train a judge on the real train-split images of ``shards`` (see module docstring).
-    Length: ``steps`` optimizer updates, or when 0 ``epochs`` passes over the images but at
+    """Train a species judge on the real train-split images of ``shards`` (see the module
+    docstring). Length: ``steps`` optimizer updates, or when 0 ``epochs`` passes over the images but at
     least :data:`MIN_STEPS` updates (small sets need many passes)."""
     meta = load_metadata(shards)
     if not meta.attributes:
@@ -383,7 +439,8 @@ def train_judge(
     total_steps = steps or max(MIN_STEPS, round(epochs * len(tr_idx) / batch_size))
     _fit(net, x_tr, y_tr, groups, total_steps, batch_size, lr, gen, device, log)
     net.eval()
-    judge = Judge(net, list(meta.attributes), groups, holdout, prior, width=width)
+    judge = Judge(net, list(meta.attributes), groups, holdout, prior)
+    judge.trained_on = species_identity(meta)
     test = load_split(meta, "test", image=76)
     probe = _score_real(judge, test.img, test.attr)  # which groups can it read on unseen species?
     names = group_names(judge.attributes, groups)
@@ -410,35 +467,107 @@ def train_judge(
     return judge
 
 
+# --------------------------------------------------------------------------------------
+# Which judge: selection by name or file, training on first use
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JudgeChoice:
+    kind: str  # the kind named, or for a file path the kind trained there when it is missing
+    path: Path
+    named: bool  # chosen by kind name ("" included): the file must hold that kind
+
+
+def default_kind(meta: ShardMeta) -> str:
+    """``parts`` on shards drawn by the embedded generator, ``species`` on any other."""
+    return "parts" if is_embedded(meta) else "species"
+
+
+def choose_judge(shards: str | Path, judge: str = "", meta: ShardMeta | None = None) -> JudgeChoice:
+    """What ``judge`` selects on ``shards``: ``""`` the shard set's default kind
+    (:func:`default_kind`), ``"parts"`` / ``"species"`` that kind at its default file in the
+    shard folder (:data:`DEFAULT_FILE`), anything else a judge file (of whichever kind it
+    holds; trained there with the default kind when it does not exist)."""
+    meta = meta or load_metadata(shards)
+    if judge and judge not in KINDS:
+        return JudgeChoice(default_kind(meta), Path(judge), named=False)
+    kind = judge or default_kind(meta)
+    if kind == "parts" and not is_embedded(meta):
+        raise JudgeError(f"{shards}: the part-wise judge ('parts') learns from the embedded bird renderer "
+                         "and these shards were not drawn by it; use the species judge (--judge species)")
+    return JudgeChoice(kind, Path(shards) / DEFAULT_FILE[kind], named=True)
+
+
+def train_judge(shards: str | Path, kind: str = "species", *, device: str | torch.device = "cpu", log=print,
+                **options) -> Judge:
+    """Train a judge of ``kind`` for ``shards`` with its defaults (``options`` override them:
+    :func:`train_species_judge`'s or :func:`.part_judge.train_part_judge`'s)."""
+    if kind == "species":
+        return train_species_judge(shards, device=device, log=log, **options)
+    if kind == "parts":
+        from .part_judge import train_part_judge
+
+        return train_part_judge(str(shards), device=device, log=log, **options)
+    raise JudgeError(f"unknown judge kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def check_fit(judge: Judge, path: Path, meta: ShardMeta, log) -> None:
+    """Refuse a part-wise judge drawn by another renderer than the shards'; warn when a
+    species judge was trained on other shards."""
+    if judge.kind == "parts":
+        from .redraw import embedded_renderer
+
+        try:
+            want = embedded_renderer(meta).identity()
+        except RedrawError as e:
+            raise JudgeError(f"{path} is a part-wise judge, but {e}") from e
+        if judge.trained_on != want:
+            raise JudgeError(f"{path}: part-wise judge trained on renderer {judge.trained_on}, the shards at "
+                             f"{meta.root} are {want}; retrain it (python -m stackgan.metrics.judge train "
+                             f"--shards {meta.root} --kind parts)")
+        return
+    was = judge.trained_on.get("fingerprint")
+    if was and "train" in meta.splits and was != fingerprint(meta) and rank_world()[0] == 0:
+        log(f"WARNING: judge {path} was trained on other shards ({judge.trained_on.get('root')}) than "
+            f"{meta.root}; retrain it (python -m stackgan.metrics.judge train --shards {meta.root} "
+            "--kind species)")
+
+
 def ensure_judge(ctx: EvalContext) -> Judge:
-    """The context's judge: loaded from ``ctx.judge_path``, or trained there first (rank 0
-    trains, the others wait) when the file does not exist yet."""
+    """The judge ``ctx.judge`` selects (:func:`choose_judge`): loaded from its file, or
+    trained there first (rank 0 trains, the others wait) when the file does not exist yet."""
     if "judge" in ctx.cache:
         return ctx.cache["judge"]
-    path = ctx.judge_path
-    if not path.is_file():
-        if rank_world()[0] == 0:
-            ctx.log(f"no attribute judge at {path}: training one on {ctx.shards} (cached for later runs)")
-            judge = train_judge(ctx.shards, device=ctx.device, log=lambda m: None)
-            judge.save(path, ctx.meta)
-            ctx.log(f"judge: {format_report(judge.report)}")
-        barrier()
     try:
-        judge = load_judge(path, ctx.device, ctx.meta.attributes)
-    except JudgeError as e:
+        choice = choose_judge(ctx.shards, ctx.judge, ctx.meta)
+        if not choice.path.is_file():
+            if rank_world()[0] == 0:
+                ctx.log(f"no {choice.kind} judge at {choice.path}: training one for {ctx.shards} "
+                        "(cached for later runs)")
+                judge = train_judge(ctx.shards, choice.kind, device=ctx.device, log=lambda m: None)
+                judge.save(choice.path)
+                ctx.log(f"judge: {format_report(judge.report)}")
+            barrier()
+        judge = load_judge(choice.path, ctx.device, ctx.meta.attributes)
+        if choice.named and judge.kind != choice.kind:
+            raise JudgeError(f"{choice.path} holds a {judge.kind} judge, not the {choice.kind} judge "
+                             "asked for")
+        check_fit(judge, choice.path, ctx.meta, ctx.log)
+    except (JudgeError, ShardError) as e:
         raise MetricError(str(e)) from e
-    was = judge.trained_on.get("fingerprint")
-    if was and "train" in ctx.meta.splits and was != fingerprint(ctx.meta) and rank_world()[0] == 0:
-        ctx.log(f"WARNING: judge {path} was trained on other shards ({judge.trained_on.get('root')}) than "
-                f"{ctx.shards}; retrain it (python -m stackgan.metrics.judge train --shards {ctx.shards})")
     ctx.cache["judge"] = judge
     return judge
 
 
-def format_report(r: JudgeReport | None) -> str:
+def format_report(r) -> str:
+    """A judge's training report, either kind, for people."""
     if r is None:
         return "(no report)"
-    return (f"score on held-out real train images {r.holdout:.3f} (majority guess {r.majority_holdout:.3f}), "
+    if not isinstance(r, JudgeReport):
+        from .part_judge import format_report as part_report
+
+        return part_report(r)
+    return (f"species judge: score on held-out real train images {r.holdout:.3f} (majority guess "
+            f"{r.majority_holdout:.3f}), "
             f"on real test images {r.test:.3f} (majority {r.majority_test:.3f}, shuffled captions "
             f"{r.shuffled_test:.3f}, noise images {r.random_test:.3f}); "
             f"{r.n_train} training images, {r.steps} steps ({r.epochs:g} epochs), {r.seconds:.0f} s\n"
@@ -455,40 +584,59 @@ def format_report(r: JudgeReport | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.metrics.judge", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train an attribute judge on a shard set's real images and cache it")
+    t = sub.add_parser("train", help="train an attribute judge for a shard set and cache it")
     t.add_argument("--shards", required=True, help="prepared shard folder with attr.npy labels")
-    t.add_argument("--out", default="", help="judge file (default <shards>/judge.pt)")
-    t.add_argument("--epochs", type=float, default=6.0,
-                   help=f"passes over the training images (at least {MIN_STEPS} steps)")
-    t.add_argument("--steps", type=int, default=0, help="optimizer updates (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--width", type=int, default=16)
-    t.add_argument("--holdout", type=int, default=10, help="hold out 1 in this many train keys")
+    t.add_argument("--kind", choices=KINDS, default=None,
+                   help="parts (embedded set only) or species; default: parts on the embedded set, "
+                        "else species")
+    t.add_argument("--out", default="",
+                   help="judge file (default <shards>/judge-parts.pt or <shards>/judge.pt)")
+    t.add_argument("--steps", type=int, default=None, help="optimizer updates (default: the kind's)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="default: 128 (species); parts: by the set's size")
+    t.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 2e-3 (species); parts: by the set's size)")
+    t.add_argument("--width", type=int, default=None, help="network width (default: 16)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is fastest on a busy small machine)")
+    sp = t.add_argument_group("species judge")
+    sp.add_argument("--epochs", type=float, default=6.0,
+                    help=f"passes over the training images (at least {MIN_STEPS} steps)")
+    sp.add_argument("--holdout", type=int, default=10, help="hold out 1 in this many train keys")
+    pa = t.add_argument_group("part-wise judge")
+    pa.add_argument("--images", type=int, default=None,
+                    help="rendered training birds (default: by the set's size)")
+    pa.add_argument("--val-images", type=int, default=None,
+                    help="held-out rendered birds (default: a tenth, >= 500)")
+    pa.add_argument("--workers", type=int, default=None,
+                    help="rendering processes (default: the usable cores)")
     s = sub.add_parser("show", help="print a judge file's stored report")
     s.add_argument("path")
     args = p.parse_args(argv)
     try:
         if args.cmd == "show":
             j = load_judge(args.path)
-            print(json.dumps(asdict(j.report) if j.report else {}, indent=1))
+            print(json.dumps({"kind": j.kind, "trained_on": j.trained_on,
+                              **(asdict(j.report) if j.report else {})}, indent=1))
             return 0
-        out = Path(args.out) if args.out else Path(args.shards) / "judge.pt"
+        kind = args.kind or default_kind(load_metadata(args.shards))
+        out = Path(args.out) if args.out else choose_judge(args.shards, kind).path
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        judge = train_judge(args.shards, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                            lr=args.lr,
-                            width=args.width, holdout=args.holdout, seed=args.seed, device=args.device)
-        judge.save(out, load_metadata(args.shards))
-        print(f"judge written to {out}")
+        options = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "width": args.width,
+                   "seed": args.seed}
+        options |= ({"epochs": args.epochs, "holdout": args.holdout} if kind == "species" else
+                    {"images": args.images, "val_images": args.val_images, "workers": args.workers})
+        judge = train_judge(args.shards, kind, device=args.device,
+                            **{k: v for k, v in options.items() if v is not None})
+        judge.save(out)
+        print(f"{kind} judge written to {out}")
         print(format_report(judge.report))
-        print(json.dumps(asdict(judge.report)))
+        print(json.dumps({"kind": kind, **asdict(judge.report)}))
         return 0
-    except (JudgeError, ShardError) as e:
+    except (JudgeError, ShardError, RedrawError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

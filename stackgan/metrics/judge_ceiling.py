@@ -1,13 +1,13 @@
 """The judge's ceiling for a caption-following generator (embedded bird set only).
 
-Why: the attribute judge is trained on real images of the training species, where parts
-always come in species combinations, so it reads a part partly from the rest of the bird
-(species context). A caption states 2-4 attributes; a generator that draws exactly those
-and anything for the rest is scored below real images even when it draws every stated
-part perfectly. This command measures that with the data set's own renderer: it redraws
-birds (``birds.draw_bird``, through the shards' JPEG + bbox crop + centre crop path) and
-scores them with the judge's rule (mean per-image share of the scored groups, as judge
-consistency does) under four conditions:
+Why: a judge trained on real images of the training species (the ``species`` judge) sees
+parts only in species combinations, so it reads a part partly from the rest of the bird.
+A caption states 2-4 attributes; a generator that draws exactly those and anything for the
+rest is then scored below real images even when it draws every stated part perfectly.
+This command measures that for any judge with the data set's own renderer: it redraws
+birds (``birds.draw_bird``, through the shards' JPEG + bbox crop + centre crop path,
+:mod:`.redraw`) and scores them with the judge's rule (mean per-image share of the scored
+groups, as judge consistency does) under four conditions:
 
 * ``species``: a training species' own attributes (like a real training image);
 * ``caption_faithful``: what a training caption states (a real caption template filled in
@@ -15,17 +15,20 @@ consistency does) under four conditions:
   generator's constraints; scored on the groups the caption states
   (:func:`stackgan.metrics.captions.stated_mask`, as judge consistency does);
 * ``random``: random part combinations, every group scored;
-* ``test_species``: the unseen test species' own attributes.
+* ``test_species``: the unseen test species' own attributes;
 
-Training-caption consistency above ``caption_faithful`` needs the generator to draw the
-species the caption implies (its unstated parts too), not only what the caption says.
+next to the reference judge consistency divides by, the shard set's real images scored on
+the groups their captions state (``real_train``: the judge's held-out training images,
+``real_test``: the unseen species; each image against each of its captions). With the
+species judge, training-caption consistency above ``caption_faithful`` needs the generator
+to draw the species the caption implies; the part-wise judge (the default) is built so that
+``caption_faithful`` and ``real_train`` agree.
 
-    python -m stackgan.metrics.judge_ceiling --shards shards/birds-cub-scale --n 1000
+    python -m stackgan.metrics.judge_ceiling --shards shards/birds-cub-scale --n 1000 [--judge species]
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import string
 import sys
@@ -34,17 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from stackgan.data import birds, cub
-from stackgan.data.meta import ShardError, load_metadata
-from stackgan.data.prepare import _jpeg as jpeg_bytes
+from stackgan.data import birds
+from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 
-from .captions import caption_groups, stated_mask
-from .evalset import center_crop, decode_image, to_tensor
-from .judge import JudgeError, group_names, load_judge, share
+from .captions import caption_groups, caption_scope, stated_mask
+from .evalset import is_holdout, load_split, to_tensor
+from .judge import JudgeError, choose_judge, group_names, load_judge, share
+from .redraw import RedrawError, embedded_renderer, random_parts, render, shard_view  # noqa: F401 (re-exported)
 
 CONDITIONS = ("species", "caption_faithful", "random", "test_species")
+REAL = ("real_train", "real_test")  # the shards' real images, scored on their captions' groups
 # template field -> the parts it states (birds._caption); "wings" names the pattern (no word: solid)
 # and "bill" its length (no word: about the head's length, i.e. a dagger bill)
 FIELD_PARTS = {"crown": ("crown",), "crown_c": ("crown",), "wings": ("wing", "wing_pattern"),
@@ -56,29 +59,12 @@ PART_GROUP = {**birds.COLOR_GROUPS, "bill_shape": "has_bill_shape", "bill_length
 
 
 class CeilingError(RuntimeError):
-    """Shards this command cannot redraw (not made by the embedded generator, other version)."""
+    """Bad arguments, or shards whose classes or splits the generator's species do not cover."""
 
 
 def template_parts(template: str) -> set[str]:
     """The parts a caption template states, e.g. {"crown", "wing"} for "the crown is {crown_c} ..."."""
     return {p for _, f, _, _ in string.Formatter().parse(template) if f for p in FIELD_PARTS[f]}
-
-
-def random_parts(rng: np.random.Generator, keep: dict[str, str] | None = None) -> dict[str, str]:
-    """Random attributes drawn as :func:`birds.make_species` draws a species (the back differs
-    from crown, wings and belly; bill length follows bill shape), with the ``keep`` values fixed."""
-    keep, colors = keep or {}, list(birds.COLORS)
-    while True:
-        c = lambda: colors[int(rng.integers(len(colors)))]  # noqa: E731
-        a = {"crown": c(), "back": c(), "wing": c(), "belly": c(), "tail": c(),
-             "bill_color": birds.BILL_COLORS[int(rng.integers(len(birds.BILL_COLORS)))],
-             "bill_shape": birds.BILL_SHAPES[int(rng.integers(len(birds.BILL_SHAPES)))],
-             "wing_pattern": birds.WING_PATTERNS[int(rng.choice(3, p=[0.5, 0.25, 0.25]))],
-             "size": ["small", "medium", "large"][int(rng.choice(3, p=[0.45, 0.35, 0.2]))]}
-        a |= {k: v for k, v in keep.items() if k != "bill_length"}
-        a["bill_length"] = birds.BILL_LENGTH[a["bill_shape"]]
-        if a["back"] not in (a["crown"], a["wing"], a["belly"]):
-            return a
 
 
 def draw_conditions(train: list[birds.Species], test: list[birds.Species], n: int,
@@ -110,93 +96,95 @@ def draw_conditions(train: list[birds.Species], test: list[birds.Species], n: in
     return out
 
 
-def shard_view(img: Image.Image, bbox, quality: int = 90) -> np.ndarray:
-    """A drawn image as its shard holds it: the data set's JPEG (quality 90, as
-    ``birds._render_species`` writes it), bbox crop to 76, the shard's JPEG (its 76.jpg),
-    decoded as the evaluation reads it."""
-    on_disk = Image.open(io.BytesIO(jpeg_bytes(img, 90))).convert("RGB")
-    return decode_image(jpeg_bytes(cub.crop_resize(on_disk, bbox, (76,))[0], quality), 76)
+def logits_of(judge, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The judge's logits for (N, 64, 64, 3) uint8 images, batched, on the CPU."""
+    return torch.cat([judge(to_tensor(images[lo:lo + batch]))[0].cpu()
+                      for lo in range(0, len(images), batch)])
 
 
-def render(attrs: list[dict], seed: int, stream: int = 0, quality: int = 90) -> np.ndarray:
-    """(N, 64, 64, 3) uint8: each bird drawn and seen as the judge sees a shard image
-    (:func:`shard_view`, centre crop 64)."""
-    out = [shard_view(*birds.draw_bird(a, np.random.default_rng([seed, stream, i, 0xD4A])), quality)
-           for i, a in enumerate(attrs)]
-    return center_crop(np.stack(out), 64)
-
-
-def score(judge, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> tuple[float, list]:
+def score_logits(judge, logits: torch.Tensor, labels: np.ndarray) -> tuple[float, list]:
     """(mean per-image share of the scored groups the judge sees, per judge group: the share
     of the images scored on it in which the judge sees it, None when none is)."""
-    total, count = 0.0, 0
-    hits_g, stated_g = torch.zeros(len(judge.groups)), torch.zeros(len(judge.groups))
-    for lo in range(0, len(images), batch):
-        logits, _ = judge(to_tensor(images[lo:lo + batch]))
-        hits, stated = judge.group_hits(logits, labels[lo:lo + batch])
-        s, c = share(hits.float().sum(1), stated.float().sum(1))
-        total, count = total + s, count + c
-        hits_g += hits.float().sum(0).cpu()
-        stated_g += stated.float().sum(0).cpu()
+    hits, stated = judge.group_hits(logits, labels)
+    total, count = share(hits.float().sum(1), stated.float().sum(1))
+    hits_g, stated_g = hits.float().sum(0), stated.float().sum(0)
     return total / max(count, 1), [float(h / s) if s else None for h, s in zip(hits_g, stated_g)]
 
 
-def run(shards: str | Path, judge_path: str | Path, n: int = 1000, seed: int = 0) -> dict:
+def score(judge, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> tuple[float, list]:
+    """:func:`score_logits` of ``images`` against their ``labels``."""
+    return score_logits(judge, logits_of(judge, images, batch), labels)
+
+
+def score_real(judge, meta: ShardMeta, split: str) -> tuple[float, list, int]:
+    """The shard set's real ``split`` images (training: the judge's held-out keys), each scored
+    against each of its captions' stated groups, as judge consistency scores ``real_*``:
+    (overall, per group, number of images)."""
+    select = (lambda k: is_holdout(k, judge.holdout_mod)) if split == "train" and judge.holdout_mod else None
+    data = load_split(meta, split, image=76, select=select)
+    n, c = data.emb.shape[:2]
+    labels = data.attr[:, None, :] * caption_scope(data.captions, meta.attributes)  # (N, C, A)
+    logits = logits_of(judge, data.img).repeat_interleave(c, 0)
+    return (*score_logits(judge, logits, labels.reshape(n * c, -1).astype(np.uint8)), n)
+
+
+def run(shards: str | Path, judge: str = "", n: int = 1000, seed: int = 0) -> dict:
+    """The ceiling report for the judge ``judge`` selects (a kind or a file, see
+    :func:`stackgan.metrics.judge.choose_judge`) on the embedded shard set ``shards``."""
     t0 = time.perf_counter()
     meta = load_metadata(shards)
-    gen = meta.source.get("generator")
-    if not isinstance(gen, dict) or gen.get("generator") != "stackgan.data.birds":
-        raise CeilingError(f"{shards}: not made by the embedded bird generator (stackgan.data.birds; source "
-                           f"kind {meta.source.get('kind')!r}); the ceiling redraws its species, so it needs "
-                           "shards prepared from `python -m stackgan.data.birds`")
-    if gen.get("version") != birds.GENERATOR_VERSION:
-        raise CeilingError(f"{shards}: drawn by bird generator version {gen.get('version')}, this code is "
-                           f"version {birds.GENERATOR_VERSION}; regenerate the set and its shards")
-    if meta.attributes != birds.ATTRIBUTE_NAMES or "train" not in meta.splits:
-        raise CeilingError(f"{shards}: no train split or other attributes than the embedded set's")
+    renderer = embedded_renderer(meta)
+    if "train" not in meta.splits:
+        raise CeilingError(f"{shards}: no train split")
     if n < 1 or seed < 0:
         raise CeilingError(f"--n must be >= 1 and --seed >= 0, got {n} and {seed}")
-    judge = load_judge(judge_path, attributes=meta.attributes)
-    species = {s.class_id: s for s in birds.make_species(int(gen["species"]), int(gen["seed"]))}
+    judge_path = choose_judge(shards, judge, meta).path
+    j = load_judge(judge_path, attributes=meta.attributes)
+    species = renderer.make_species()
     if not {c for s in meta.splits.values() for c in s.classes} <= species.keys():
         raise CeilingError(f"{shards}: class ids beyond the generator's {len(species)} species")
     split = lambda s: [species[c] for c in meta.splits[s].classes] if s in meta.splits else []  # noqa: E731
-    quality = int(meta.source.get("jpeg_quality", 90))
-    names = group_names(judge.attributes, judge.groups)
+    names = group_names(j.attributes, j.groups)
     res = {}
     for cond, (attrs, labels) in draw_conditions(split("train"), split("test"), n, seed).items():
-        overall, per = score(judge, render(attrs, seed, CONDITIONS.index(cond), quality), labels)
+        overall, per = score(j, render(attrs, seed, CONDITIONS.index(cond), renderer.jpeg_quality), labels)
         res[cond] = {"overall": overall, "groups": dict(zip(names, per)), "n": n}
-    return {"shards": str(shards), "judge": str(judge_path), "n": n, "seed": seed, "generator": gen,
-            "conditions": res, "seconds": round(time.perf_counter() - t0, 1)}
+    for cond in REAL:
+        if cond.removeprefix("real_") in meta.splits:
+            overall, per, count = score_real(j, meta, cond.removeprefix("real_"))
+            res[cond] = {"overall": overall, "groups": dict(zip(names, per)), "n": count}
+    return {"shards": str(shards), "judge": str(judge_path), "kind": j.kind, "n": n, "seed": seed,
+            "generator": meta.source.get("generator"), "conditions": res,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.metrics.judge_ceiling",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="shards prepared from the embedded bird set")
-    p.add_argument("--judge", default="", help="attribute judge file (default <shards>/judge.pt)")
+    p.add_argument("--judge", default="", help="parts, species, or a judge file (default: parts, "
+                                               "<shards>/judge-parts.pt)")
     p.add_argument("--n", type=int, default=1000, help="images drawn per condition (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the report as JSON here")
     args = p.parse_args(argv)
     try:
-        rep = run(args.shards, args.judge or Path(args.shards) / "judge.pt", args.n, args.seed)
-    except (ShardError, JudgeError, CeilingError) as e:
+        rep = run(args.shards, args.judge, args.n, args.seed)
+    except (ShardError, JudgeError, CeilingError, RedrawError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     conds = rep["conditions"]
-    print(f"judge ceiling on {args.shards}: {args.n} drawn images per condition, seed {args.seed}; "
-          f"{rep['seconds']:.0f} s")
+    print(f"judge ceiling on {args.shards} for the {rep['kind']} judge {rep['judge']}: {args.n} drawn "
+          f"images per condition, seed {args.seed}; {rep['seconds']:.0f} s")
     print(f"{'group':24s}" + "".join(f"{c:>18s}" for c in conds))
     for g in next(iter(conds.values()))["groups"]:
         cells = [v["groups"][g] for v in conds.values()]
         print(f"{g.removeprefix('has_'):24s}" + "".join(f"{'-':>18s}" if c is None else f"{c:18.3f}"
                                                         for c in cells))
     print(f"{'overall':24s}" + "".join(f"{v['overall']:18.3f}" for v in conds.values()))
-    if "caption_faithful" in conds:
-        r = conds["caption_faithful"]["overall"] / max(conds["species"]["overall"], 1e-9)
-        print(f"caption_faithful / species = {r:.3f} (about the best ratio_train of a caption-following "
+    if "caption_faithful" in conds and "real_train" in conds:
+        r = conds["caption_faithful"]["overall"] / max(conds["real_train"]["overall"], 1e-9)
+        print(f"caption_faithful / real_train = {r:.3f} (about the best ratio_train of a caption-following "
               "generator)")
     if args.out:
         out = Path(args.out)

@@ -31,7 +31,7 @@ from stackgan.data.meta import ShardError, load_metadata
 
 from .captions import caption_scope
 from .evalset import is_holdout, load_split
-from .judge import JudgeError, group_hits, group_names, judge_loss, load_judge, share
+from .judge import JudgeError, choose_judge, group_hits, group_names, judge_loss, load_judge, share
 
 
 @dataclass
@@ -114,14 +114,15 @@ def run_probe(shards: str | Path, judge_path: str | Path, epochs: int = 6, hidde
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.metrics.text_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True)
-    p.add_argument("--judge", default="", help="attribute judge file for its groups and held-out keys "
-                                               "(default <shards>/judge.pt)")
+    p.add_argument("--judge", default="",
+                   help="the attribute judge whose groups and held-out keys to use: parts, species or a "
+                        "judge file (default: the shards' default)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the report as JSON here")
     args = p.parse_args(argv)
     try:
-        rep = run_probe(args.shards, args.judge or Path(args.shards) / "judge.pt", args.epochs, seed=args.seed)
+        rep = run_probe(args.shards, choose_judge(args.shards, args.judge).path, args.epochs, seed=args.seed)
     except (ShardError, JudgeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
