@@ -1,15 +1,17 @@
 """Judge-based scores on an attribute-labelled shard set, and the diversity score.
 
 * ``judge_consistency``: for each generated image, the share of its caption's attributes
-  the judge sees (:mod:`.judge`). The caption's attributes are the attribute groups it
-  mentions (:mod:`.captions`) with the values of the source image's labels (``attr.npy``;
-  captions describe their image truthfully); ``EvalContext.judge_scope="image"`` scores
+  that the judge ``EvalContext.judge`` selects sees (:mod:`.judge`: the part-wise judge on
+  the embedded set by default, the species judge on CUB). The caption's attributes are the
+  attribute groups it mentions (:mod:`.captions`) with the values of the source image's
+  labels (``attr.npy``; captions describe their image truthfully); ``EvalContext.judge_scope="image"`` scores
   all the image's attributes instead. It is reported for captions of held-out train-split
   images (``train``) and of the test split's unseen species (``test``), next to the same
   judge's score on the *real* images of those captions (``real_*``, the reference the
   quality targets are relative to) and two chance levels: generated images scored
   against shuffled captions (``shuffled_*``) and random noise images scored against real
-  captions (``chance_random``).
+  captions (``chance_random``); per attribute group too (``groups_*``, ``real_groups_*``,
+  ``shuffled_groups_*``, ``chance_groups_shuffled_real``).
 * ``judge_fd``: Frechet distance between generated and real images in the judge's
   penultimate feature space (FID's formula with a feature net that knows birds' parts).
 * ``diversity``: mean pairwise L1 between images of the same caption with different
@@ -79,7 +81,7 @@ def targets(ctx: EvalContext, data: SplitData, sample: np.ndarray, cap: np.ndarr
 
 def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
     """The judge on real images (and on noise): independent of G, cached on the context."""
-    key = ("judge_real", split, ctx.judge_scope)
+    key = ("judge_real", split, ctx.judge_scope, id(judge))
     if key in ctx.cache:
         return ctx.cache[key]
     data = split_data(ctx, split, judge.holdout_mod)
@@ -170,23 +172,26 @@ def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
 
 
 def _group_acc(judge: Judge) -> dict[str, torch.Tensor]:
-    return {k: torch.zeros(len(judge.groups), dtype=torch.float64) for k in ("group_hit", "group_n")}
+    return {k: torch.zeros(len(judge.groups), dtype=torch.float64)
+            for k in ("own_group_hit", "own_group_n", "shuf_group_hit", "shuf_group_n")}
 
 
 def _add(acc: dict, judge: Judge, logits: torch.Tensor, own: np.ndarray, shuffled: np.ndarray) -> None:
-    """Accumulate a batch: image shares against its own and shuffled captions, per-group hits."""
-    hit, stated = judge.group_hits(logits, own)  # the per-image share is its row sum
-    acc["group_hit"] += hit.sum(0).cpu()
-    acc["group_n"] += stated.sum(0).cpu()
-    for name, counts in (("own", (hit.float().sum(1), stated.float().sum(1))), ("shuf", judge.hits(logits, shuffled))):
-        s, c = share(*counts)
+    """Accumulate a batch: image shares against its own and shuffled captions, and per group."""
+    for name, attrs in (("own", own), ("shuf", shuffled)):
+        hit, stated = judge.group_hits(logits, attrs)  # the per-image share is its row sum
+        acc[name + "_group_hit"] += hit.sum(0).cpu()
+        acc[name + "_group_n"] += stated.sum(0).cpu()
+        s, c = share(hit.float().sum(1), stated.float().sum(1))
         acc[name] += s
         acc[name + "_n"] += c
 
 
-def _per_group(judge: Judge, acc: dict) -> dict[str, float]:
+def _per_group(judge: Judge, acc: dict, name: str = "own") -> dict[str, float]:
+    """Per group: the share of the images scored on it in which the judge sees it."""
     names = group_names(judge.attributes, judge.groups)
-    return {nm: (float(h / n) if n else float("nan")) for nm, h, n in zip(names, acc["group_hit"], acc["group_n"])}
+    hits, counts = acc[name + "_group_hit"], acc[name + "_group_n"]
+    return {nm: (float(h / n) if n else float("nan")) for nm, h, n in zip(names, hits, counts)}
 
 
 def _mean(acc: dict, name: str) -> float:
@@ -208,9 +213,12 @@ def judge_consistency(G, ctx: EvalContext) -> dict:
         out[f"n_{split}"] = int(gen["own_n"])
         out[f"groups_{split}"] = _per_group(judge, gen)
         out[f"real_groups_{split}"] = _per_group(judge, real)
+        out[f"shuffled_groups_{split}"] = _per_group(judge, gen, "shuf")
     test_real = _real_pass(ctx, judge, "test")["acc"]
     out["chance_shuffled_real"] = _mean(test_real, "shuf")
     out["chance_random"] = _mean(test_real, "rand")
+    out["chance_groups_shuffled_real"] = _per_group(judge, test_real, "shuf")
+    out["judge"] = judge.kind
     margin = out["real_test"] - max(out["chance_shuffled_real"], out["chance_random"])
     if not margin > 0.2 and rank_world()[0] == 0 and not ctx.cache.get("warned_judge"):
         ctx.cache["warned_judge"] = True
