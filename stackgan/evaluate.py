@@ -2,8 +2,8 @@
 
     python -m stackgan.evaluate --export runs/stage1/export/generator.pt \\
         --shards shards/birds-embedded --metrics judge_consistency,judge_fd,diversity
-    python -m stackgan.evaluate --export ... --shards shards/cub --metrics inception_score,fid \\
-        --inception /path/inception_v3_google-0cc3c7bd.pth          # 30000 samples by default
+    python -m stackgan.evaluate --export ... --shards shards/cub --metrics fid_inception \\
+        --fid-inception /path/pt_inception-2015-12-05-6726825d.pth  # 30000 samples by default
 
 A stage-II export is also scored against its own stage-I input (stage2_consistency,
 stage2_fd, fd256, sharpness: on by default for stage II). Results are printed and appended
@@ -14,8 +14,9 @@ or a judge file; the 256px detail net is read from ``--detail-net`` (default
 ``<shards>/detail256.pt``); each is trained at its file first if the file does not exist.
 Under ``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
 
-IS / FID here are monitoring figures (torchvision's Inception-v3 in PyTorch), not
-directly comparable with the StackGAN papers' TensorFlow Inception scores.
+``fid_inception`` is FID with the FID Inception (pytorch-fid's network, the papers'); the
+``inception_score`` / ``fid`` figures (torchvision's Inception-v3) are monitoring figures,
+not directly comparable with published values.
 """
 from __future__ import annotations
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="attribute judge: parts, species, or a judge file (default: parts on the embedded "
                         "set (<shards>/judge-parts.pt), species on other shards (<shards>/judge.pt))")
     p.add_argument("--inception", default="", help="Inception-v3 state_dict for inception_score / fid")
+    p.add_argument("--fid-inception", default="",
+                   help="FID-Inception weights (pt_inception-2015-12-05-6726825d.pth) for fid_inception "
+                        "(default: the torch hub cache); never downloaded")
     p.add_argument("--detail-net", default="",
                    help="256px detail net for fd256 (default <shards>/detail256.pt, trained on first use)")
     p.add_argument("--num-samples", type=int, default=30000, help="generated images for IS / FID")
@@ -110,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         G, info = load_generator(args.export, device)
         ctx = EvalContext.from_export(
             info, args.shards, device=device, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
-            inception=args.inception, num_samples=args.num_samples, judge_samples=args.judge_samples,
-            judge_scope=args.judge_scope, detail_net=args.detail_net,
+            inception=args.inception, fid_inception=args.fid_inception, num_samples=args.num_samples,
+            judge_samples=args.judge_samples, judge_scope=args.judge_scope, detail_net=args.detail_net,
             diversity_captions=args.diversity_captions, diversity_z=args.diversity_z,
             is_splits=args.is_splits,
         )

@@ -17,6 +17,8 @@ from stackgan.export import save_export
 from stackgan.metrics import EvalContext, MetricError, compute, names
 from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import to_tensor
+from stackgan.metrics.fid_inception import (FIDInceptionError, FIDInceptionV3, hub_weights_path,
+                                            load_fid_inception)
 from stackgan.metrics.inception import InceptionError, features, fid_from_features, load_inception
 from stackgan.metrics.stats import (GaussianSums, frechet_distance, frechet_distance_of_samples,
                                     inception_score)
@@ -161,7 +163,11 @@ def test_bad_requests_are_refused_before_any_work(ctx, shards, tmp_path):
     missing = EvalContext(**{**ctx.__dict__, "cache": {}, "inception": str(tmp_path / "none.pth")})
     with pytest.raises(MetricError, match="not found"):
         compute("inception_score", Boom(), missing)
-    assert {"judge_consistency", "judge_fd", "diversity", "judge_diversity", "inception_score", "fid"} <= set(names())
+    assert {"judge_consistency", "judge_fd", "diversity", "judge_diversity", "inception_score", "fid",
+            "fid_inception"} <= set(names())
+
+
+RANK_METRICS = "diversity,judge_consistency,fid_inception"
 
 
 def _rank_worker(rank: int, world: int, port: int, ctx_kwargs: dict, out: str) -> None:
@@ -169,7 +175,7 @@ def _rank_worker(rank: int, world: int, port: int, ctx_kwargs: dict, out: str) -
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = compute("diversity,judge_consistency", OracleG(), EvalContext(**ctx_kwargs))
+        res = compute(RANK_METRICS, OracleG(), EvalContext(**ctx_kwargs))
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(res, f)
@@ -178,9 +184,10 @@ def _rank_worker(rank: int, world: int, port: int, ctx_kwargs: dict, out: str) -
 
 
 @pytest.mark.distributed
-def test_two_ranks_give_the_single_process_numbers(ctx, tmp_path):
+def test_two_ranks_give_the_single_process_numbers(ctx, fid_inception_file, tmp_path):
     kwargs = {k: v for k, v in ctx.__dict__.items() if k not in ("cache", "log")}
-    single = compute("diversity,judge_consistency", OracleG(), EvalContext(**kwargs))
+    kwargs |= {"fid_inception": str(fid_inception_file), "inception_size": 75, "num_samples": 20}
+    single = compute(RANK_METRICS, OracleG(), EvalContext(**kwargs))
     with socket.socket() as sock:  # a free port for the process group
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -189,9 +196,11 @@ def test_two_ranks_give_the_single_process_numbers(ctx, tmp_path):
     multi = json.loads((tmp_path / "r.json").read_text())
     for name, res in single.items():
         for k, v in res.items():
-            if k != "seconds":
-                want = v if isinstance(v, str) else pytest.approx(v, rel=1e-9, abs=1e-12)
+            if k != "seconds":  # FID: real images are batched differently per rank (float32 convs)
+                rel = 1e-4 if name == "fid_inception" else 1e-9
+                want = v if isinstance(v, str) else pytest.approx(v, rel=rel, abs=1e-12)
                 assert multi[name][k] == want, (name, k)
+    assert single["fid_inception"]["n_gen"] == 20 and single["fid_inception"]["n_real"] == 36
 
 
 def test_caption_states_only_the_groups_it_mentions():
@@ -305,6 +314,104 @@ def test_inception_metrics_through_the_registry(ctx, inception_file, tmp_path):
     assert "not directly comparable" in res["fid"]["note"]
     assert [json.loads(x)["metric"] for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [
         "inception_score", "fid"]
+
+
+@pytest.fixture(scope="module")
+def fid_inception_file(tmp_path_factory):
+    """Randomly initialised FID-Inception weights in pytorch-fid's layout (nothing downloaded)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("fid") / "pt_inception-random.pth"
+    torch.save(FIDInceptionV3().state_dict(), path)
+    return path
+
+
+def test_fid_inception_from_a_file_is_zero_for_a_set_against_itself(fid_inception_file):
+    net = load_fid_inception(fid_inception_file, size=75)  # small input keeps the CPU test fast
+    saved = torch.load(fid_inception_file)
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())  # the file's weights
+    x = _smooth_images(24, 0)
+    fx = net(x)
+    assert fx.shape == (24, 2048)
+    self_fid = fid_from_features(fx, net(x.clone()))
+    shifted = [fid_from_features(fx, net((x + d).clamp(-1, 1))) for d in (0.05, 0.15, 0.3)]
+    assert self_fid < 1e-3 * shifted[0], (self_fid, shifted)
+    assert shifted[0] < shifted[1] < shifted[2], shifted
+
+
+def test_fid_inception_is_inception_v3_with_the_tf_graphs_pooling(tmp_path):
+    """Layers, parameter names and branch order are torchvision's Inception-v3 (so converted
+    weights keyed by it load): with torchvision's pooling swapped in, the same features; with
+    the TF graph's (padding not averaged, a max pool in Mixed_7c), other ones."""
+    import torch.nn.functional as F
+    from torchvision.models import inception_v3
+
+    from stackgan.metrics.inception import _TRUNK
+
+    torch.manual_seed(1)
+    tv = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).eval()
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    net = load_fid_inception(tmp_path / "tv.pth", size=75)
+    x = _smooth_images(3, 1)
+    with torch.no_grad():
+        h = F.interpolate(x, size=(75, 75), mode="bilinear", align_corners=False)
+        for name in _TRUNK:
+            h = getattr(tv, name)(h)
+        ref = h.flatten(1)
+    tf_pooled = net(x)
+    for block in (net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
+                  net.Mixed_6e, net.Mixed_7b, net.Mixed_7c):
+        block.pool = lambda t: F.avg_pool2d(t, 3, 1, 1)
+    rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(net(x)) < 1e-5 and rel(tf_pooled) > 1e-2, (rel(net(x)), rel(tf_pooled))
+
+
+def test_fid_inception_weights_come_from_a_path_or_the_hub_cache(fid_inception_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FIDInceptionError, match="torch hub cache.*nothing is downloaded"):
+        load_fid_inception()
+    with pytest.raises(FIDInceptionError, match="missing.pth.*nothing is downloaded"):
+        load_fid_inception(tmp_path / "missing.pth")
+    cached = hub_weights_path()
+    assert cached.is_relative_to(tmp_path / "torch")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(fid_inception_file.read_bytes())
+    assert load_fid_inception().Mixed_7c.branch_pool.conv.weight.shape == (192, 2048, 1, 1)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(FIDInceptionError, match="not FID-Inception weights.*missing"):
+        load_fid_inception(tmp_path / "resnet.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(FIDInceptionError, match="cannot read"):
+        load_fid_inception(tmp_path / "junk.pth")
+
+
+def test_fid_inception_through_the_registry_shares_the_generation_pass(ctx, inception_file,
+                                                                      fid_inception_file, tmp_path):
+    class Counting(OracleG):
+        calls = 0
+
+        def forward(self, emb, z):
+            Counting.calls += len(emb)
+            return super().forward(emb, z)
+
+    c = EvalContext(**{**ctx.__dict__, "cache": {}, "inception": str(inception_file),
+                       "fid_inception": str(fid_inception_file), "inception_size": 75, "num_samples": 20,
+                       "is_splits": 2})
+    res = compute("fid_inception,fid", Counting(), c, jsonl=tmp_path / "m.jsonl")
+    assert Counting.calls == 20  # one pass of num_samples images fed both networks
+    f = res["fid_inception"]
+    assert f["fid"] > 0 and f["n_gen"] == 20 and f["n_real"] == 36 and "pytorch-fid" in f["note"]
+    assert f["fid"] != res["fid"]["fid"]  # another network
+    assert EvalContext.__dataclass_fields__["num_samples"].default == 30000  # the papers' protocol by default
+    missing = EvalContext(**{**c.__dict__, "cache": {}, "fid_inception": str(tmp_path / "none.pth")})
+
+    class Boom(OracleG):
+        def forward(self, emb, z):
+            raise AssertionError("generator must not run")
+
+    with pytest.raises(MetricError, match="none.pth"):
+        compute("diversity,fid_inception", Boom(), missing)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@
     ctx = EvalContext.from_export(info, shards="shards/birds-embedded")   # once
     compute("judge_consistency,judge_fd,diversity", G, ctx, step=step, jsonl=run_dir / "metrics.jsonl")
 
-Registered metrics: ``judge_consistency``, ``judge_fd``, ``diversity`` (:mod:`.scores`,
-attribute judge in :mod:`.judge`), ``inception_score``, ``fid`` (:mod:`.inception`), and for
+Registered metrics: ``judge_consistency``, ``judge_fd``, ``diversity``, ``judge_diversity``
+(:mod:`.scores`; the attribute judges in :mod:`.judge` and :mod:`.part_judge`),
+``fid_inception`` (FID with the FID Inception, :mod:`.fid_inception`), ``inception_score``,
+``fid`` (torchvision's Inception, monitoring; :mod:`.inception`), and for
 stage II ``stage2_consistency``, ``stage2_fd``, ``fd256``, ``sharpness`` (:mod:`.stage2`,
 256-px detail net and sharpness in :mod:`.detail`). Add
 one with ``@register("name")`` on a function ``fn(G, ctx) -> dict``. The built-in metric

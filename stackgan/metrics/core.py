@@ -136,6 +136,7 @@ class EvalContext:
     batch_size: int = 64
     judge: str = ""  # "parts", "species" or a judge file; "" = the shards' default (judge.choose_judge)
     inception: str = ""  # torchvision Inception-v3 state_dict (IS / FID); never downloaded
+    fid_inception: str = ""  # FID-Inception weights (fid_inception); "" = the torch hub cache; no download
     detail_net: str = ""  # 256-px feature net (fd256); "" = <shards>/detail256.pt, trained there on first use
     num_samples: int = 30000  # generated images for IS / FID (the papers' test protocol)
     judge_samples: int = 1000  # generated images per split for the judge metrics
@@ -229,6 +230,12 @@ class EvalContext:
                 raise MetricError(f"Inception-v3 weights not found: {self.inception}")
             if self.num_samples < self.is_splits:
                 raise MetricError(f"num_samples ({self.num_samples}) must be >= is_splits ({self.is_splits})")
+        if "fid_inception" in requires:
+            from .fid_inception import weights_path
+
+            weights_path(self.fid_inception)  # raises, naming the path or the hub cache
+            if self.num_samples < 2:
+                raise MetricError(f"FID needs num_samples >= 2, got {self.num_samples}")
 
 
 # --------------------------------------------------------------------------------------

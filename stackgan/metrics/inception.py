@@ -14,6 +14,11 @@ These are **monitoring figures**: a PyTorch port of Inception with PyTorch resiz
 not reproduce the TensorFlow Inception graph the StackGAN papers scored with, so the
 numbers are not directly comparable with published IS / FID values.
 
+For FID figures comparable with the literature, ``fid_inception`` computes FID with the
+FID Inception (:mod:`.fid_inception`, the network ``pytorch-fid`` and the papers use) under
+the same protocol; when a compute call asks for several of these metrics, one generation
+pass feeds every network.
+
 Protocol defaults (the papers'): ``num_samples`` = 30000 generated images over the
 test split's captions (every test image with its caption 0, then caption 1, ...), IS
 over 10 splits, FID against all real test images.
@@ -26,13 +31,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import EvalContext, MetricError, generate, rank_world, register, resize
+from .core import EvalContext, MetricError, full_precision, generate, rank_world, register, resize
 from .evalset import iter_images, to_tensor
+from .fid_inception import load_fid_inception
 from .scores import split_data
 from .stats import GaussianSums, ISSums, frechet_distance, frechet_distance_of_samples
 
 NOTE = ("monitoring figure (torchvision Inception-v3 in PyTorch); not directly comparable with the "
-        "papers' TensorFlow Inception IS/FID")
+        "papers' TensorFlow Inception IS/FID (for FID use fid_inception)")
+FID_NOTE = ("FID Inception (pytorch-fid's port of the TF 2015-12-05 graph), the papers' protocol; comparable "
+            "with published CUB FIDs up to PyTorch/TF numerics and the real-image set")
 TAG = 14
 
 _TRUNK = (
@@ -58,12 +66,13 @@ class InceptionV3(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images.to(next(self.net.parameters()).device, torch.float32)
-        x = resize(x, self.size)
-        for name in _TRUNK:
-            x = getattr(self.net, name)(x)
-        pool = torch.flatten(x, 1)
-        return pool, self.net.fc(pool)
+        device = next(self.net.parameters()).device
+        with full_precision(device):
+            x = resize(images.to(device, torch.float32), self.size)
+            for name in _TRUNK:
+                x = getattr(self.net, name)(x)
+            pool = torch.flatten(x, 1)
+            return pool, self.net.fc(pool)
 
 
 def load_inception(path: str | Path, device: str | torch.device = "cpu", size: int = 299) -> InceptionV3:
@@ -121,18 +130,31 @@ def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Registered metrics (one shared pass per compute call)
+# Registered metrics: one generation pass per compute call feeds every Inception they need
 # --------------------------------------------------------------------------------------
-def _net(ctx: EvalContext) -> InceptionV3:
-    key = ("inception", ctx.inception, ctx.inception_size, str(ctx.device))
+NET_OF = {"inception_score": "torchvision", "fid": "torchvision", "fid_inception": "fid_inception"}
+
+
+def _net(ctx: EvalContext, kind: str):
+    """The feature net ``kind`` (cached): images -> (pool features, logits or None)."""
+    key = ("inception", kind, ctx.inception if kind == "torchvision" else ctx.fid_inception,
+           ctx.inception_size, str(ctx.device))
     if key not in ctx.cache:
-        ctx.cache[key] = load_inception(ctx.inception, ctx.device, ctx.inception_size)
+        if kind == "torchvision":
+            ctx.cache[key] = load_inception(ctx.inception, ctx.device, ctx.inception_size)
+        else:
+            fid_net = load_fid_inception(ctx.fid_inception, ctx.device, ctx.inception_size)
+            ctx.cache[key] = lambda images: (fid_net(images), None)
     return ctx.cache[key]
 
 
-def _real(ctx: EvalContext, net: InceptionV3) -> GaussianSums:
-    key = ("inception_real", ctx.inception, ctx.inception_size, ctx.image_size)
+def _real(ctx: EvalContext, kind: str) -> GaussianSums:
+    """Pool-feature statistics of all real test images (centre crops at the generator's
+    size), this rank's share summed over ranks; cached on the context."""
+    key = ("inception_real", kind, ctx.inception if kind == "torchvision" else ctx.fid_inception,
+           ctx.inception_size, ctx.image_size)
     if key not in ctx.cache:
+        net = _net(ctx, kind)
         rank, world = rank_world()
         sums = GaussianSums(2048)
         buf: list[np.ndarray] = []
@@ -147,35 +169,58 @@ def _real(ctx: EvalContext, net: InceptionV3) -> GaussianSums:
     return ctx.cache[key]
 
 
-def _pass(G, ctx: EvalContext) -> dict:
+def _pass(G, ctx: EvalContext, need: str) -> dict:
+    """Generated images' statistics for feature net ``need`` and every other Inception the
+    current compute call asks for, from one pass of ``ctx.num_samples`` images over the test
+    captions (every test image with its caption 0, then caption 1, ...; this rank's share)."""
     call = ctx.cache.setdefault("call", {})
-    if "inception" in call:
+    if need in call.get("inception", {}).get("feats", {}):
         return call["inception"]
-    net = _net(ctx)
+    kinds = sorted({need} | {NET_OF[m] for m in call.get("metrics", ()) if m in NET_OF})
+    nets = {k: _net(ctx, k) for k in kinds}
     data = split_data(ctx, "test")
     s, c, n = len(data), data.emb.shape[1], ctx.num_samples
     perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
     i = np.arange(n)
     emb = data.emb[perm[i % s], (i // s) % c]
-    feats, is_sums = GaussianSums(2048), ISSums(ctx.is_splits, net.net.fc.out_features)
+    feats = {k: GaussianSums(2048) for k in kinds}
+    tv = nets.get("torchvision")
+    is_sums = ISSums(ctx.is_splits, tv.net.fc.out_features) if tv is not None else None
     for lo, hi, img in generate(G, ctx, emb, TAG):
-        pool, logits = net(img)
-        feats.add(pool)
-        is_sums.add(logits, torch.arange(lo, hi) * ctx.is_splits // n)
-    out = {"feats": feats.reduce(), "is": is_sums.reduce(), "real": _real(ctx, net), "n": n}
+        for k, net in nets.items():
+            pool, logits = net(img)
+            feats[k].add(pool)
+            if k == "torchvision":
+                is_sums.add(logits, torch.arange(lo, hi) * ctx.is_splits // n)
+    out = {"feats": {k: f.reduce() for k, f in feats.items()}, "real": {k: _real(ctx, k) for k in kinds},
+           "is": is_sums.reduce() if is_sums else None, "n": n}
     call["inception"] = out
     return out
 
 
 @register("inception_score", requires=("inception",))
 def inception_score_metric(G, ctx: EvalContext) -> dict:
-    p = _pass(G, ctx)
+    p = _pass(G, ctx, "torchvision")
     mean, std = p["is"].score()
     return {"mean": mean, "std": std, "splits": ctx.is_splits, "n": p["n"], "note": NOTE}
 
 
+def _fid(p: dict, kind: str) -> float:
+    return frechet_distance(*p["feats"][kind].mean_cov(), *p["real"][kind].mean_cov())
+
+
 @register("fid", requires=("inception",))
 def fid_metric(G, ctx: EvalContext) -> dict:
-    p = _pass(G, ctx)
-    fid = frechet_distance(*p["feats"].mean_cov(), *p["real"].mean_cov())
-    return {"fid": fid, "n_gen": p["n"], "n_real": int(p["real"].n), "note": NOTE}
+    p = _pass(G, ctx, "torchvision")
+    return {"fid": _fid(p, "torchvision"), "n_gen": p["n"], "n_real": int(p["real"]["torchvision"].n),
+            "note": NOTE}
+
+
+@register("fid_inception", requires=("fid_inception",))
+def fid_inception_metric(G, ctx: EvalContext) -> dict:
+    """FID with the FID Inception (:mod:`.fid_inception`): the literature's network and
+    protocol (``ctx.num_samples`` = 30000 generated images over the test captions against
+    all real test images)."""
+    p = _pass(G, ctx, "fid_inception")
+    return {"fid": _fid(p, "fid_inception"), "n_gen": p["n"], "n_real": int(p["real"]["fid_inception"].n),
+            "note": FID_NOTE}
