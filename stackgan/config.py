@@ -103,7 +103,7 @@ class TrainConfig:
     metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
     metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
     metrics_samples: int = 500  # generated images per split for the judge metrics
-    judge: str = ""  # attribute judge file; "" = <shards>/judge.pt (trained there on first use)
+    judge: str = ""  # attribute judge: "parts", "species" or a file; "" = parts on the embedded set, else species
 
 
 @dataclass

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     timings["sample"] = _run("sample", [
         py, "-m", "stackgan.sample", "--export", str(export2), "--prompts", str(prompt_file), "--n", "4",
-        "--seed", "0", "--out", str(out / "samples-from-text")], logs)
+        "--seed", "0", "--out", str(out / "samples-from-text"), "--stages"], logs)
 
     plots = [str(plot_run(s1, out / "plots" / "stage1.png")), str(plot_run(s2, out / "plots" / "stage2.png"))]
     summary = {
@@ -121,19 +121,56 @@ def main(argv: list[str] | None = None) -> int:
         "samples_from_text": str(out / "samples-from-text"),
         "exports": [str(export1), str(export2)],
     }
+    summary["stage2_vs_baseline"] = stage2_table(metrics.get("stage2", {}))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n" + "=" * 78)
     print(f"StackGAN-HPC demo finished in {summary['minutes']} min -> {out}")
     for key, ms in metrics.items():
         parts = []
-        for m, r in ms.items():
-            shown = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
+        for m in ("judge_consistency", "judge_fd", "diversity", "judge_diversity"):
+            shown = {k: v for k, v in ms.get(m, {}).items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
             parts.append(f"{m}: " + ", ".join(f"{k}={v:.3g}" for k, v in list(shown.items())[:4]))
         print(f"  {key:14s} " + " | ".join(parts))
+    print_stage2_table(summary["stage2_vs_baseline"])
     print(f"  plots: {', '.join(plots)}")
-    print(f"  samples from text: {out / 'samples-from-text'}")
+    print(f"  samples from text: {out / 'samples-from-text'} (stages.png: stage I | upsampled | stage II)")
     print(f"  summary: {out / 'summary.json'}")
     return 0
+
+
+# (label, metric, key of stage II, key of the upsampled stage-I baseline, key of a reference, its name)
+STAGE2_ROWS = [
+    ("consistency, training captions", "stage2_consistency", "train", "upsampled_train", "shuffled_train", "shuffled"),
+    ("consistency, unseen test species", "stage2_consistency", "test", "upsampled_test", "shuffled_test", "shuffled"),
+    ("FD at 256 px (detail net)", "fd256", "stage2", "upsampled", "floor", "real"),
+    ("judge-feature FD at 64 px", "stage2_fd", "test", "upsampled_test", None, ""),
+    ("sharpness (real = 1)", "sharpness", "stage2", "upsampled", None, ""),
+]
+
+
+def stage2_table(ms: dict) -> list[dict]:
+    """Stage II next to its own stage-I input upsampled bicubically (the baseline it must beat),
+    from ``stackgan.evaluate``'s stage-II metrics (plus judge_consistency's shuffled chance)."""
+    rows = []
+    for label, metric, mine, base, ref, ref_name in STAGE2_ROWS:
+        r = ms.get(metric, {})
+        if mine not in r:
+            continue
+        refs = ms.get("judge_consistency", {}) if ref_name == "shuffled" else r
+        rows.append({"what": label, "stage2": r[mine], "upsampled_stage1": r.get(base),
+                     "reference": refs.get(ref) if ref else None, "reference_is": ref_name})
+    return rows
+
+
+def print_stage2_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("  stage II against its stage-I input upsampled bicubically (the baseline it must beat):")
+    print(f"    {'':34s} {'stage II':>10s} {'upsampled':>10s}   reference")
+    for r in rows:
+        ref = f"{r['reference']:.3g} ({r['reference_is']})" if r["reference"] is not None else ""
+        base = f"{r['upsampled_stage1']:10.3g}" if r["upsampled_stage1"] is not None else f"{'':10s}"
+        print(f"    {r['what']:34s} {r['stage2']:10.3g} {base}   {ref}")
 
 
 if __name__ == "__main__":

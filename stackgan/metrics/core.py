@@ -115,6 +115,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def make_once(path: Path, make: Callable[[], None]) -> None:
+    """Cached networks (judges, the detail net): when ``path`` does not exist yet, rank 0 calls
+    ``make`` (which trains and writes it atomically) while the other ranks wait for it."""
+    if not Path(path).is_file():
+        if rank_world()[0] == 0:
+            make()
+        barrier()
+
+
 # --------------------------------------------------------------------------------------
 # Context
 # --------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 
-from .core import EvalContext, MetricError, all_sum, barrier, rank_world, resize
+from .core import EvalContext, MetricError, all_sum, make_once, rank_world, resize
 from .evalset import CROP_OF, decode_image, iter_split, to_tensor
 from .judge import fingerprint
 from .stats import GaussianSums, frechet_distance
@@ -334,13 +334,13 @@ def ensure_detail_net(ctx: EvalContext) -> DetailFile:
     if "detail_net" in ctx.cache:
         return ctx.cache["detail_net"]
     path = detail_net_path(ctx)
-    if not path.is_file():
-        if rank_world()[0] == 0:
-            ctx.log(f"no detail net at {path}: training one on {ctx.shards} (cached for later runs)")
-            net = train_detail_net(ctx.shards, device=ctx.device, log=lambda m: None)
-            net.save(path, ctx.meta)
-            ctx.log(f"detail net: {format_report(net.report)}")
-        barrier()
+    def make() -> None:
+        ctx.log(f"no detail net at {path}: training one on {ctx.shards} (cached for later runs)")
+        trained = train_detail_net(ctx.shards, device=ctx.device, log=lambda m: None)
+        trained.save(path, ctx.meta)
+        ctx.log(f"detail net: {format_report(trained.report)}")
+
+    make_once(path, make)
     try:
         net = load_detail_net(path, ctx.meta, ctx.device)
     except DetailNetError as e:

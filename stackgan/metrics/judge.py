@@ -48,7 +48,7 @@ from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 
-from .core import EvalContext, MetricError, barrier, full_precision, rank_world, resize
+from .core import EvalContext, MetricError, full_precision, make_once, rank_world, resize
 from .evalset import center_crop, is_holdout, load_split, to_tensor
 from .redraw import RedrawError, is_embedded
 
@@ -539,14 +539,13 @@ def ensure_judge(ctx: EvalContext) -> Judge:
         return ctx.cache["judge"]
     try:
         choice = choose_judge(ctx.shards, ctx.judge, ctx.meta)
-        if not choice.path.is_file():
-            if rank_world()[0] == 0:
-                ctx.log(f"no {choice.kind} judge at {choice.path}: training one for {ctx.shards} "
-                        "(cached for later runs)")
-                judge = train_judge(ctx.shards, choice.kind, device=ctx.device, log=lambda m: None)
-                judge.save(choice.path)
-                ctx.log(f"judge: {format_report(judge.report)}")
-            barrier()
+        def make() -> None:
+            ctx.log(f"no {choice.kind} judge at {choice.path}: training one for {ctx.shards} (cached for later runs)")
+            trained = train_judge(ctx.shards, choice.kind, device=ctx.device, log=lambda m: None)
+            trained.save(choice.path)
+            ctx.log(f"judge: {format_report(trained.report)}")
+
+        make_once(choice.path, make)
         judge = load_judge(choice.path, ctx.device, ctx.meta.attributes)
         if choice.named and judge.kind != choice.kind:
             raise JudgeError(f"{choice.path} holds a {judge.kind} judge, not the {choice.kind} judge "
