@@ -22,6 +22,18 @@ def run_cmd(args: list[str], **kw) -> subprocess.CompletedProcess:
     return p
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state (mixed precision, device) in a process-wide singleton: a test
+    module that made an fp16 Accelerator would make the next module's plain one fail. Each
+    module starts with none (within a module, tests that change precision reset it themselves)."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for tests of small CPU networks (fast and deterministic under load)."""
