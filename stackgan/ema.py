@@ -40,6 +40,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _without_hooks(model: nn.Module) -> nn.Module:
+    """``model`` with every module's forward and backward hooks removed."""
+    for m in model.modules():
+        for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+                      "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            getattr(m, hooks, {}).clear()
+    return model
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999, start: int = 0, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
@@ -47,7 +56,9 @@ class EMA:
         if start < 0:
             raise ValueError(f"EMA: start must be >= 0, got {start}")
         self.decay, self.start, self.warmup = float(decay), int(start), bool(warmup)
-        self.model = copy.deepcopy(unwrap(model))
+        # fp32 even from fp16 engine weights, and without the wrapper's hooks (DeepSpeed's fp16
+        # engine hooks its module to cast inputs to half: on this fp32 copy that would break)
+        self.model = _without_hooks(copy.deepcopy(unwrap(model))).float()
         self.model.requires_grad_(False)
         self.model.eval()
 

@@ -332,7 +332,9 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
         out = gan_step(acc, G, D, opt_g, opt_d, batch, cfg, diag=True)
         norms[scaled] = out.grad_norm_d
     assert out.stats["skipped_d"] == 0 and out.stats["skipped_g"] == 0
-    torch.testing.assert_close(norms[True], norms[False], rtol=1e-3, atol=0)  # not 2**10 times larger
+    # unscaled before the norm: not 2**10 times larger (the scaled run's forward is in reduced
+    # precision under Accelerate's CPU autocast: 0.2-0.4% apart, measured)
+    torch.testing.assert_close(norms[True], norms[False], rtol=2e-2, atol=0)
     assert acc.scaler.get_scale() == INIT_SCALE
 
     bad = Batch(**{**batch.__dict__, "real": batch.real.clone()})
