@@ -96,12 +96,24 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _images_76(spec: dict, rng: np.random.Generator) -> dict[str, bytes]:
+    return {"76.jpg": _jpeg(render(spec, rng))}
+
+
 def write_eval_shards(root: Path, per_train: int = 12, per_test: int = 6, seed: int = 0,
-                      encoder: str = ENCODER) -> Path:
-    """A shard folder in meta.py's layout: train/test tars + metadata.json."""
+                      encoder: str = ENCODER, images=_images_76, image_sizes=(76,), stream: int = 1,
+                      kind: str = "test") -> Path:
+    """A shard folder in meta.py's layout: train/test tars + metadata.json. ``images(spec, rng)``
+    gives each sample's image files by extension (``76.jpg``, ...)."""
     root.mkdir(parents=True, exist_ok=True)
     train_sp, test_sp = species_list(seed)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, stream])
     splits, names = {}, {}
     cls_id = 0
     for split, sps, per in (("train", train_sp, per_train), ("test", test_sp, per_test)):
@@ -115,10 +127,10 @@ def write_eval_shards(root: Path, per_train: int = 12, per_test: int = 6, seed: 
                 for j in range(per):
                     spec = {**spec, "size": SIZES[int(rng.integers(2))]}
                     key = f"s{k:07d}"
-                    buf = io.BytesIO()
-                    Image.fromarray(render(spec, rng)).save(buf, "JPEG", quality=95)
+                    files = images(spec, rng)
                     _add(tar, f"{key}.name.txt", f"{names[cls_id]}/img_{j}".encode())
-                    _add(tar, f"{key}.76.jpg", buf.getvalue())
+                    for ext, data in files.items():
+                        _add(tar, f"{key}.{ext}", data)
                     _add(tar, f"{key}.emb.npy", _npy(np.stack([embed(spec, rng) for _ in range(10)])))
                     _add(tar, f"{key}.txt.json", json.dumps(captions(spec)).encode())
                     _add(tar, f"{key}.cls", str(cls_id).encode())
@@ -126,9 +138,9 @@ def write_eval_shards(root: Path, per_train: int = 12, per_test: int = 6, seed: 
                     k += 1
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         splits[split] = SplitInfo(k, classes, [ShardInfo(path.name, k, sha)])
-    write_metadata(ShardMeta(root=root, encoder=encoder, text_dim=DIM, image_sizes=[76],
+    write_metadata(ShardMeta(root=root, encoder=encoder, text_dim=DIM, image_sizes=list(image_sizes),
                              captions_per_image=10,
-                             splits=splits, class_names=names, attributes=ATTRS, source={"kind": "test"}))
+                             splits=splits, class_names=names, attributes=ATTRS, source={"kind": kind}))
     return root
 
 

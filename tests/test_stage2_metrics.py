@@ -9,13 +9,10 @@ feather strokes), their 76-px versions downsampled from those.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
 import socket
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from stackgan.config import ModelConfig
-from stackgan.data.meta import ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
+from stackgan.data.meta import load_metadata
 from stackgan.evaluate import main as evaluate_main
 from stackgan.export import save_export
 from stackgan.metrics import EvalContext, MetricError, compute
@@ -36,8 +33,7 @@ from stackgan.metrics.evalset import load_split, to_tensor
 from stackgan.metrics.judge import train_judge
 from stackgan.metrics.stage2 import stage_batches
 from stackgan.models import build_generator
-from tests.test_judge import (ATTRS, COLORS, DIM, ENCODER, SIZES, _add, _npy, attr_vector, captions, embed,
-                              species_list)
+from tests.test_judge import COLORS, DIM, ENCODER, _jpeg, write_eval_shards
 
 Z_DIM = 8
 SAMPLES = 32  # generated items per split
@@ -74,44 +70,16 @@ def render_hi(spec: dict, rng: np.random.Generator, size: int = 304) -> np.ndarr
     return np.asarray(img)
 
 
-def _jpeg(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+def _hires_images(spec: dict, rng: np.random.Generator) -> dict[str, bytes]:
+    hi = render_hi(spec, rng)
+    low = np.asarray(Image.fromarray(hi).resize((76, 76), Image.BOX))
+    return {"76.jpg": _jpeg(low), "304.jpg": _jpeg(hi)}
 
 
 def write_hires_shards(root: Path, per_train: int = 6, per_test: int = 4, seed: int = 0) -> Path:
     """16 train and 6 unseen test species; 76 and 304 px images, attributes, one-hot embeddings."""
-    root.mkdir(parents=True, exist_ok=True)
-    train_sp, test_sp = species_list(seed)
-    rng = np.random.default_rng([seed, 2])
-    splits, names, cls_id = {}, {}, 0
-    for split, sps, per in (("train", train_sp, per_train), ("test", test_sp, per_test)):
-        path, classes, k = root / f"{split}-000000.tar", [], 0
-        with tarfile.open(path, "w") as tar:
-            for spec in sps:
-                cls_id += 1
-                classes.append(cls_id)
-                names[cls_id] = f"{cls_id:03d}.{spec['crown']}_{spec['wing']}_{spec['belly']}"
-                for j in range(per):
-                    spec = {**spec, "size": SIZES[int(rng.integers(2))]}
-                    hi = render_hi(spec, rng)
-                    key = f"s{k:07d}"
-                    _add(tar, f"{key}.name.txt", f"{names[cls_id]}/img_{j}".encode())
-                    low = np.asarray(Image.fromarray(hi).resize((76, 76), Image.BOX))
-                    _add(tar, f"{key}.76.jpg", _jpeg(low))
-                    _add(tar, f"{key}.304.jpg", _jpeg(hi))
-                    _add(tar, f"{key}.emb.npy", _npy(np.stack([embed(spec, rng) for _ in range(10)])))
-                    _add(tar, f"{key}.txt.json", json.dumps(captions(spec)).encode())
-                    _add(tar, f"{key}.cls", str(cls_id).encode())
-                    _add(tar, f"{key}.attr.npy", _npy(attr_vector(spec)))
-                    k += 1
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        splits[split] = SplitInfo(k, classes, [ShardInfo(path.name, k, sha)])
-    write_metadata(ShardMeta(root=root, encoder=ENCODER, text_dim=DIM, image_sizes=[76, 304],
-                             captions_per_image=10, splits=splits, class_names=names, attributes=ATTRS,
-                             source={"kind": "test-hires"}))
-    return root
+    return write_eval_shards(root, per_train, per_test, seed, images=_hires_images, image_sizes=(76, 304),
+                             stream=2, kind="test-hires")
 
 
 @pytest.fixture(scope="module")

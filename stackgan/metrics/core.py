@@ -115,6 +115,20 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def read_state_dict(path: Path, error: type[Exception], what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (a state_dict, bare or under ``state_dict``, DataParallel's
+    ``module.`` prefix dropped), or ``error`` saying why not: for networks built empty here."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(f"{path}: cannot read {what} weights ({e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise error(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
 def make_once(path: Path, make: Callable[[], None]) -> None:
     """Cached networks (judges, the detail net): when ``path`` does not exist yet, rank 0 calls
     ``make`` (which trains and writes it atomically) while the other ranks wait for it."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import MetricError, full_precision
+from .core import MetricError, full_precision, read_state_dict
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
@@ -236,16 +236,8 @@ def weights_path(path: str | Path = "") -> Path:
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FIDInceptionError(f"{path}: cannot read FID-Inception weights ({e})") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise FIDInceptionError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
-    return {k.removeprefix("module."): v for k, v in sd.items()
-            if not k.removeprefix("module.").startswith(_UNUSED) and not k.endswith("num_batches_tracked")}
+    sd = read_state_dict(path, FIDInceptionError, "FID-Inception")
+    return {k: v for k, v in sd.items() if not k.startswith(_UNUSED) and not k.endswith("num_batches_tracked")}
 
 
 def load_fid_inception(path: str | Path = "", device: str | torch.device = "cpu",

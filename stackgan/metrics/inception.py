@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import EvalContext, MetricError, full_precision, generate, rank_world, register, resize
+from .core import EvalContext, MetricError, full_precision, generate, rank_world, read_state_dict, register, resize
 from .evalset import iter_images, to_tensor
 from .fid_inception import load_fid_inception
 from .scores import split_data
@@ -85,15 +85,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu", size: i
             f"Inception-v3 weights not found: {path} (give a torchvision inception_v3 state_dict, e.g. "
             "inception_v3_google-0cc3c7bd.pth; nothing is downloaded)"
         )
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InceptionError(f"{path}: cannot read Inception weights ({e})") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise InceptionError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = read_state_dict(path, InceptionError, "Inception")
     fc = sd.get("fc.weight")
     if fc is None or fc.ndim != 2 or fc.shape[1] != 2048:
         raise InceptionError(f"{path}: no fc.weight of shape (classes, 2048): not an Inception-v3 state_dict")
