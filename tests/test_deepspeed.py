@@ -154,7 +154,7 @@ LR = {"G": 5e-4, "D": 2e-4}  # TINY's learning rates
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(tiny_shards, tmp_path_factory, ds_ops_built) -> dict:
+def ddp_reference(tiny_shards, tmp_path_factory, ds_ops_built) -> Path:
     """The same run on the DDP backend: what DeepSpeed must reproduce (its folder)."""
     run = tmp_path_factory.mktemp("ddp") / "run"
     p = launch("cpu_2proc.yaml", run, tiny_shards)
