@@ -1,7 +1,12 @@
-"""Measuring helpers: timing, FLOPs, peak memory, and the machine's matmul and conv figures.
+"""Measuring helpers: timing, FLOPs, peak memory, and the machine's dense-kernel peak.
 
 Device-generic: the CUDA path differs only in the syncs around timed calls and in where
 peak memory is read.
+
+The peak a step is measured against is the best of several dense kernels that can reach
+the FMA limit, not one BLAS call: on some CPUs (AMD Zen with MKL) the 4096^2 fp32 matmul
+takes a slow path and runs at ~40% of what oneDNN's convolutions reach on the same cores,
+so a fraction of the matmul alone is not a fraction of anything physical.
 """
 from __future__ import annotations
 
@@ -108,6 +113,85 @@ def matmul_gflops(device: torch.device, precision: str, n: int, reps: int) -> fl
         return 2 * n**3 / statistics.median(ts) / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16): only there is a
+    bf16 peak (and a bf16 training column) meaningful."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _dense_1x1(device, dt, scale: int):
+    """A GEMM-shaped 1x1 convolution in channels-last (oneDNN / cuDNN's GEMM path)."""
+    n, c, hw = max(1, 32 // scale), max(8, 1024 // scale), max(4, 32 // scale)
+    x = torch.randn(n, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, c, 1, 1, device=device, dtype=dt) * 0.02).contiguous(memory_format=torch.channels_last)
+    return (lambda: F.conv2d(x, w)), 2 * n * hw * hw * c * c, f"1x1 conv {c}->{c} ch, {hw}px, batch {n}"
+
+
+def _dense_3x3(device, dt, scale: int):
+    """A large 3x3 convolution in channels-last (512 channels at 16 px: StackGAN's residual blocks)."""
+    n, c, hw = max(1, 32 // scale), max(8, 512 // scale), max(4, 16 // max(1, scale // 2))
+    x = torch.randn(n, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(c, c, 3, 3, device=device, dtype=dt) * 0.02).contiguous(memory_format=torch.channels_last)
+    return (lambda: F.conv2d(x, w, padding=1)), 2 * n * hw * hw * c * c * 9, f"3x3 conv {c}->{c} ch, {hw}px, batch {n}"
+
+
+def dense_kernels(device: torch.device, precision: str, matmul_n: int, reps: int, scale: int = 1) -> dict:
+    """Forward throughput (GFLOP/s, median of ``reps``) of each dense kernel in ``precision``:
+    the n x n matmul, a GEMM-shaped 1x1 conv and a large 3x3 conv (both channels-last)."""
+    out = {"matmul": {"gflops": matmul_gflops(device, precision, matmul_n, reps), "shape": f"{matmul_n}^2"}}
+    dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.no_grad():
+            for name, make in (("conv1x1_cl", _dense_1x1), ("conv3x3_cl", _dense_3x3)):
+                fn, flops, shape = make(device, dt, scale)
+                fn()
+                ts = time_calls(fn, reps, sync_fn(device), inner=1 if device.type == "cpu" else 10)
+                out[name] = {"gflops": flops / statistics.median(ts) / 1e9, "shape": shape}
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    return out
+
+
+def cpu_theoretical_gflops(precision: str, threads: int) -> dict | None:
+    """An upper bound from the ISA: threads x clock x FLOP per cycle, assuming two FMA pipes of
+    the widest vector unit the CPU reports (the pipe count is not readable; some parts have one).
+    Recorded next to the measured kernels, never used as the denominator."""
+    flags = cpu_flags()
+    mhz = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        pass
+    if not mhz or not flags:
+        return None
+    if precision == "fp32":
+        lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+        per_cycle, unit = 2 * 2 * lanes, "avx512f" if lanes == 16 else "avx2" if lanes == 8 else "sse"
+    elif precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "amx_bf16"  # one 16x32 x 32x16 bf16 tile product per cycle
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 2 * 2 * 32, "avx512_bf16"  # vdpbf16ps: 32 bf16 pairs, two pipes
+    else:
+        return None
+    return {"gflops": threads * mhz / 1e3 * per_cycle, "basis": f"{threads} threads x {mhz:.0f} MHz x "
+            f"{per_cycle} FLOP/cycle ({unit}, two FMA pipes assumed)"}
 
 
 # StackGAN layers (fwd + bwd of input and weight): name, cin, cout, input hw, kernel, stride, pad, upsample

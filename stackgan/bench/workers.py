@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from .cases import Batch, Case, build_models, make_batch, tiny_case
-from .measure import (conv_gflops, count_flops, load_average, matmul_gflops, peak_memory_mb, process_peak_mb,
-                      reset_peak_memory, sync_fn, time_interleaved)
+from .measure import (conv_gflops, count_flops, cpu_has_bf16, cpu_theoretical_gflops, dense_kernels, load_average,
+                      matmul_gflops, peak_memory_mb, process_peak_mb, reset_peak_memory, sync_fn,
+                      time_interleaved)
 from .original import OriginalStep
 from .ours import VARIANTS, OursStep, check_original_matches, low_res_inference_mode, make_accelerator
 from .report import write_json
@@ -110,12 +111,23 @@ def measure_inference_mode(case: Case, batch: Batch, device: torch.device, round
     return out
 
 
+def peak_precisions(device: torch.device) -> list[str]:
+    """The precisions with a peak of their own: fp32 everywhere, bf16 on CPUs with bf16 units,
+    tf32 / bf16 / fp16 on GPUs."""
+    if device.type == "cpu":
+        return ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    return ["fp32", "tf32", "bf16", "fp16"]
+
+
 def run_peak(spec: dict) -> dict:
+    """Every dense kernel per precision (the peak is their best), the ISA bound on CPUs, and
+    StackGAN's own conv layers (fwd + bwd) in each memory layout."""
     device = torch.device(spec["device"])
-    res: dict = {"load_start": load_average(), "matmul": {}}
-    precs = ["fp32", "bf16"] if device.type == "cpu" else ["fp32", "tf32", "bf16", "fp16"]
-    for p in precs:
-        res["matmul"][p] = {"n": spec["matmul_n"], "gflops": matmul_gflops(device, p, spec["matmul_n"], 5)}
+    res: dict = {"load_start": load_average(), "kernels": {}, "theoretical": {}}
+    for p in peak_precisions(device):
+        res["kernels"][p] = dense_kernels(device, p, spec["matmul_n"], 5, spec.get("conv_scale", 1))
+        if device.type == "cpu":
+            res["theoretical"][p] = cpu_theoretical_gflops(p, torch.get_num_threads())
     res["conv"] = conv_gflops(device, spec["conv_batch"], spec["conv_reps"], spec.get("conv_scale", 1))
     res["load_end"] = load_average()
     return res
