@@ -181,7 +181,7 @@ def export_info(payload: dict, path: str | Path = "") -> ExportInfo:
         image_size=int(payload["image_size"]),
         step=int(payload["step"]),
         config=payload["config"],
-        path=str(path or payload.get("path", "")),
+        path=str(payload.get("path") or path),  # the file actually read
     )
 
 
