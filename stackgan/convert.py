@@ -197,7 +197,8 @@ def to_safetensors(old: str | Path, out: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.convert", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--to", choices=["safetensors"], help="rewrite an old pickle export (the positional path)")
+    src.add_argument("--to", choices=["safetensors"],
+                     help="rewrite an old pickle export (the positional path)")
     src.add_argument("--from-official", metavar="netG_epoch_N.pth",
                      help=f"a {OFFICIAL} generator checkpoint")
     p.add_argument("old", nargs="?", help="with --to: the old export (<run>/export/generator.pt)")
