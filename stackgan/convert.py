@@ -60,10 +60,14 @@ def our_key(official: str) -> str:
     return ".".join(OFFICIAL_TO_OURS.get(part, part) for part in official.split("."))
 
 
-def _need(sd: dict, key: str, what: str) -> torch.Tensor:
+def _need(sd: dict, key: str, what: str, ndim: int = 2) -> torch.Tensor:
+    """A weight the widths are read from, present and of the right rank."""
     if key not in sd:
         raise ConvertError(f"not a {OFFICIAL} {what}: it has no {key!r}")
-    return sd[key]
+    t = sd[key]
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        raise ConvertError(f"not a {OFFICIAL} {what}: {key!r} is not a {ndim}-d tensor")
+    return t
 
 
 def stage1_g_config(sd: dict, prefix: str = "", what: str = "stage-I netG") -> tuple[ModelConfig, int]:
@@ -79,7 +83,7 @@ def stage2_g_config(sd: dict) -> tuple[ModelConfig, ModelConfig, int]:
     """(stage-II config, stage-I config, text dim) of an official STAGE2_G state dict."""
     s1, text_dim = stage1_g_config(sd, "STAGE1_G.", "stage-II netG (with its STAGE1_G)")
     ca = _need(sd, "ca_net.fc.weight", "stage-II netG")
-    enc = _need(sd, "encoder.0.weight", "stage-II netG")
+    enc = _need(sd, "encoder.0.weight", "stage-II netG", 4)
     r_num = len({k.split(".")[1] for k in sd if k.startswith("residual.")})
     return (ModelConfig(stage=2, z_dim=s1.z_dim, cond_dim=ca.shape[0] // 2, gf_dim=enc.shape[0], r_num=r_num),
             s1, text_dim)
@@ -87,8 +91,8 @@ def stage2_g_config(sd: dict) -> tuple[ModelConfig, ModelConfig, int]:
 
 def d_config(sd: dict, stage: int) -> ModelConfig:
     """The model config of an official STAGE1_D / STAGE2_D state dict (df_dim, cond_dim)."""
-    first = _need(sd, "encode_img.0.weight", f"stage-{'I' * stage} netD")
-    joint = _need(sd, "get_cond_logits.outlogits.0.weight", f"stage-{'I' * stage} netD")
+    first = _need(sd, "encode_img.0.weight", f"stage-{'I' * stage} netD", 4)
+    joint = _need(sd, "get_cond_logits.outlogits.0.weight", f"stage-{'I' * stage} netD", 4)
     return ModelConfig(stage=stage, df_dim=first.shape[0], cond_dim=joint.shape[1] - first.shape[0] * 8)
 
 
@@ -129,21 +133,27 @@ def _read_pth(path: Path) -> dict:
 def convert_official_g(sd: dict, stage: int, what: str = "netG") -> tuple[nn.Module, ModelConfig,
                                                                            ModelConfig | None, int]:
     """(our generator with the official weights, its config, stage-I config or None, text dim)."""
-    if stage == 1:
-        mcfg, text_dim = stage1_g_config(sd)
-        s1cfg, g = None, build_generator(mcfg, text_dim)
-    elif stage == 2:
-        mcfg, s1cfg, text_dim = stage2_g_config(sd)
-        g = build_generator(mcfg, text_dim, stage1=build_generator(s1cfg, text_dim))
-    else:
+    if stage not in (1, 2):
         raise ConvertError(f"--stage must be 1 or 2, got {stage}")
+    if stage == 1:
+        (mcfg, text_dim), s1cfg = stage1_g_config(sd), None
+    else:
+        mcfg, s1cfg, text_dim = stage2_g_config(sd)
+    try:
+        stage1 = build_generator(s1cfg, text_dim) if s1cfg else None
+        g = build_generator(mcfg, text_dim, stage1=stage1)
+    except ValueError as e:  # widths read off the shapes that no generator has
+        raise ConvertError(f"{what}: {e}") from None
     load_official(sd, g, what)
     return g.eval(), mcfg, s1cfg, text_dim
 
 
 def convert_official_d(sd: dict, stage: int, what: str = "netD") -> tuple[nn.Module, ModelConfig]:
     mcfg = d_config(sd, stage)
-    d = build_discriminator(mcfg)
+    try:
+        d = build_discriminator(mcfg)
+    except ValueError as e:
+        raise ConvertError(f"{what}: {e}") from None
     load_official(sd, d, what)
     return d.eval(), mcfg
 
