@@ -1,4 +1,4 @@
-"""Convert generator files into this project's export (safetensors + JSON, see :mod:`.export`).
+"""Convert generator files into this project's export (safetensors + JSON; stackgan/export.py).
 
     python -m stackgan.convert --to safetensors runs/x/export/generator.pt
     python -m stackgan.convert --from-official netG_epoch_90.pth --stage 2 --out runs/official/export \\
@@ -205,7 +205,9 @@ def to_safetensors(old: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stackgan.convert", description=__doc__.split("\n\n")[0])
+    doc = "\n\n".join(__doc__.split("\n\n")[:2])
+    p = argparse.ArgumentParser(prog="python -m stackgan.convert", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--to", choices=["safetensors"],
                      help="rewrite an old pickle export (the positional path)")

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from stackgan.convert import ConvertError, convert_official_d, convert_official_g, from_official, our_key
-from stackgan.export import load_generator
+from stackgan.convert import ConvertError, convert_official_d, convert_official_g, our_key
 from stackgan.config import ModelConfig
 from stackgan.models import build_discriminator, build_generator
 
