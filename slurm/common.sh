@@ -112,7 +112,7 @@ stackgan_train_step() {
     "$STACKGAN_EXIT_OK")
       if [[ -f $RUN_DIR/COMPLETE ]]; then
         stackgan_history "finished"
-        stackgan_log "finished: $RUN_DIR (export: $RUN_DIR/export/generator.pt)"
+        stackgan_log "finished: $RUN_DIR (export: $RUN_DIR/export/generator.safetensors)"
         return 0
       fi
       stackgan_history "exit 0 without COMPLETE"

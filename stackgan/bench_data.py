@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import random
 import resource
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data.cub import load_py2_pickle
 from .data.stream import SOURCE_SIZE, TrainStream
 
 
@@ -65,10 +65,9 @@ class FolderDataset(torch.utils.data.Dataset):
         self.bbox = {images[i][:-4]: boxes[i] for i in images}  # key = path without ".jpg"
         birds = _birds_dir(cub_root)
         if birds is not None and (birds / split / "filenames.pickle").is_file():
-            with open(birds / split / "filenames.pickle", "rb") as f:
-                self.keys = list(pickle.load(f, encoding="latin1"))
-            with open(birds / split / "char-CNN-RNN-embeddings.pickle", "rb") as f:
-                self.embeddings = np.asarray(pickle.load(f, encoding="latin1"), dtype=np.float32)
+            self.keys = list(load_py2_pickle(birds / split / "filenames.pickle"))
+            emb = load_py2_pickle(birds / split / "char-CNN-RNN-embeddings.pickle")
+            self.embeddings = np.asarray(emb, dtype=np.float32)
         else:  # no StackGAN text files: every image, stand-in embeddings (cost is the same)
             self.keys = sorted(self.bbox)
             self.embeddings = np.zeros((len(self.keys), 10, 1024), np.float32)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     timings: dict[str, float] = {}
     s1, s2 = out / "stage1", out / "stage2"
-    export1, export2 = s1 / "export" / "generator.pt", s2 / "export" / "generator.pt"
+    export1, export2 = s1 / "export" / "generator.safetensors", s2 / "export" / "generator.safetensors"
 
     timings["prepare"] = _run("prepare", [
         py, "shards/prepare.py", "--embedded", "--embedded-dir", a.data, "--out", a.shards,

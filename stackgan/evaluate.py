@@ -1,6 +1,6 @@
 """Score a generator export with the registered metrics.
 
-    python -m stackgan.evaluate --export runs/stage1/export/generator.pt \\
+    python -m stackgan.evaluate --export runs/stage1/export/generator.safetensors \\
         --shards shards/birds-embedded --metrics judge_consistency,judge_fd,diversity
     python -m stackgan.evaluate --export ... --shards shards/cub --metrics fid_inception \\
         --fid-inception /path/pt_inception-2015-12-05-6726825d.pth  # 30000 samples by default
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--export", required=True, help="generator export")
+    p.add_argument("--export", required=True, help="generator export (<run>/export/generator.safetensors)")
     p.add_argument("--shards", required=True, help="the shard set the generator was trained on")
     p.add_argument("--metrics", default="",
                    help=f"comma-separated, from: {', '.join(names())} (default: {DEFAULT_METRICS}; "

@@ -386,7 +386,7 @@ class Check:
     # ---- train: stage x precision, straight and resumed --------------------------------
     def train_jobs(self, gpu_env: dict, after: tuple[str, ...]) -> list[Job]:
         jobs = []
-        export1 = self.work / "train" / "s1-fp32" / "export" / "generator.pt"
+        export1 = self.work / "train" / "s1-fp32" / "export" / "generator.safetensors"
         for stage in (1, 2):
             n = self.plan.steps[stage]
             for prec in self.plan.precisions:

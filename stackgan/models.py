@@ -17,6 +17,11 @@ Stage-II G/D), with three changes that the distributed mixed-precision trainer n
   4x4 stride-2 transposed conv** with the same weights (:class:`UpsampleConv3x3`): the
   same function, 16 instead of 36 multiply-adds per input pixel.
 
+State-dict keys are not the official ones everywhere: the official generators hold their
+up-blocks as ``upsample1..4`` (here one ``upsample`` Sequential, ``upsample.0..3``) and stage II
+its stage-I generator as ``STAGE1_G`` (here ``stage1``); with the default options every other key,
+the discriminators' included, is the same. ``python -m stackgan.convert --from-official`` maps them.
+
 Conventions kept from the official code: the generator input is ``cat(noise, c_code)``;
 CA-Net applies a ReLU to the whole ``fc`` output, so ``mu >= 0`` and ``logvar >= 0``
 (std >= 1) -- a quirk of the original kept for fidelity; the discriminator is conditioned
@@ -109,7 +114,8 @@ class UpsampleConv3x3(nn.Conv2d):
 
 def up_block(cin: int, cout: int) -> nn.Sequential:
     """x2 nearest upsample + conv3x3, BN, ReLU (the official ``upBlock``; index 0 is kept as an
-    ``Identity`` where the official ``Upsample`` sits, so state-dict keys are the official ones)."""
+    ``Identity`` where the official ``Upsample`` sits, so the indices inside a block are the
+    official ones; the blocks themselves are named differently, see the module docstring)."""
     return nn.Sequential(
         nn.Identity(),
         UpsampleConv3x3(cin, cout, kernel_size=3, padding=1, bias=False),

@@ -25,7 +25,7 @@ from .backends import check_resume, launched_with_deepspeed
 from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .ema import EMA
-from .export import load_stage1_for_stage2, save_export
+from .export import export_path, load_stage1_for_stage2, save_export
 from .layout import apply_layout, layout_min_hw
 from .losses import CaptionBank
 
@@ -122,7 +122,8 @@ def check_inputs(cfg: Config) -> ShardMeta:
         if unknown:
             raise ConfigError(f"train.metrics: unknown metric(s) {unknown}; known: {', '.join(metric_names())}")
     if cfg.model.stage == 2 and not cfg.model.stage1_export:
-        raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")
+        raise ConfigError("model.stage=2 needs "
+                          "model.stage1_export=<stage-I run>/export/generator.safetensors")
     return meta
 
 
@@ -369,8 +370,8 @@ def restore(run: Run, path: Path) -> dict:
 
 
 def export(run: Run) -> Path:
-    """The sampling generator (EMA where there is one) as ``<run_dir>/export/generator.pt``."""
-    path = run.run_dir / "export" / "generator.pt"
+    """The sampling generator (EMA where there is one) as ``<run_dir>/export/generator.safetensors``."""
+    path = export_path(run.run_dir)
     if run.main:
         save_export(path, run.sampler, run.cfg.model, text_encoder=run.meta.encoder, text_dim=run.meta.text_dim,
                     step=run.step, config=to_dict(run.cfg), stage1_model=run.stage1_cfg)

@@ -1,6 +1,6 @@
 """Generate bird images from text with a trained generator export.
 
-    python -m stackgan.sample --export runs/stage1/export/generator.pt \\
+    python -m stackgan.sample --export runs/stage1/export/generator.safetensors \\
         --prompt "this bird has a red crown, blue wings and a white belly" --n 8
     python -m stackgan.sample --export ... --prompts prompts.txt        # one prompt per line
     python -m stackgan.sample --export ... --split test --shards shards/birds-embedded --limit 8
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stackgan.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--export", required=True, help="generator export (<run>/export/generator.pt)")
+    p.add_argument("--export", required=True,
+                   help="generator export (<run>/export/generator.safetensors; or its folder, or an old .pt)")
     src = p.add_argument_group("what to draw (prompts, or captions from a split)")
     src.add_argument("--prompt", action="append", help="a caption; repeat for several")
     src.add_argument("--prompts", help="text file, one prompt per line")

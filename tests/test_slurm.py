@@ -81,7 +81,7 @@ def test_stage1_on_two_nodes_finishes_with_outputs_where_documented(interrupted_
     assert "world size 2" in text and "rendezvous node1:" in text
     # outputs: the run folder layout of docs/clusters.md
     assert (run / "COMPLETE").is_file() and json.loads((run / "COMPLETE").read_text())["step"] == STEPS
-    assert (run / "export" / "generator.pt").is_file()
+    assert all((run / "export" / f).is_file() for f in ("generator.safetensors", "generator.json"))
     assert (run / "config.yaml").is_file() and (run / "tb").is_dir()
     assert list((run / "samples").glob("*.png"))
     assert list((run / "checkpoints").glob("step-*"))

@@ -84,7 +84,7 @@ def test_chain_dry_run_prints_both_stages_and_submits_nothing(tiny_shards, tmp_p
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "== stage1: job" in out and "== stage2: job, starts afterok 'stage1'" in out
-    assert f"model.stage1_export={tmp_path / 's1'}/export/generator.pt" in out
+    assert f"model.stage1_export={tmp_path / 's1'}/export/generator.safetensors" in out
     assert "gpus_per_node: 4" in out and "dry run: nothing submitted" in out
     assert not (tmp_path / "s1").exists()
 
@@ -140,7 +140,7 @@ def test_chain_runs_stage2_after_a_preempted_stage1(slurm_cluster, tiny_shards, 
     assert j1.results()[0]["step"] == steps1 and (s1 / "COMPLETE").is_file()
     # stage II: started after stage I ended, trained on stage I's generator, with 2 ranks
     assert sacct_times(j2.job_id)[0] >= sacct_times(j1.job_id)[1]
-    assert load_config(s2 / "config.yaml").model.stage1_export == str(s1 / "export" / "generator.pt")
+    assert load_config(s2 / "config.yaml").model.stage1_export == str(s1 / "export" / "generator.safetensors")
     assert Path(j2.results()[0]["export"]).is_file() and (s2 / "COMPLETE").is_file()
     assert train_steps(s2) == [1, 2]
     assert '"world_size": 2' in (s2 / "log.jsonl").read_text()

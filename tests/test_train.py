@@ -73,6 +73,7 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
     assert [(r["metric"], r["step"]) for r in snaps] == [("diversity", 5), ("diversity", 10)]
     g1, info = load_generator(s1 / "export" / "generator.pt")
     assert info.stage == 1 and info.image_size == 64 and info.step == 10
+    assert info.path == str(s1 / "export" / "generator.safetensors")  # the old .pt path resolves to it
     with torch.no_grad():
         img, mu, logvar = g1(torch.randn(2, info.text_dim), torch.randn(2, info.z_dim))
     assert img.shape == (2, 3, 64, 64)

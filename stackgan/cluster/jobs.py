@@ -31,10 +31,16 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
         raise ConfigError(f"data.shards={cfg.data.shards}: no {meta} (prepare shards first: python shards/prepare.py)")
     if cfg.model.stage == 2 and need_stage1_export:
         if not cfg.model.stage1_export:
-            raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")
-        if not Path(cfg.model.stage1_export).is_file():
-            raise ConfigError(f"model.stage1_export={cfg.model.stage1_export}: file not found "
-                              "(stage I has not finished, or point it at <stage-I run>/export/generator.pt)")
+            raise ConfigError("model.stage=2 needs "
+                              "model.stage1_export=<stage-I run>/export/generator.safetensors")
+        from ..export import ExportError, resolve_export  # imports torch (~3 s): only stage II needs it
+
+        try:
+            resolve_export(cfg.model.stage1_export)
+        except ExportError as e:
+            raise ConfigError(f"model.stage1_export={cfg.model.stage1_export}: file not found ({e}); stage I "
+                              "has not finished, or point it at <stage-I run>/export/generator.safetensors"
+                              ) from None
     return cfg
 
 

@@ -24,7 +24,7 @@ def plan_chain(cc: ClusterConfig, stage1_config: str, stage2_config: str, stage1
     s1_cfg = load_config(s1.config, s1.overrides)
     if s1_cfg.model.stage != 1:
         raise ConfigError(f"{stage1_config}: model.stage must be 1 for the first job of the chain")
-    export = Path(s1_cfg.train.run_dir) / "export" / "generator.pt"
+    export = Path(s1_cfg.train.run_dir) / "export" / "generator.safetensors"  # stackgan.export.export_path
     s2_over = [o for o in stage2_overrides if not o.startswith("model.stage1_export=")]
     if len(s2_over) == len(stage2_overrides):  # not set by the user: chain to this stage I
         s2_over.append(f"model.stage1_export={export}")

@@ -18,8 +18,10 @@ Expected layout (the real data set, and the generated one in :mod:`stackgan.data
     birds/text_c10/<class_dir>/<name>.txt   10 captions, one per line
     [birds/encoder.json]                    {"name": ..., "dim": ...} when not char-CNN-RNN
 
-The pickles were written by Python 2 and are read with ``encoding="latin1"``. The
-train/test split is StackGAN's (class-disjoint 150/50), taken from the pickles.
+The pickles were written by Python 2 and are read with ``encoding="latin1"``, through an
+unpickler that admits only numpy arrays and plain containers: the files come from third-party
+mirrors, and a plain ``pickle.load`` runs whatever function a file names. The train/test split
+is StackGAN's (class-disjoint 150/50), taken from the pickles.
 """
 from __future__ import annotations
 
@@ -52,12 +54,53 @@ def problems_error(what: str, problems: list[str]) -> DataError:
 # --------------------------------------------------------------------------------------
 # Small readers
 # --------------------------------------------------------------------------------------
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, limited to that use."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r} is not how bytes are pickled")
+    return text.encode("latin1")
+
+
+def _data_globals() -> dict[tuple[str, str], object]:
+    """The only callables a data pickle may name: numpy's array, scalar and dtype
+    reconstructors (under numpy 1.x and 2.x module names, taken from numpy's own reducers)."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    scalar = np.float32(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds lists, dicts, tuples, str, bytes, numbers and numpy arrays; any other class or
+    function named by the file is refused when its name is read, so it never runs."""
+
+    def __init__(self, f, path: Path):
+        super().__init__(f, encoding="latin1")
+        self.path, self.allowed = path, _data_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise DataError(
+                f"{self.path}: refused to unpickle {module}.{name}: StackGAN's data pickles hold only numpy "
+                f"arrays and plain lists/dicts/strings/numbers, so this file is not one of them (a tampered "
+                f"download?); nothing from it was run") from None
+
+
 def load_py2_pickle(path: Path):
-    """Load a pickle written by Python 2 (StackGAN's); bytes keys become str."""
+    """Load a pickle written by Python 2 (StackGAN's): byte strings decoded as latin1, and
+    only numpy arrays and plain containers admitted (:class:`_DataUnpickler`)."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except FileNotFoundError:
+            return _DataUnpickler(f, Path(path)).load()
+    except (FileNotFoundError, DataError):
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot read pickle ({type(e).__name__}: {e})") from e
