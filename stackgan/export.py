@@ -14,7 +14,6 @@ the generator trained in (DeepSpeed fp16 holds G in fp16), so an export samples 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +21,13 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, apply_updates, drop_removed, image_size
+from .errors import StackGANError
+from .files import atomic_path
 
 FORMAT = "stackgan-export/1"
 
 
-class ExportError(RuntimeError):
+class ExportError(StackGANError, RuntimeError):
     """An export file that is missing, of another format, or does not fit."""
 
 
@@ -67,9 +68,8 @@ def save_export(path: str | Path, generator: nn.Module, mcfg: ModelConfig, *, te
         "step": int(step),
         "config": config,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -6,12 +6,13 @@ fidelity, so small images are enlarged (nearest neighbour) until a cell is at le
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_path
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -28,12 +29,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write one (H,W,3) uint8 image atomically; PNG bytes depend on the pixels only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -18,12 +18,14 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import StackGANError
+
 SENTENCE_ENCODER = "all-MiniLM-L6-v2"
 CHAR_CNN_RNN = "char-CNN-RNN"
 CHAR_CNN_RNN_DIM = 1024
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(StackGANError, RuntimeError):
     """A text encoder that cannot do what was asked (names the encoder and the reason)."""
 
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..errors import EXIT_REQUEUE  # checkpointed, run me again
+from ..files import config_path
 from .summary import write_summary
-
-EXIT_REQUEUE = 3  # as the trainer's: checkpointed, run me again
 
 
 def check_train_config(config: str, overrides: list[str], *, need_stage1_export: bool = True) -> Config:
     """Load + validate a training config; check the shard folder (and stage-I export) exist."""
-    if not Path(config).is_file():
+    if not config_path(config).is_file():
         raise ConfigError(f"config file not found: {config}")
     cfg = load_config(config, overrides)
     meta = Path(cfg.data.shards) / "metadata.json"
@@ -46,7 +46,7 @@ def make_train_job(config: str, overrides: list[str], *, workdir: str | Path | N
     run_dir = Path(cfg.train.run_dir)
     run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
     overrides = [o for o in overrides if not o.startswith("train.run_dir=")] + [f"train.run_dir={run_dir}"]
-    return TrainJob(str(Path(config).resolve()), overrides, str(workdir), stop_grace_s)
+    return TrainJob(str(config_path(config).resolve()), overrides, str(workdir), stop_grace_s)
 
 
 def _set_dist_env() -> None:

@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import StackGANError
 from ..text import CHAR_CNN_RNN
 
 SPLITS = ("train", "test")
 MAX_LISTED = 20  # problems listed in one error message; the rest are counted
 
 
-class DataError(ValueError):
+class DataError(StackGANError, ValueError):
     """Source data that cannot be used; the message lists every problem found."""
 
 

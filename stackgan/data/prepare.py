@@ -33,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import StackGANError, report
+from ..files import atomic_json, atomic_path
 from . import birds, cub
 from .concurrency import folder_lock, parallel_map
 from .cub import DataError
@@ -230,15 +232,9 @@ def _write_shard(job) -> dict:
     # never got renamed is harmless: _finished checks the file's sha256 against it)
     record = {"fingerprint": task.fingerprint, "num_samples": len(task.samples), "sha256": digest,
               "bytes": len(data)}
-    _atomic_json(out / STATE_DIR / f"{task.name}.json", record)
+    atomic_json(out / STATE_DIR / f"{task.name}.json", record)
     os.replace(tmp, final)
     return {"name": task.name, **record}
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:
@@ -313,9 +309,8 @@ def _reembed(captions: list[list[str]], encoder_name: str, cache_dir: Path,
     if progress:
         _log(f"  done in {time.time() - t0:.1f}s")
     arr = np.stack([np.stack([vec[c] for c in caps]) for caps in captions]).astype(np.float32)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, cache)
+    with atomic_path(cache, suffix=".npy") as tmp:
+        np.save(tmp, arr)
     return arr, enc.name, enc.dim
 
 
@@ -584,13 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.inspect:
-        from .meta import ShardError
-
         try:
             print(inspect(a.inspect))
-        except ShardError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except StackGANError as e:
+            return report(e, "stackgan.prepare")
         return 0
     if a.embedded and a.cub_root:
         print("error: --embedded and --cub-root exclude each other", file=sys.stderr)
@@ -601,11 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         reembed=a.reembed, encoder=a.encoder, allow_class_overlap=a.allow_class_overlap, progress=not a.quiet,
         embedded_dir=a.embedded_dir, embedded_species=a.species, embedded_images=a.images_per_species,
         embedded_seed=a.seed)
-    from ..text import TextEncoderError
-
     try:
         prepare(opts)
-    except (DataError, TextEncoderError, FileExistsError) as e:
+    except StackGANError as e:
+        return report(e, "stackgan.prepare")
+    except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

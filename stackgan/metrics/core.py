@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
 
 
-class MetricError(RuntimeError):
+class MetricError(StackGANError, RuntimeError):
     """Bad metric input (unknown name, mismatched shards, missing weights), raised early."""
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
 
 from .core import EvalContext, MetricError, all_sum, make_once, rank_world, resize
 from .evalset import CROP_OF, decode_image, iter_split, to_tensor
@@ -58,7 +59,7 @@ SPECIES_COEF = 0.1  # weight of the species loss next to the detail loss
 EPOCHS, MIN_STEPS, MAX_STEPS = 3.0, 60, 300  # default length: 3 passes, clipped to [60, 300] steps
 
 
-class DetailNetError(RuntimeError):
+class DetailNetError(StackGANError, RuntimeError):
     """A detail-net file that is missing, of another format, or made for other shards."""
 
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
 
 from .core import EvalContext, MetricError, full_precision, make_once, rank_world, resize
 from .evalset import center_crop, is_holdout, load_split, to_tensor
@@ -61,7 +62,7 @@ MIN_STEPS = 300  # default training length floor (a CUB-sized set: 6 epochs = ~3
 READABLE_MARGIN = 0.1  # a group counts only if the judge beats the majority guess by this on real test images
 
 
-class JudgeError(RuntimeError):
+class JudgeError(StackGANError, RuntimeError):
     """A judge file that is missing, of another format, or made for other attributes."""
 
 
