@@ -1,8 +1,8 @@
 """The GPU check: what the first run on a GPU cluster must not be the one to find, in one
 command that finishes in under five minutes on one GPU (or two), with one JSON of figures.
 
-    bash tests/gpu/check.sh                   # = python -m stackgan.gpucheck --out runs/gpucheck.json
-    python -m stackgan.gpucheck --smoke       # the same script on a CPU: tiny steps, gloo, fp32/bf16 (CI)
+    bash tests/gpu/check.sh                   # = python -m tests.gpu.check --out runs/gpucheck.json
+    python -m tests.gpu.check --smoke       # the same script on a CPU: tiny steps, gloo, fp32/bf16 (CI)
 
 It drives only the public command lines (``python -m stackgan.train``, ``accelerate launch``,
 ``python -m pytest``, ``python -m stackgan.bench``) and reads what they leave behind (run
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the check runs its command lines there
 TARGET_FRAC_BF16 = 0.40  # bf16 stage I b64: of the bf16 matmul peak
 TARGET_DDP_SCALING = 0.90  # 2 GPUs vs 1, images/s per GPU
 DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
@@ -336,7 +336,7 @@ class Check:
     # ---- commands --------------------------------------------------------------------
     def trainer(self, run: Path, config: str, *overrides: str, resume: str = "auto") -> list[str]:
         """The trainer's CLI under deterministic kernels (see ``--deterministic-trainer``)."""
-        return [self.py, "-m", "stackgan.gpucheck", "--deterministic-trainer", "--config", config,
+        return [self.py, "-m", "tests.gpu.check", "--deterministic-trainer", "--config", config,
                 "--resume", resume, f"data.shards={self.shards}", f"train.run_dir={run}",
                 *overrides]
 
@@ -409,7 +409,7 @@ class Check:
     def deterministic_overrides(self) -> tuple[str, ...]:
         """Trainer options for deterministic kernels, where the config has them (the shim
         ``--deterministic-trainer`` sets the torch flags either way)."""
-        from .config import ConfigError, load_config
+        from stackgan.config import ConfigError, load_config
 
         out = []
         for o in ("train.deterministic=true", "train.cudnn_benchmark=false"):
@@ -635,7 +635,7 @@ def probe_env() -> dict:
 
 
 def _probe(work: Path, timeout: float = 120) -> dict:
-    p = subprocess.run([sys.executable, "-m", "stackgan.gpucheck", "--probe-env"], cwd=ROOT, env=_base_env(),
+    p = subprocess.run([sys.executable, "-m", "tests.gpu.check", "--probe-env"], cwd=ROOT, env=_base_env(),
                        capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"environment probe failed: {p.stderr[-2000:]}")
@@ -653,7 +653,7 @@ def run_check(args) -> dict:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     env = _probe(work)
     report: dict = {"schema": 1, "mode": "smoke (CPU)" if plan.smoke else "gpu",
-                    "command": "python -m stackgan.gpucheck " + " ".join(args.argv),
+                    "command": "python -m tests.gpu.check " + " ".join(args.argv),
                     "started": _dt.datetime.now().isoformat(timespec="seconds"), "work": str(work),
                     "budget_s": plan.budget_s, "env": env, "parts": {}}
     if not plan.smoke and not env.get("cuda_available"):
@@ -750,13 +750,13 @@ def deterministic_trainer(argv: list[str]) -> int:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
-    from .train import main as train_main
+    from stackgan.train import main as train_main
 
     return train_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stackgan.gpucheck", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tests.gpu.check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
                    help="CPU mode: tiny networks and steps, gloo, no DeepSpeed")
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work = args.work or str(out.with_suffix("")) + "-work"
         report = run_check(args)
     except CheckError as e:
-        print(f"stackgan.gpucheck: error: {e}", file=sys.stderr)
+        print(f"tests.gpu.check: error: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
