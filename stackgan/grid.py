@@ -13,18 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_path
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N,3,H,W) float in [-1,1] -> (N,H,W,3) uint8, rounding the way PNG writers expect.
-
-    Quantised where the images are (a GPU's grid crosses to the host as one byte per pixel,
-    not four)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N,3,H,W), got {tuple(images.shape)}")
-    x = images.detach().float().clamp(-1, 1)
-    x = ((x + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+from .images import to_uint8
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -37,9 +37,9 @@ from .data.meta import load_metadata
 from .errors import StackGANError, report
 from .export import ExportInfo, build_from_export, export_info, read_export
 from .files import atomic_json
-from .grid import save_grid, save_png, to_uint8
+from .grid import save_grid, save_png
+from .images import to_uint8, upsample
 from .metrics.core import _seed, noise, run_generator
-from .metrics.detail import upsample
 from .text import PrecomputedEncoder, TextEncoder, TextEncoderError, get_encoder
 
 GRID_ROWS = 16  # prompts per grid file

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import StackGANError, report
 from ..files import atomic_json, atomic_path
+from ..images import STORED_SIZES
 from . import birds, cub
 from .concurrency import folder_lock, parallel_map
 from .cub import DataError
@@ -55,7 +56,7 @@ class PrepareOptions:
     classes: list[str] | None = None  # ["40"] = first 40 of each split; or ids / class names
     shard_size: int = 500  # at most this many samples per shard (sizes balanced within a split)
     workers: int = 1  # processes writing shards (<= 1: in this process)
-    sizes: tuple[int, ...] = (76, 304)
+    sizes: tuple[int, ...] = STORED_SIZES
     jpeg_quality: int = 90
     reembed: bool = False  # replace the pickled embeddings by sentence-encoder ones
     encoder: str = "all-MiniLM-L6-v2"  # used with reembed
@@ -559,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--shard-size", type=int, default=500,
                    help="at most this many samples per shard; a split's shards are balanced "
                         "(default %(default)s)")
-    o.add_argument("--sizes", type=int, nargs="+", default=[76, 304], help="crop sizes (default 76 304)")
+    o.add_argument("--sizes", type=int, nargs="+", default=list(STORED_SIZES),
+                   help=f"crop sizes (default {' '.join(map(str, STORED_SIZES))})")
     o.add_argument("--jpeg-quality", type=int, default=90)
     o.add_argument("--reembed", action="store_true",
                    help="re-embed the captions with the sentence encoder (so the model can take free text)")
