@@ -1,6 +1,6 @@
 """The command lines: ``jobs/train_chain.py``, ``jobs/sweep.py``, ``jobs/evaluate.py`` (thin
 wrappers around the ``*_main`` functions here) and ``python -m stackgan.cluster resolve |
-summarize`` (used by ``slurm/*.sh`` and the sweep's summary job)."""
+summarize | env`` (used by ``slurm/*.sh`` and the sweep's summary job)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from ..errors import EXIT_BAD_INPUT, StackGANError, report
+from .env import shell_text
 from .jobs import CommandJob, check_train_config
 from .plans import parse_grid, plan_chain, plan_sweep
 from .settings import ClusterConfig, executor_parameters, load_cluster_config
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["resolve"]:
         return resolve_main(argv[1:])
+    if argv == ["env"]:
+        print(shell_text())
+        return 0
     if argv[:1] == ["summarize"] and len(argv) == 2:
         try:
             print(write_summary(argv[1]).read_text(), end="")
@@ -143,5 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         except StackGANError as e:
             return report(e, "stackgan.cluster")
     print("usage: python -m stackgan.cluster resolve --config FILE [key=value ...]\n"
-          "       python -m stackgan.cluster summarize SWEEP_DIR", file=sys.stderr)
+          "       python -m stackgan.cluster summarize SWEEP_DIR\n"
+          "       python -m stackgan.cluster env   (exit statuses and rendezvous values for slurm/*.sh)",
+          file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -6,7 +6,6 @@ time-out submitit calls :meth:`TrainJob.checkpoint`, which resubmits the same jo
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, load_config
 from ..errors import EXIT_REQUEUE  # checkpointed, run me again
 from ..files import config_path
+from .env import master_port
 from .summary import write_summary
 
 
@@ -56,11 +56,10 @@ def _set_dist_env() -> None:
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return
-    digits = re.sub(r"\D", "", str(os.environ.get("SLURM_JOB_ID", env.job_id))) or "0"
     os.environ.update(
         RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.num_tasks // max(1, env.num_nodes)), NODE_RANK=str(env.node),
-        MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + int(digits) % 20000),
+        MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(master_port(os.environ.get("SLURM_JOB_ID", env.job_id))),
     )
 
 
