@@ -14,7 +14,8 @@ EXIT_BAD_INPUT = 2  # a bad config, input file or argument: rerunning the same c
 EXIT_REQUEUE = 3  # stopped on a signal after a checkpoint: run the same command again
 EXIT_NONFINITE = 4  # a NaN/Inf loss: the last good checkpoint is kept, the run needs a change
 
-EXIT_CODES = {"ok": EXIT_OK, "bad_input": EXIT_BAD_INPUT, "requeue": EXIT_REQUEUE, "nonfinite": EXIT_NONFINITE}
+EXIT_CODES = {"ok": EXIT_OK, "bad_input": EXIT_BAD_INPUT, "requeue": EXIT_REQUEUE,
+              "nonfinite": EXIT_NONFINITE}
 
 
 class StackGANError(Exception):

@@ -63,7 +63,8 @@ def config_path(name: str | Path) -> Path:
     parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
     if not parts:
         return p
-    for cand in (SHIPPED_CONFIGS.joinpath(*parts), SHIPPED_CONFIGS.joinpath(*parts[:-1], parts[-1] + ".yaml")):
+    named = SHIPPED_CONFIGS.joinpath(*parts)
+    for cand in (named, named.with_name(named.name + ".yaml")):
         if cand.is_file():
             return cand
     return p

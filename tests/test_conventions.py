@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,8 +49,9 @@ def test_slurm_scripts_take_statuses_and_port_from_python(tmp_path):
     env = {**os.environ, "SLURM_JOB_ID": "4711", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)",
            "STACKGAN_ROOT": str(ROOT), "STACKGAN_PYTHON": sys.executable, "STACKGAN_SITE": ""}
     env.pop("STACKGAN_MASTER_PORT", None)
-    script = ('source slurm/common.sh; stackgan_setup >/dev/null; echo "$STACKGAN_EXIT_OK $STACKGAN_EXIT_BAD_INPUT '
-              '$STACKGAN_EXIT_REQUEUE $STACKGAN_EXIT_NONFINITE $MASTER_PORT $WORLD_SIZE $LOCAL_WORLD_SIZE"')
+    script = ('source slurm/common.sh; stackgan_setup >/dev/null; echo "$STACKGAN_EXIT_OK '
+              '$STACKGAN_EXIT_BAD_INPUT $STACKGAN_EXIT_REQUEUE $STACKGAN_EXIT_NONFINITE $MASTER_PORT '
+              '$WORLD_SIZE $LOCAL_WORLD_SIZE"')
     p = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     ok, bad, requeue, nonfinite, port, world, local = p.stdout.split()

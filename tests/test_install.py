@@ -3,7 +3,8 @@ virtual environment, then, in an empty folder, prepare the embedded set and trai
 from a config named the way the docs name it (``--config configs/birds_stage1.yaml``).
 
 The environment reuses the installed torch, pip, setuptools etc. (``--system-site-packages``,
-``--no-deps``), so only the package itself is built; the test checks that the copy it runs is the installed one.
+``--no-deps``), so only the package itself is built; the test checks that the copy it runs is the
+installed one.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
          dict(os.environ))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", TOKENIZERS_PARALLELISM="false")
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-          "--disable-pip-version-check", str(src)], base, env)
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps",
+          "--no-build-isolation", "--disable-pip-version-check", str(src)], base, env)
     return venv / "bin", env
 
 

@@ -59,7 +59,8 @@ def _set_dist_env() -> None:
     os.environ.update(
         RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.num_tasks // max(1, env.num_nodes)), NODE_RANK=str(env.node),
-        MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(master_port(os.environ.get("SLURM_JOB_ID", env.job_id))),
+        MASTER_ADDR=env.hostnames[0],
+        MASTER_PORT=str(master_port(os.environ.get("SLURM_JOB_ID", env.job_id))),
     )
 
 
