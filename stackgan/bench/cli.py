@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import errors
 from . import __doc__ as _package_doc
 from .measure import load_average
 from .plan import plan, run_data, run_job
@@ -22,7 +23,7 @@ PARTS = ("check", "peak", "stage1", "stage2", "embedded", "variants", "compile",
 DATA_SHARDS = ("shards/birds-embedded", "shards/birds-cub-scale", "shards/cub")
 
 
-class BenchError(ValueError):
+class BenchError(errors.StackGANError, ValueError):
     """Bad command-line input for the benchmark (names the option)."""
 
 
@@ -74,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda: no CUDA device is visible here "
                              "(torch.cuda.is_available() is False)")
-    except BenchError as e:
-        print(f"stackgan.bench: error: {e}", file=sys.stderr)
-        return 2
+    except errors.StackGANError as e:
+        return errors.report(e, "stackgan.bench")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / "bench" / f"bench-{args.device}-{stamp}.json"
     cmdline = " ".join(argv if argv is not None else sys.argv[1:])
