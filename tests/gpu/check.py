@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from stackgan.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the check runs its command lines there
 TARGET_FRAC_BF16 = 0.40  # bf16 stage I b64: of the bf16 matmul peak
 TARGET_DDP_SCALING = 0.90  # 2 GPUs vs 1, images/s per GPU
@@ -793,9 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tests.gpu.check: error: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(out)
+    atomic_write(out, json.dumps(report, indent=1, default=str))
     print(summary(report))
     print(f"wrote {out}")
     return 0 if report["ok"] else 1
