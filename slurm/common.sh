@@ -12,11 +12,12 @@
 #   STACKGAN_SRUN_WAIT     seconds the other tasks get after the first one ends (default 300)
 #   STACKGAN_MASTER_PORT   rendezvous port (default: 20000 + job id % 20000)
 
-# Trainer exit statuses (stackgan/train.py)
-readonly STACKGAN_EXIT_OK=0 STACKGAN_EXIT_BAD_INPUT=2 STACKGAN_EXIT_REQUEUE=3 STACKGAN_EXIT_NONFINITE=4
+# Trainer exit statuses (STACKGAN_EXIT_*) and the rendezvous port and world sizes come from
+# stackgan/errors.py and stackgan/cluster/env.py (`python -m stackgan.cluster env`, in stackgan_setup);
+# until Python is found, stackgan_die exits 2 (EXIT_BAD_INPUT).
 
 stackgan_log() { printf '[%s %(%F %T)T] %s\n' "${SLURM_JOB_NAME:-stackgan}" -1 "$*"; }
-stackgan_die() { stackgan_log "ERROR: $*" >&2; exit "$STACKGAN_EXIT_BAD_INPUT"; }
+stackgan_die() { stackgan_log "ERROR: $*" >&2; exit "${STACKGAN_EXIT_BAD_INPUT:-2}"; }
 
 # stackgan_setup: environment + working directory; call first.
 stackgan_setup() {
@@ -32,6 +33,9 @@ stackgan_setup() {
   fi
   PYTHON="${STACKGAN_PYTHON:-python3}"
   command -v "$PYTHON" >/dev/null || stackgan_die "no $PYTHON on PATH (set it up in slurm/site.sh)"
+  local shared
+  shared=$("$PYTHON" -m stackgan.cluster env) || stackgan_die "$PYTHON cannot run stackgan (set it up in slurm/site.sh)"
+  eval "$shared"
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
   export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
   stackgan_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}," \
@@ -51,10 +55,7 @@ stackgan_resolve() {
 # LOCAL_RANK differ per task and are set inside each task (see stackgan_srun).
 stackgan_dist_env() {
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  MASTER_PORT="${STACKGAN_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-  WORLD_SIZE="${SLURM_NTASKS:-1}"
-  export MASTER_ADDR MASTER_PORT WORLD_SIZE
-  [[ -n ${SLURM_NTASKS_PER_NODE:-} ]] && export LOCAL_WORLD_SIZE="${SLURM_NTASKS_PER_NODE%%(*}"
+  export MASTER_ADDR  # MASTER_PORT, WORLD_SIZE, LOCAL_WORLD_SIZE: exported by stackgan_setup
   if [[ -n ${SLURM_GPUS_ON_NODE:-} && -n ${LOCAL_WORLD_SIZE:-} && $SLURM_GPUS_ON_NODE != "$LOCAL_WORLD_SIZE" ]]; then
     stackgan_log "WARNING: $SLURM_GPUS_ON_NODE GPU(s) per node but $LOCAL_WORLD_SIZE task(s) per node; " \
       "one task per GPU is intended (--ntasks-per-node = --gpus-per-node)"

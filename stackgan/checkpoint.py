@@ -29,10 +29,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import StackGANError
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StackGANError, RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the run."""
 
 

@@ -18,8 +18,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import StackGANError
+from .files import atomic_write, config_path
 
-class ConfigError(ValueError):
+
+class ConfigError(StackGANError, ValueError):
     """A config file or override that does not fit the schema (names the key)."""
 
 
@@ -266,10 +269,11 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a :class:`Config` from a YAML file (optional) and ``key=value`` overrides."""
+    """Build a :class:`Config` from a YAML file (optional; a path or a shipped config's name, see
+    :func:`stackgan.files.config_path`) and ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        update_from_yaml(cfg, path, what="config file")
+        update_from_yaml(cfg, config_path(path), what="config file")
     apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
@@ -348,11 +352,7 @@ def to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def image_size(stage: int) -> int:

@@ -3,7 +3,8 @@
     python -m stackgan.demo [--out runs/demo] [--stage1-steps N] [--stage2-steps M] [--quick]
 
 1. generate the embedded bird set (procedural birds in the CUB + StackGAN layout) and pack
-   it into webdataset shards (``shards/prepare.py --embedded``);
+   it into webdataset shards (``python -m stackgan.data.prepare --embedded``, which
+   ``shards/prepare.py`` runs);
 2. train stage I (``configs/birds_stage1.yaml``), then stage II from its export
    (``configs/birds_stage2.yaml``) with ``python -m stackgan.train``;
 3. train the part-wise attribute judge (on birds the renderer draws), score both stages
@@ -18,14 +19,17 @@ is already complete (the trainer resumes, prepare is a no-op on finished shards)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .files import atomic_json
 from .plots import plot_run, read_jsonl
+
+# named as the docs name them; the trainer finds them from any folder (stackgan.files.config_path)
+STAGE1_CONFIG, STAGE2_CONFIG = "configs/birds_stage1.yaml", "configs/birds_stage2.yaml"
 
 PROMPTS = [
     "this bird has a red crown, blue wings and a white belly",
@@ -52,15 +56,15 @@ def _run(step: str, args: list[str], log_dir: Path) -> float:
     return time.time() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stackgan.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run folder root")
     p.add_argument("--data", default="data/birds-embedded", help="where the embedded set is generated")
     p.add_argument("--shards", default="shards/birds-embedded")
     p.add_argument("--species", type=int, default=20)
     p.add_argument("--images-per-species", type=int, default=40)
-    p.add_argument("--stage1-steps", type=int, default=None, help="default: configs/birds_stage1.yaml")
-    p.add_argument("--stage2-steps", type=int, default=None, help="default: configs/birds_stage2.yaml")
+    p.add_argument("--stage1-steps", type=int, default=None, help=f"default: {STAGE1_CONFIG}")
+    p.add_argument("--stage2-steps", type=int, default=None, help=f"default: {STAGE2_CONFIG}")
     p.add_argument("--judge-samples", type=int, default=500, help="generated images per split for the judge")
     p.add_argument("--quick", action="store_true", help="a 2-minute smoke run (few steps, small set)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
@@ -69,35 +73,34 @@ def main(argv: list[str] | None = None) -> int:
         a.species, a.images_per_species = min(a.species, 8), min(a.images_per_species, 12)
         a.stage1_steps, a.stage2_steps = a.stage1_steps or 30, a.stage2_steps or 6
         a.judge_samples = min(a.judge_samples, 100)
+    return a
 
-    out = Path(a.out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+
+def run_steps(a: argparse.Namespace, out: Path, logs: Path) -> tuple[dict[str, float], dict[str, dict]]:
+    """Prepare, train both stages, evaluate both, sample from text: (seconds per step, metrics)."""
     py = sys.executable
-    t_start = time.time()
     timings: dict[str, float] = {}
     s1, s2 = out / "stage1", out / "stage2"
     export1, export2 = s1 / "export" / "generator.safetensors", s2 / "export" / "generator.safetensors"
 
     timings["prepare"] = _run("prepare", [
-        py, "shards/prepare.py", "--embedded", "--embedded-dir", a.data, "--out", a.shards,
+        py, "-m", "stackgan.data.prepare", "--embedded", "--embedded-dir", a.data, "--out", a.shards,
         "--species", str(a.species), "--images-per-species", str(a.images_per_species)], logs)
 
     extra1 = [f"train.steps={a.stage1_steps}"] if a.stage1_steps else []
     timings["stage1"] = _run("stage1", [
-        py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", f"data.shards={a.shards}",
+        py, "-m", "stackgan.train", "--config", STAGE1_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s1}", *extra1, *a.overrides], logs)
 
     extra2 = [f"train.steps={a.stage2_steps}"] if a.stage2_steps else []
     timings["stage2"] = _run("stage2", [
-        py, "-m", "stackgan.train", "--config", "configs/birds_stage2.yaml", f"data.shards={a.shards}",
+        py, "-m", "stackgan.train", "--config", STAGE2_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s2}", f"model.stage1_export={export1}", *extra2, *a.overrides], logs)
 
     metrics = {}
     for name, export in (("stage1", export1), ("stage2", export2)):
         jsonl = out / f"metrics-{name}.jsonl"
-        if jsonl.exists():
-            jsonl.unlink()
+        jsonl.unlink(missing_ok=True)
         timings[f"eval-{name}"] = _run(f"eval-{name}", [
             py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
             "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
@@ -109,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     timings["sample"] = _run("sample", [
         py, "-m", "stackgan.sample", "--export", str(export2), "--prompts", str(prompt_file), "--n", "4",
         "--seed", "0", "--out", str(out / "samples-from-text"), "--stages"], logs)
+    return timings, metrics
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = Path(a.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    timings, metrics = run_steps(a, out, logs)
+    s1, s2 = out / "stage1", out / "stage2"
     plots = [str(plot_run(s1, out / "plots" / "stage1.png")), str(plot_run(s2, out / "plots" / "stage2.png"))]
     summary = {
         "minutes": round((time.time() - t_start) / 60, 2),
@@ -119,23 +132,28 @@ def main(argv: list[str] | None = None) -> int:
         "sample_grids": sorted(str(p) for p in (s1 / "samples").glob("step-*.png"))[-1:]
         + sorted(str(p) for p in (s2 / "samples").glob("step-*.png"))[-1:],
         "samples_from_text": str(out / "samples-from-text"),
-        "exports": [str(export1), str(export2)],
+        "exports": [str(s1 / "export" / "generator.pt"), str(s2 / "export" / "generator.pt")],
     }
     summary["stage2_vs_baseline"] = stage2_table(metrics.get("stage2", {}))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_json(out / "summary.json", summary)
+    print_summary(summary, out)
+    return 0
+
+
+def print_summary(summary: dict, out: Path) -> None:
     print("\n" + "=" * 78)
     print(f"StackGAN-HPC demo finished in {summary['minutes']} min -> {out}")
-    for key, ms in metrics.items():
+    for key, ms in summary["metrics"].items():
         parts = []
         for m in ("judge_consistency", "judge_fd", "diversity", "judge_diversity"):
-            shown = {k: v for k, v in ms.get(m, {}).items() if isinstance(v, (int, float)) and k not in ("step", "seconds")}
+            shown = {k: v for k, v in ms.get(m, {}).items()
+                     if isinstance(v, (int, float)) and k not in ("step", "seconds")}
             parts.append(f"{m}: " + ", ".join(f"{k}={v:.3g}" for k, v in list(shown.items())[:4]))
         print(f"  {key:14s} " + " | ".join(parts))
     print_stage2_table(summary["stage2_vs_baseline"])
-    print(f"  plots: {', '.join(plots)}")
+    print(f"  plots: {', '.join(summary['plots'])}")
     print(f"  samples from text: {out / 'samples-from-text'} (stages.png: stage I | upsampled | stage II)")
     print(f"  summary: {out / 'summary.json'}")
-    return 0
 
 
 # (label, metric, key of stage II, key of the upsampled stage-I baseline, key of a reference, its name)

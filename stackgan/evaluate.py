@@ -28,11 +28,9 @@ from pathlib import Path
 
 import torch
 
-from .data.meta import ShardError
-from .export import ExportError, load_generator
-from .metrics import EvalContext, MetricError, compute, names, rank_world
-from .metrics.detail import DetailNetError
-from .metrics.judge import JudgeError
+from .errors import StackGANError, report
+from .export import load_generator
+from .metrics import EvalContext, compute, names, rank_world
 
 DEFAULT_METRICS = "judge_consistency,judge_fd,diversity,judge_diversity"
 # stage II: first the figures against its own stage-I input (their generation pass serves the judge metrics)
@@ -122,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         jsonl = Path(args.jsonl) if args.jsonl else default_jsonl(args.export)
         results = compute(args.metrics or default_metrics(info.stage), G, ctx, step=info.step, jsonl=jsonl,
                           extra={"export": str(args.export), "stage": info.stage, "source": "evaluate"})
-    except (MetricError, ExportError, ShardError, JudgeError, DetailNetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except StackGANError as e:
+        return report(e, "stackgan.evaluate")
     if rank_world()[0] == 0:
         print(format_results(results))
         print(f"appended to {jsonl}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, ModelConfig, apply_updates, drop_removed, image_size
+from .errors import StackGANError
+from .files import atomic_path, atomic_write
 
 FORMAT = "stackgan-export/2"
 LEGACY_FORMAT = "stackgan-export/1"  # one torch.save pickle (<run>/export/generator.pt)
 WEIGHTS_NAME = "generator.safetensors"
 
 
-class ExportError(RuntimeError):
+class ExportError(StackGANError, RuntimeError):
     """An export file that is missing, of another format, or does not fit."""
 
 
@@ -109,13 +110,10 @@ def save_export(path: str | Path, generator: nn.Module, mcfg: ModelConfig, *, te
         "config": config,
     }
     state = {k: _host_fp32(v) for k, v in generator.state_dict().items()}
-    tag = f".{os.getpid()}.tmp"
-    meta, tmp_w = config_path(weights), weights.with_name(f".{weights.name}{tag}")
-    tmp_m = meta.with_name(f".{meta.name}{tag}")
-    tmp_m.write_text(json.dumps(info, indent=1) + "\n")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT, "step": str(int(step))})
-    tmp_m.replace(meta)
-    tmp_w.replace(weights)
+    # the description first, then the weights: a reader that finds the weights finds their JSON
+    atomic_write(config_path(weights), json.dumps(info, indent=1) + "\n")
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "step": str(int(step))})
     return weights
 
 

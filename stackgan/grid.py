@@ -6,34 +6,21 @@ fidelity, so small images are enlarged (nearest neighbour) until a cell is at le
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N,3,H,W) float in [-1,1] -> (N,H,W,3) uint8, rounding the way PNG writers expect.
-
-    Quantised where the images are (a GPU's grid crosses to the host as one byte per pixel,
-    not four)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (N,3,H,W), got {tuple(images.shape)}")
-    x = images.detach().float().clamp(-1, 1)
-    x = ((x + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+from .files import atomic_path
+from .images import to_uint8
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write one (H,W,3) uint8 image atomically; PNG bytes depend on the pixels only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -18,6 +18,7 @@ import time
 import torch
 
 from .config import image_size
+from .errors import EXIT_NONFINITE, StackGANError
 from .run import SPLIT, Run
 from .step import StepOut
 
@@ -25,8 +26,10 @@ FIXED_CAPTIONS = 8  # rows of the sample grids (4 noise vectors each)
 COLLAPSE_WARN = 0.05  # diversity score below which the log warns of mode collapse
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(StackGANError, RuntimeError):
     """A loss became NaN/Inf; training stops without saving the broken state."""
+
+    exit_code = EXIT_NONFINITE
 
 
 def memory_mb(device: torch.device) -> float:

@@ -29,6 +29,7 @@ def _judge_rows(run_dir: Path) -> list[dict]:
 
 
 def _plt():
+    # here, not at the top: matplotlib costs ~0.5 s to import and needs its backend chosen first
     import matplotlib
 
     matplotlib.use("Agg")

@@ -26,6 +26,7 @@ from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_c
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .ema import EMA
 from .export import export_path, load_stage1_for_stage2, save_export
+from .images import stored_size
 from .layout import apply_layout, layout_min_hw
 from .losses import CaptionBank
 
@@ -112,7 +113,7 @@ def check_inputs(cfg: Config) -> ShardMeta:
     for s in meta.splits[SPLIT].shards:
         if not (meta.root / s.name).is_file():
             raise ShardError(f"{meta.root / s.name}: listed in metadata.json but missing")
-    need = 76 if cfg.model.stage == 1 else 304
+    need = stored_size(image_size(cfg.model.stage))
     if need not in meta.image_sizes:
         raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
     if cfg.train.metrics:

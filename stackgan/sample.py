@@ -25,8 +25,6 @@ the same bytes (on the same device and library versions).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.meta import ShardError, load_metadata
-from .export import ExportError, ExportInfo, build_from_export, export_info, read_export
-from .grid import save_grid, save_png, to_uint8
+from .data.meta import load_metadata
+from .errors import StackGANError, report
+from .export import ExportInfo, build_from_export, export_info, read_export
+from .files import atomic_json
+from .grid import save_grid, save_png
+from .images import to_uint8, upsample
 from .metrics.core import _seed, noise, run_generator
-from .metrics.detail import upsample
 from .text import PrecomputedEncoder, TextEncoder, TextEncoderError, get_encoder
 
 GRID_ROWS = 16  # prompts per grid file
 CHUNK = 32  # images per forward pass; fixed, so that results never depend on a batch setting
 
 
-class SamplingError(RuntimeError):
+class SamplingError(StackGANError, RuntimeError):
     """A sampling request that cannot be honoured (says what was asked and how to fix it)."""
 
 
@@ -200,9 +200,7 @@ def write_outputs(images: torch.Tensor, prompts: Prompts, out: Path, info: Expor
     record = {"export": info.path, "stage": info.stage, "step": info.step, "text_encoder": info.text_encoder,
               "seed": seed, "n": n, "source": prompts.source, "prompts": prompts.texts, "grids": grids,
               "files": "p<prompt>_s<sample>.png"}
-    tmp = out / f".prompts.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out / "prompts.json")
+    atomic_json(out / "prompts.json", record)
     return {"out": str(out), "images": len(files), "grids": grids}
 
 
@@ -283,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run(args.export, prompts=args.prompt, prompts_file=args.prompts, split=args.split,
                   shards=args.shards, limit=args.limit, caption_index=args.caption_index, n=args.n,
                   seed=args.seed, out=args.out, device=args.device, encoder=args.encoder, stages=args.stages)
-    except (SamplingError, ExportError, ShardError, TextEncoderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except StackGANError as e:
+        return report(e, "stackgan.sample")
     print(f"wrote {res['images']} images and {', '.join(res['grids'])} to {res['out']}")
     return 0
 

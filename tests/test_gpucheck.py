@@ -1,4 +1,4 @@
-"""The GPU check script (stackgan/gpucheck.py): its readers and scheduler, and its CPU smoke
+"""The GPU check script (tests/gpu/check.py): its readers and scheduler, and its CPU smoke
 mode end to end, so CI runs the very script a GPU machine will run."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackgan import gpucheck as gc
+from .gpu import check as gc
 
 from .conftest import run_cmd
 
@@ -99,11 +99,11 @@ def test_runner_orders_skips_and_times_out(tmp_path):
 
 
 def test_cli_refuses_bad_input(tmp_path):
-    p = run_cmd([sys.executable, "-m", "stackgan.gpucheck", "--shards", str(tmp_path), "--out",
+    p = run_cmd([sys.executable, "-m", "tests.gpu.check", "--shards", str(tmp_path), "--out",
                  str(tmp_path / "x.json")])
     assert p.returncode == 2 and "metadata.json" in p.stderr
     if not torch.cuda.is_available():
-        p = run_cmd([sys.executable, "-m", "stackgan.gpucheck", "--out", str(tmp_path / "x.json")])
+        p = run_cmd([sys.executable, "-m", "tests.gpu.check", "--out", str(tmp_path / "x.json")])
         assert p.returncode == 2 and "--smoke" in p.stderr, p.stderr[-2000:]
 
 
@@ -113,7 +113,7 @@ def test_smoke_mode_runs_every_part(tiny_shards, tmp_path):
     """The CPU smoke mode: tiny stage I and II in fp32 and bf16 with exact resume, 2-process gloo
     DDP, the gpu test marker, the quick benchmark; DeepSpeed skipped with its reason."""
     out = tmp_path / "gpucheck.json"
-    p = run_cmd([sys.executable, "-m", "stackgan.gpucheck", "--smoke", "--shards", str(tiny_shards),
+    p = run_cmd([sys.executable, "-m", "tests.gpu.check", "--smoke", "--shards", str(tiny_shards),
                  "--out", str(out), "--jobs", "2"], env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())

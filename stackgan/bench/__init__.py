@@ -42,4 +42,4 @@ The pieces, in the order a run uses them:
 """
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/, shards/
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding this copy of stackgan (workers import it)

@@ -9,7 +9,6 @@ import torch.nn as nn
 from ..config import Config, ModelConfig, load_config
 from ..models import build_discriminator, build_generator
 from ..text import SENTENCE_ENCODER, get_encoder
-from . import ROOT
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,8 @@ def official_case(stage: int, batch: int) -> Case:
 def embedded_case(stage: int, batch: int) -> Case:
     """The embedded-set sizes, read from configs/birds_stage{1,2}.yaml (MiniLM text, 384-d)."""
     text = get_encoder(SENTENCE_ENCODER).dim
-    s1 = load_config(ROOT / "configs" / "birds_stage1.yaml").model
-    m = s1 if stage == 1 else load_config(ROOT / "configs" / "birds_stage2.yaml").model
+    s1 = load_config("configs/birds_stage1.yaml").model
+    m = s1 if stage == 1 else load_config("configs/birds_stage2.yaml").model
     return Case("embedded", stage, batch, gf=m.gf_dim, df=m.df_dim, z=m.z_dim, cond=m.cond_dim, text=text,
                 r_num=m.r_num, s1_gf=s1.gf_dim)
 

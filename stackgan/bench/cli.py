@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import ROOT
+from .. import errors
 from . import __doc__ as _package_doc
 from .measure import load_average
 from .plan import plan, run_data, run_job
@@ -23,7 +23,7 @@ PARTS = ("check", "peak", "stage1", "stage2", "embedded", "variants", "compile",
 DATA_SHARDS = ("shards/birds-embedded", "shards/birds-cub-scale", "shards/cub")
 
 
-class BenchError(ValueError):
+class BenchError(errors.StackGANError, ValueError):
     """Bad command-line input for the benchmark (names the option)."""
 
 
@@ -38,10 +38,10 @@ def parse_parts(text: str | None) -> set[str]:
 
 
 def _default_shards() -> str:
-    for d in DATA_SHARDS:
-        if (ROOT / d / "metadata.json").is_file():
-            return str(ROOT / d)
-    return str(ROOT / DATA_SHARDS[0])
+    for d in DATA_SHARDS:  # relative to the working folder, as data.shards is
+        if (Path(d) / "metadata.json").is_file():
+            return str(Path(d).resolve())
+    return str(Path(DATA_SHARDS[0]).resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchError("--device cuda: no CUDA device is visible here "
                              "(torch.cuda.is_available() is False)")
-    except BenchError as e:
-        print(f"stackgan.bench: error: {e}", file=sys.stderr)
-        return 2
+    except errors.StackGANError as e:
+        return errors.report(e, "stackgan.bench")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else ROOT / "runs" / "bench" / f"bench-{args.device}-{stamp}.json"
+    out = Path(args.out) if args.out else Path("runs") / "bench" / f"bench-{args.device}-{stamp}.json"
     cmdline = " ".join(argv if argv is not None else sys.argv[1:])
     report = run_parts(args, parts, f"python -m stackgan.bench {cmdline}".strip())
     print(format_tables(report))

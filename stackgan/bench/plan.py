@@ -137,7 +137,7 @@ def run_job(job: Job, workdir: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=job.timeout)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=job.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {job.timeout:.0f}s (skipped)", "wall_s": job.timeout}
     wall = time.perf_counter() - t0

@@ -5,7 +5,6 @@ exactly as the run itself did.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -13,16 +12,15 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_json
+
 TARGET_VS_ORIGINAL = 0.5  # our s/iter at most this fraction of the original's (official sizes, fp32)
 TARGET_FRAC_PEAK = 0.6  # achieved GFLOP/s at least this fraction of the measured peak (goal 0.75)
 
 
 def write_json(path: Path, obj, indent: int | None = None) -> None:
-    """Write to a temp name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    tmp.replace(path)
+    """Write atomically: a reader never sees half a file."""
+    atomic_json(path, obj, indent=indent)
 
 
 def machine_info(device: str) -> dict:

@@ -1,6 +1,6 @@
 """The command lines: ``jobs/train_chain.py``, ``jobs/sweep.py``, ``jobs/evaluate.py`` (thin
 wrappers around the ``*_main`` functions here) and ``python -m stackgan.cluster resolve |
-summarize`` (used by ``slurm/*.sh`` and the sweep's summary job)."""
+summarize | env`` (used by ``slurm/*.sh`` and the sweep's summary job)."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ConfigError
+from ..errors import EXIT_BAD_INPUT, StackGANError, report
+from .env import shell_text
 from .jobs import CommandJob, check_train_config
 from .plans import parse_grid, plan_chain, plan_sweep
 from .settings import ClusterConfig, executor_parameters, load_cluster_config
 from .submit import Planned, describe, format_reports, submit_plan, wait_for_outcome
 from .summary import write_summary
-
-EXIT_BAD_INPUT = 2  # as the trainer's: a bad config or input, nothing submitted
 
 
 def _common_args(ap: argparse.ArgumentParser) -> None:
@@ -63,9 +63,8 @@ def chain_main(argv: list[str] | None = None) -> int:
         cc = load_cluster_config(args.cluster, args.cluster_set)
         plan = plan_chain(cc, args.stage1_config, args.stage2_config, [*args.set, *args.stage1_set],
                           [*args.set, *args.stage2_set])
-    except ConfigError as e:
-        print(f"train_chain: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except StackGANError as e:
+        return report(e, "train_chain")
     dirs = {p.label: [p.fn.run_dir] for p in plan}
     return _run(plan, cc, args, dirs)
 
@@ -91,9 +90,8 @@ def sweep_main(argv: list[str] | None = None) -> int:
         sweep_dir = args.sweep_dir or f"runs/sweeps/{time.strftime('%Y%m%d-%H%M%S')}"
         plan = plan_sweep(cc, args.config, args.set, parse_grid(args.grid), sweep_dir,
                           write_manifest=not args.dry_run)
-    except ConfigError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except StackGANError as e:
+        return report(e, "sweep")
     sweep_dir = str(Path(sweep_dir).resolve())
     dirs = {"points": [j.run_dir for j in plan[0].fn], "summary": [""]}
     return _run(plan, cc, args, dirs, after=lambda: print(Path(sweep_dir, "summary.md").read_text(), end=""))
@@ -110,9 +108,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
     try:
         cc = load_cluster_config(args.cluster, args.cluster_set)
-    except ConfigError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except StackGANError as e:
+        return report(e, "evaluate")
     job = CommandJob(args.module, rest, str(Path.cwd()))
     params = executor_parameters(cc, cc.eval, "stackgan-eval")
     params["tasks_per_node"] = 1  # one evaluation process, whatever the GPU count
@@ -128,9 +125,8 @@ def resolve_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = check_train_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"stackgan.cluster: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except StackGANError as e:
+        return report(e, "stackgan.cluster")
     values = {"RUN_DIR": str(Path(cfg.train.run_dir).resolve()), "STAGE": str(cfg.model.stage),
               "STAGE1_EXPORT": cfg.model.stage1_export}
     print("\n".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
@@ -141,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["resolve"]:
         return resolve_main(argv[1:])
+    if argv == ["env"]:
+        print(shell_text())
+        return 0
     if argv[:1] == ["summarize"] and len(argv) == 2:
         try:
             print(write_summary(argv[1]).read_text(), end="")
             return 0
-        except ConfigError as e:
-            print(f"stackgan.cluster: error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        except StackGANError as e:
+            return report(e, "stackgan.cluster")
     print("usage: python -m stackgan.cluster resolve --config FILE [key=value ...]\n"
-          "       python -m stackgan.cluster summarize SWEEP_DIR", file=sys.stderr)
+          "       python -m stackgan.cluster summarize SWEEP_DIR\n"
+          "       python -m stackgan.cluster env   (exit statuses and rendezvous values for slurm/*.sh)",
+          file=sys.stderr)
     return EXIT_BAD_INPUT

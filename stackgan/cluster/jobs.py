@@ -6,7 +6,6 @@ time-out submitit calls :meth:`TrainJob.checkpoint`, which resubmits the same jo
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -16,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..errors import EXIT_REQUEUE  # checkpointed, run me again
+from ..files import config_path
+from .env import master_port
 from .summary import write_summary
-
-EXIT_REQUEUE = 3  # as the trainer's: checkpointed, run me again
 
 
 def check_train_config(config: str, overrides: list[str], *, need_stage1_export: bool = True) -> Config:
     """Load + validate a training config; check the shard folder (and stage-I export) exist."""
-    if not Path(config).is_file():
+    if not config_path(config).is_file():
         raise ConfigError(f"config file not found: {config}")
     cfg = load_config(config, overrides)
     meta = Path(cfg.data.shards) / "metadata.json"
@@ -52,7 +52,7 @@ def make_train_job(config: str, overrides: list[str], *, workdir: str | Path | N
     run_dir = Path(cfg.train.run_dir)
     run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
     overrides = [o for o in overrides if not o.startswith("train.run_dir=")] + [f"train.run_dir={run_dir}"]
-    return TrainJob(str(Path(config).resolve()), overrides, str(workdir), stop_grace_s)
+    return TrainJob(str(config_path(config).resolve()), overrides, str(workdir), stop_grace_s)
 
 
 def _set_dist_env() -> None:
@@ -62,11 +62,11 @@ def _set_dist_env() -> None:
     env = submitit.JobEnvironment()
     if env.num_tasks <= 1:
         return
-    digits = re.sub(r"\D", "", str(os.environ.get("SLURM_JOB_ID", env.job_id))) or "0"
     os.environ.update(
         RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks), LOCAL_RANK=str(env.local_rank),
         LOCAL_WORLD_SIZE=str(env.num_tasks // max(1, env.num_nodes)), NODE_RANK=str(env.node),
-        MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + int(digits) % 20000),
+        MASTER_ADDR=env.hostnames[0],
+        MASTER_PORT=str(master_port(os.environ.get("SLURM_JOB_ID", env.job_id))),
     )
 
 

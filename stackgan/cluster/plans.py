@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..files import config_path
 from .jobs import SummaryJob, make_train_job
 from .settings import ClusterConfig, executor_parameters
 from .submit import Planned
@@ -82,7 +83,8 @@ def plan_sweep(cc: ClusterConfig, config: str, overrides: list[str], grid: dict[
     if write_manifest:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(sweep_dir / "sweep.json", json.dumps(
-            {"config": str(Path(config).resolve()), "overrides": overrides, "grid": grid, "points": manifest},
+            {"config": str(config_path(config).resolve()), "overrides": overrides, "grid": grid,
+             "points": manifest},
             indent=2))
     return [
         Planned("points", jobs, executor_parameters(cc, cc.train, "stackgan-sweep")),

@@ -4,18 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temp name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+from ..files import atomic_write
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from ..errors import EXIT_BAD_INPUT
+
 GENERATOR_VERSION = 2  # bump whenever the same parameters would give other bytes
 DEFAULT_DIR = Path("data/birds-embedded")
 DEFAULT_SPECIES = 20
@@ -637,9 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         generate(a.out, a.species, a.images_per_species, a.seed, a.workers, a.force, a.quiet)
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError) as e:  # bad counts or an existing set: a ValueError, not ours
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -34,13 +34,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import StackGANError
+from ..images import STORED_SIZES
 from ..text import CHAR_CNN_RNN
 
 SPLITS = ("train", "test")
 MAX_LISTED = 20  # problems listed in one error message; the rest are counted
 
 
-class DataError(ValueError):
+class DataError(StackGANError, ValueError):
     """Source data that cannot be used; the message lists every problem found."""
 
 
@@ -168,7 +170,7 @@ def load_rgb(path: Path) -> Image.Image:
         return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
-def crop_resize(img: Image.Image, bbox, sizes=(76, 304)) -> list[Image.Image]:
+def crop_resize(img: Image.Image, bbox, sizes=STORED_SIZES) -> list[Image.Image]:
     """StackGAN's bbox crop, then one bilinear resize per size (76: stage I, 304: stage II)."""
     box = stackgan_crop_box(bbox, *img.size)
     crop = img.crop(box)

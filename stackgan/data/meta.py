@@ -23,10 +23,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StackGANError
+from ..files import atomic_json
+
 FORMAT = "stackgan-shards/1"
 
 
-class ShardError(RuntimeError):
+class ShardError(StackGANError, RuntimeError):
     """A shard folder or shard file that cannot be used (names the file)."""
 
 
@@ -123,8 +126,4 @@ def load_metadata(root: str | Path) -> ShardMeta:
 
 def write_metadata(meta: ShardMeta) -> Path:
     """Write metadata.json atomically (temp file + rename)."""
-    path = Path(meta.root) / "metadata.json"
-    tmp = path.with_name("metadata.json.tmp")
-    tmp.write_text(json.dumps(meta.to_json(), indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_json(Path(meta.root) / "metadata.json", meta.to_json())

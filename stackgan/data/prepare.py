@@ -33,6 +33,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import StackGANError, report
+from ..files import atomic_json, atomic_path
+from ..images import STORED_SIZES
 from . import birds, cub
 from .concurrency import folder_lock, parallel_map
 from .cub import DataError
@@ -53,7 +56,7 @@ class PrepareOptions:
     classes: list[str] | None = None  # ["40"] = first 40 of each split; or ids / class names
     shard_size: int = 500  # at most this many samples per shard (sizes balanced within a split)
     workers: int = 1  # processes writing shards (<= 1: in this process)
-    sizes: tuple[int, ...] = (76, 304)
+    sizes: tuple[int, ...] = STORED_SIZES
     jpeg_quality: int = 90
     reembed: bool = False  # replace the pickled embeddings by sentence-encoder ones
     encoder: str = "all-MiniLM-L6-v2"  # used with reembed
@@ -230,15 +233,9 @@ def _write_shard(job) -> dict:
     # never got renamed is harmless: _finished checks the file's sha256 against it)
     record = {"fingerprint": task.fingerprint, "num_samples": len(task.samples), "sha256": digest,
               "bytes": len(data)}
-    _atomic_json(out / STATE_DIR / f"{task.name}.json", record)
+    atomic_json(out / STATE_DIR / f"{task.name}.json", record)
     os.replace(tmp, final)
     return {"name": task.name, **record}
-
-
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:
@@ -313,9 +310,8 @@ def _reembed(captions: list[list[str]], encoder_name: str, cache_dir: Path,
     if progress:
         _log(f"  done in {time.time() - t0:.1f}s")
     arr = np.stack([np.stack([vec[c] for c in caps]) for caps in captions]).astype(np.float32)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, cache)
+    with atomic_path(cache, suffix=".npy") as tmp:
+        np.save(tmp, arr)
     return arr, enc.name, enc.dim
 
 
@@ -564,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--shard-size", type=int, default=500,
                    help="at most this many samples per shard; a split's shards are balanced "
                         "(default %(default)s)")
-    o.add_argument("--sizes", type=int, nargs="+", default=[76, 304], help="crop sizes (default 76 304)")
+    o.add_argument("--sizes", type=int, nargs="+", default=list(STORED_SIZES),
+                   help=f"crop sizes (default {' '.join(map(str, STORED_SIZES))})")
     o.add_argument("--jpeg-quality", type=int, default=90)
     o.add_argument("--reembed", action="store_true",
                    help="re-embed the captions with the sentence encoder (so the model can take free text)")
@@ -584,13 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.inspect:
-        from .meta import ShardError
-
         try:
             print(inspect(a.inspect))
-        except ShardError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except StackGANError as e:
+            return report(e, "stackgan.prepare")
         return 0
     if a.embedded and a.cub_root:
         print("error: --embedded and --cub-root exclude each other", file=sys.stderr)
@@ -601,11 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         reembed=a.reembed, encoder=a.encoder, allow_class_overlap=a.allow_class_overlap, progress=not a.quiet,
         embedded_dir=a.embedded_dir, embedded_species=a.species, embedded_images=a.images_per_species,
         embedded_seed=a.seed)
-    from ..text import TextEncoderError
-
     try:
         prepare(opts)
-    except (DataError, TextEncoderError, FileExistsError) as e:
+    except StackGANError as e:
+        return report(e, "stackgan.prepare")
+    except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

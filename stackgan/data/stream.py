@@ -56,11 +56,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import STORED
 from .meta import ShardError, ShardMeta, load_metadata
 
 log = logging.getLogger(__name__)
 
-SOURCE_SIZE = {64: 76, 256: 304}  # StackGAN random-crops 64 from 76 and 256 from 304
+SOURCE_SIZE = STORED  # StackGAN random-crops 64 from 76 and 256 from 304 (stackgan/images.py)
 EMB_MODES = ("one", "mean")
 ON_CORRUPT = ("raise", "skip")
 IMG_DTYPES = ("float32", "uint8")

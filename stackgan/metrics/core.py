@@ -22,13 +22,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
+from stackgan.images import resize, stored_size  # noqa: F401 -- resize: the metrics import it from here
 
 
-class MetricError(RuntimeError):
+class MetricError(StackGANError, RuntimeError):
     """Bad metric input (unknown name, mismatched shards, missing weights), raised early."""
 
 
@@ -193,7 +194,7 @@ class EvalContext:
     @property
     def stored_size(self) -> int:
         """Stored real-image size whose centre crop matches the generator output."""
-        return 76 if self.image_size == 64 else 304
+        return stored_size(self.image_size)
 
     @property
     def judge_path(self) -> Path:
@@ -312,14 +313,6 @@ def full_precision(device: str | torch.device):
     numbers whatever precision its caller runs under (a bf16 run's snapshot metrics)."""
     return torch.autocast(torch.device(device).type, enabled=False)
 
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Area-downsample (or bilinear-upsample) square images to ``size``."""
-    if images.shape[-1] == size:
-        return images
-    if images.shape[-1] > size:
-        return F.interpolate(images, size=(size, size), mode="area")
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------

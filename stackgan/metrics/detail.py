@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
+from stackgan.images import to_unit, upsample
 
 from .core import EvalContext, MetricError, all_sum, make_once, rank_world, resize
 from .evalset import CROP_OF, decode_image, iter_split, to_tensor
@@ -58,19 +60,13 @@ SPECIES_COEF = 0.1  # weight of the species loss next to the detail loss
 EPOCHS, MIN_STEPS, MAX_STEPS = 3.0, 60, 300  # default length: 3 passes, clipped to [60, 300] steps
 
 
-class DetailNetError(RuntimeError):
+class DetailNetError(StackGANError, RuntimeError):
     """A detail-net file that is missing, of another format, or made for other shards."""
 
 
 # --------------------------------------------------------------------------------------
 # Image operations
 # --------------------------------------------------------------------------------------
-def upsample(images: torch.Tensor, size: int = SIZE, mode: str = "bicubic") -> torch.Tensor:
-    """Upsample square images in [-1, 1] to ``size`` (bicubic overshoot clamped back to range)."""
-    out = F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
-    return out.clamp(-1.0, 1.0)
-
-
 def reduce_detail(images: torch.Tensor, low: int = LOW, mode: str = "bicubic") -> torch.Tensor:
     """What remains of 256-px images held at ``low`` px: area-downsampled, then upsampled back."""
     return upsample(resize(images, low), images.shape[-1], mode)
@@ -246,7 +242,7 @@ class _JpegSet:
                                        for im, (y, x0) in zip(imgs, corners)]))
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x[flip] = x[flip].flip(2)
-        return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return to_unit(x.permute(0, 3, 1, 2))
 
 
 def degrade(images: torch.Tensor, sizes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
 
 from stackgan.data.meta import ShardError, ShardMeta
-
-# The crop each stored size is cut to (StackGAN trains on random 64 / 256 crops of 76 / 304).
-CROP_OF = {76: 64, 304: 256}
+from stackgan.images import CROP_OF
+from stackgan.images import from_hwc_uint8 as to_tensor  # noqa: F401 -- the metrics import it from here
 
 
 def _split_name(member: str) -> tuple[str, str]:
@@ -86,11 +84,6 @@ def center_crop(images: np.ndarray, crop: int) -> np.ndarray:
     """(N,S,S,3) -> (N,crop,crop,3) centre crops."""
     o = (images.shape[1] - crop) // 2
     return np.ascontiguousarray(images[:, o : o + crop, o : o + crop])
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(N,H,W,3) uint8 -> (N,3,H,W) float in [-1,1] (the generator's range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def is_holdout(key: str, mod: int) -> bool:

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
+from stackgan.errors import StackGANError
+from stackgan.images import to_unit
 
 from .core import EvalContext, MetricError, full_precision, make_once, rank_world, resize
 from .evalset import center_crop, is_holdout, load_split, to_tensor
@@ -61,7 +63,7 @@ MIN_STEPS = 300  # default training length floor (a CUB-sized set: 6 epochs = ~3
 READABLE_MARGIN = 0.1  # a group counts only if the judge beats the majority guess by this on real test images
 
 
-class JudgeError(RuntimeError):
+class JudgeError(StackGANError, RuntimeError):
     """A judge file that is missing, of another format, or made for other attributes."""
 
 
@@ -329,7 +331,7 @@ def _crops(imgs: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     out = torch.stack([imgs[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(off.tolist())])
     flip = torch.rand(b, generator=gen) < 0.5
     out[flip] = out[flip].flip(-1)
-    return out.float().div(127.5).sub(1.0)
+    return to_unit(out)
 
 
 @torch.no_grad()

@@ -29,10 +29,12 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import stackgan
+
 __all__ = ["DeviceGuard", "Finding"]
 
 aten = torch.ops.aten
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(stackgan.__file__).resolve().parent)  # findings name the stackgan line
 _THIS = str(Path(__file__).resolve())
 _SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
 _COPY_OPS = {aten._to_copy.default, aten.copy_.default}
