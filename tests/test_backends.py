@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stackgan.backends import FP16_LOSS_SCALING, DeepSpeedGAN, _precision_sections
+from stackgan.backends import FP16_LOSS_SCALING, DeepSpeedGAN
+from stackgan.backends.deepspeed import _precision_sections
 from stackgan.config import ConfigError
 
 
