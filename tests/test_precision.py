@@ -77,6 +77,12 @@ def test_a_launcher_config_file_that_disagrees_is_refused(tiny_shards, tmp_path)
     run = tmp_path / "run"
     p = _launch(tiny_shards, run, ["--config_file", str(path)], "train.steps=2", "train.mixed_precision=no",
                 tmp=tmp_path)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    # the trainer exits 2; accelerate's launcher reports its child's status and exits 1 itself
+    assert p.returncode != 0 and "returned non-zero exit status 2" in p.stderr, p.stdout[-2000:] + p.stderr[-3000:]
     assert "train.mixed_precision=no" in p.stderr and "the launcher sets bf16" in p.stderr, p.stderr[-2000:]
     assert not (run / "log.jsonl").exists()
+    # what the launcher hands its processes, without the launcher in between: exit 2
+    p = run_cmd([sys.executable, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml",
+                 f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, "train.mixed_precision=fp16"],
+                env={ENV: "bf16"})
+    assert p.returncode == 2 and "train.mixed_precision=fp16" in p.stderr and "sets bf16" in p.stderr, p.stderr
