@@ -107,8 +107,8 @@ class TrainConfig:
     metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
     metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
     metrics_samples: int = 500  # generated images per split for the judge metrics
-    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml;
-    # all (every one installed) or none. The JSONL logs in the run folder are written in any case
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow,
+    # comet_ml; all (every one installed) or none. The JSONL logs in the run folder are written in any case
     judge: str = ""  # attribute judge: "parts", "species" or a file; "" = parts on the embedded set, else species
 
 

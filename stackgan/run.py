@@ -232,8 +232,8 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         warnings.warn(acc.note)
     spe = steps_per_epoch(meta, cfg, acc.num_processes)
     n_steps = total_steps(cfg, spe)
-    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | precision {acc.precision} "
-        f"(source: {acc.precision_source}) | "
+    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | "
+        f"precision {acc.precision} (source: {acc.precision_source}) | "
         f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
 
     G, D = build_models(cfg, meta, stage1, acc.device, channels_last=acc.keeps_channels_last)

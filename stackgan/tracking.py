@@ -51,7 +51,8 @@ def tracker_setup(cfg: Config) -> tuple[list | None, str | None]:
         return None, None
     from accelerate.tracking import TensorBoardTracker  # import cost
 
-    log_with: list[Any] = [TensorBoardTracker("tb", cfg.train.run_dir) if n == "tensorboard" else n for n in names]
+    log_with: list[Any] = [TensorBoardTracker("tb", cfg.train.run_dir) if n == "tensorboard" else n
+                           for n in names]
     return log_with, cfg.train.run_dir
 
 
@@ -77,8 +78,8 @@ class Trackers:
         self.acc = accelerator
         run_dir = Path(cfg.train.run_dir).resolve()
         name = run_dir.name
-        hparams = {**_flat(to_dict(cfg)), "run.name": name, "run.dir": str(run_dir), "run.resume_step": resume_step,
-                   **{f"run.{k}": v for k, v in identity.items()}}
+        hparams = {**_flat(to_dict(cfg)), "run.name": name, "run.dir": str(run_dir),
+                   "run.resume_step": resume_step, **{f"run.{k}": v for k, v in identity.items()}}
         run_id = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]  # one W&B run per run folder
         init_kwargs = {
             "wandb": {"name": name, "dir": str(run_dir), "id": run_id, "resume": "allow"},
@@ -130,7 +131,8 @@ class Trackers:
         for line in lines.splitlines():
             if line.strip():
                 rec = json.loads(line)
-                values = {f"metrics/{rec['metric']}/{k}": v for k, v in _numbers(rec).items() if k != "seconds"}
+                values = {f"metrics/{rec['metric']}/{k}": v for k, v in _numbers(rec).items()
+                          if k != "seconds"}
                 if values:
                     self.acc.log(values, step=int(rec["step"]))
 

@@ -27,8 +27,8 @@ def tracked(tiny_shards, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("tracked")
     run = work / "run"
     report = ",".join(["tensorboard", *(n for n in ("wandb", "mlflow") if HAVE[n])])
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-           "OMP_NUM_THREADS": "1"}
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     for steps in (STEPS, MORE):
         args = [sys.executable, "-m", "stackgan.train", "--config", str(ROOT / "configs/birds_stage1.yaml"),
                 f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, f"train.steps={steps}",
@@ -117,7 +117,8 @@ def test_wandb_offline_run_holds_scalars_images_metrics_and_config(tracked):
     assert len(ids) == 1
     losses = {s: row["loss_d"] for s, row in history.items() if "loss_d" in row}
     assert losses == pytest.approx(_losses(tracked), rel=1e-6)
-    scores = {s: row["metrics/diversity/score"] for s, row in history.items() if "metrics/diversity/score" in row}
+    key = "metrics/diversity/score"
+    scores = {s: row[key] for s, row in history.items() if key in row}
     assert scores == pytest.approx(_metric_scores(tracked), rel=1e-6)
     grids = {s: row["samples/filenames"][0] for s, row in history.items() if "samples/filenames" in row}
     assert sorted(grids) == [2, 4, 6]
@@ -140,7 +141,8 @@ def test_mlflow_store_holds_scalars_images_metrics_and_params(tracked):
     losses, scores, grids = {}, {}, []
     for r in runs:
         losses.update({m.step: m.value for m in client.get_metric_history(r.info.run_id, "loss_d")})
-        scores.update({m.step: m.value for m in client.get_metric_history(r.info.run_id, "metrics/diversity/score")})
+        history = client.get_metric_history(r.info.run_id, "metrics/diversity/score")
+        scores.update({m.step: m.value for m in history})
         grids += [a.path for a in client.list_artifacts(r.info.run_id, "samples")]
     assert losses == pytest.approx(_losses(tracked), rel=1e-6)
     assert scores == pytest.approx(_metric_scores(tracked), rel=1e-6)

@@ -32,5 +32,5 @@ def make_backend(cfg: Config) -> GANBackend:
         cfg.train.backend = "deepspeed"
         return DeepSpeedGAN(cfg, precision.value, precision_source=precision.source, log_with=log_with,
                             project_dir=project_dir)
-    return AccelerateGAN.create(precision.value, grad_clip=cfg.optim.grad_clip, precision_source=precision.source,
-                                log_with=log_with, project_dir=project_dir)
+    return AccelerateGAN.create(precision.value, grad_clip=cfg.optim.grad_clip,
+                                precision_source=precision.source, log_with=log_with, project_dir=project_dir)

@@ -21,7 +21,7 @@ from ..amp import Update
 from ..config import ConfigError
 
 PRECISIONS = ("no", "bf16", "fp16")
-LAUNCHER_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from --mixed_precision or its config file
+LAUNCHER_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` (--mixed_precision, config file)
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ def resolve_precision(configured: str, env: dict | None = None) -> Precision:
     env = os.environ if env is None else env
     launcher = str(env.get(LAUNCHER_ENV, "no")).strip().lower() or "no"
     if launcher not in PRECISIONS:
-        raise ConfigError(f"{LAUNCHER_ENV}={launcher} (from accelerate launch --mixed_precision or its config "
-                          f"file): the trainer supports {', '.join(PRECISIONS)}")
+        raise ConfigError(f"{LAUNCHER_ENV}={launcher} (from accelerate launch --mixed_precision or its "
+                          f"config file): the trainer supports {', '.join(PRECISIONS)}")
     if configured == "auto":
         return Precision(launcher, "launcher") if launcher != "no" else Precision("no", "default")
     if configured not in PRECISIONS:

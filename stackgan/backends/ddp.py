@@ -40,7 +40,8 @@ def accelerator_kwargs(cpu: bool, precision: str, *, log_with: list | None = Non
                 project_dir=project_dir)
 
 
-def make_accelerator(cpu: bool, precision: str, *, log_with: list | None = None, project_dir: str | None = None):
+def make_accelerator(cpu: bool, precision: str, *, log_with: list | None = None,
+                     project_dir: str | None = None):
     """An ``accelerate.Accelerator`` configured as the trainer's (see :func:`accelerator_kwargs`)."""
     from accelerate import Accelerator
 
@@ -74,7 +75,8 @@ class AccelerateGAN:
             note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
             precision = "no"
         acc = make_accelerator(cpu, precision, log_with=log_with, project_dir=project_dir)
-        return cls(acc, precision=precision, grad_clip=grad_clip, note=note, precision_source=precision_source)
+        return cls(acc, precision=precision, grad_clip=grad_clip, note=note,
+                   precision_source=precision_source)
 
     # ---- the process group and the networks ----------------------------------------------
     @property

@@ -117,8 +117,8 @@ def _precision_sections(conf: dict, precision: str) -> None:
     (mixed fp16 weights / fp32 statistics are refused by batch_norm)."""
     for key in ("fp16", "bf16"):
         if _enabled(conf.get(key)) and key != precision:
-            raise ConfigError(f"DeepSpeed config enables {key!r} but train.mixed_precision={precision}: "
-                              "set the precision with train.mixed_precision or accelerate launch --mixed_precision")
+            raise ConfigError(f"DeepSpeed config enables {key!r} but the run's precision is {precision}: set "
+                              "it with train.mixed_precision or accelerate launch --mixed_precision")
     conf["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
     conf["bf16"] = {"enabled": False}
     if precision != "fp16":
@@ -307,8 +307,8 @@ class DeepSpeedGAN:
         check_backend(state, self.name, path)
         if state.get("world_size") != world_size:
             raise ckpt.CheckpointError(
-                f"{path}: ZeRO optimizer state is sharded over {state.get('world_size')} processes; resume with "
-                f"that many (this run has {world_size}), or start a new run folder from its weights")
+                f"{path}: ZeRO optimizer state is sharded over {state.get('world_size')} processes; resume "
+                f"with that many (this run has {world_size}), or start a new run folder from its weights")
 
     def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
                         *, keep_last: int) -> Path:
