@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,11 @@ class Trackers:
             self.metrics_offset = path.stat().st_size
 
     def close(self) -> None:
+        """Finish every tracker; one that fails to (a lost connection) is reported, not raised,
+        so that it never hides why the run ended."""
         for tracker in self.acc.trackers:
-            tracker.finish()
+            try:
+                tracker.finish()
+            except Exception as e:  # noqa: BLE001  (any tracker's own error)
+                warnings.warn(f"train.report_to: {tracker.name} did not finish cleanly: {e}")
         self.acc.trackers.clear()
