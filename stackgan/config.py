@@ -26,6 +26,9 @@ class ConfigError(StackGANError, ValueError):
     """A config file or override that does not fit the schema (names the key)."""
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet_ml", "all", "none")  # train.report_to's names
+
+
 # --------------------------------------------------------------------------------------
 # The schema
 # --------------------------------------------------------------------------------------
@@ -94,7 +97,8 @@ class TrainConfig:
     steps: int = 0  # optimizer updates; 0 = derive from epochs and the shard metadata
     epochs: float = 600.0  # StackGAN's unit, converted to steps when steps=0
     time_limit_min: float = 0.0  # stop (checkpoint + export) after this many minutes of training; 0 = none
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: the launcher's (accelerate launch
+    # --mixed_precision, or its config file), else fp32; an explicit value must agree with the launcher's
     backend: Literal["ddp", "deepspeed"] = "ddp"
     channels_last: bool = True  # CPU: maps narrower than 32 px stay NCHW (faster there; docs/performance.md)
     compile: bool = False  # torch.compile G and D
@@ -106,6 +110,8 @@ class TrainConfig:
     metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
     metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
     metrics_samples: int = 500  # generated images per split for the judge metrics
+    report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow,
+    # comet_ml; all (every one installed) or none. The JSONL logs in the run folder are written in any case
     judge: str = ""  # attribute judge: "parts", "species" or a file; "" = parts on the embedded set, else species
 
 
@@ -342,6 +348,11 @@ def validate(cfg: Config) -> None:
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
+    trackers = [n.strip() for n in cfg.train.report_to.split(",")]
+    unknown = [n for n in trackers if n not in REPORT_TO]
+    if unknown or (len(trackers) > 1 and {"all", "none"} & set(trackers)):
+        raise ConfigError(f"train.report_to={cfg.train.report_to!r}: expected a comma-separated list of "
+                          f"{', '.join(REPORT_TO[:4])}, or all, or none")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.steps or train.epochs")
 

@@ -1,12 +1,15 @@
 """The training loop's periodic duties: the log, sample grids with diagnostics, metric snapshots.
 
-Every ``train.log_every`` steps one status line and one JSONL record (``<run>/log.jsonl``,
-TensorBoard scalars under ``<run>/tb``) with the means of the losses and of D's outputs since
+The first record of every launch says what runs (precision and where it came from, backend,
+processes, the step it starts at). Every ``train.log_every`` steps one status line and one
+JSONL record (``<run>/log.jsonl``) with the means of the losses and of D's outputs since
 the last record, images per second and memory. Step statistics stay on the device in between
 (no host sync per step). Every ``train.sample_every`` steps a grid of the fixed captions with
 fixed noise (``<run>/samples/step-N.png``), the gradient norms of that step and the
 diversity score, with a warning when it falls towards mode collapse. Every
-``train.metrics_every`` steps the configured metrics (``<run>/metrics.jsonl``).
+``train.metrics_every`` steps the configured metrics (``<run>/metrics.jsonl``). The trackers of
+``train.report_to`` (:mod:`stackgan.tracking`; TensorBoard under ``<run>/tb`` by default) get
+a copy of all three.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .config import image_size
 from .errors import EXIT_NONFINITE, StackGANError
 from .run import SPLIT, Run
 from .step import StepOut
+from .tracking import Trackers
 
 FIXED_CAPTIONS = 8  # rows of the sample grids (4 noise vectors each)
 COLLAPSE_WARN = 0.05  # diversity score below which the log warns of mode collapse
@@ -56,16 +60,18 @@ class Monitor:
         self.captions = list(fixed["caption"])
         self.fixed_emb = fixed["emb"].to(run.device)
         self.fixed_z = torch.randn(len(self.captions), 4, run.cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
-        self.jsonl = self.tb = self.bar = None
+        self.jsonl = self.trackers = self.bar = None
         if not run.main:
             return
         self.jsonl = open(run.run_dir / "log.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run.run_dir / "tb"))
-        except Exception as e:  # tensorboard missing is not fatal
-            run.log(f"TensorBoard disabled: {e}")
+        identity = {"precision": run.acc.precision, "precision_source": run.acc.precision_source,
+                    "backend": run.acc.name, "world_size": run.world}
+        self.trackers = Trackers(run.acc.accelerator, run.cfg, resume_step=run.step, identity=identity)
+        if run.resumed_from is not None:
+            self.trackers.skip_existing_metrics(run.run_dir / "metrics.jsonl")
+        self.write({"step": run.step, "event": "start", **identity,
+                    "resumed_from": None if run.resumed_from is None else str(run.resumed_from),
+                    "trackers": self.trackers.names})
         if run.resumed_from is None or not (run.run_dir / "samples" / "reals.png").exists():
             save_grid(fixed["img"], run.run_dir / "samples" / "reals.png", nrow=len(self.captions),
                       captions=self.captions[:1])
@@ -93,6 +99,7 @@ class Monitor:
             self.sample_grid()
         if cfg.metrics and cfg.metrics_every and run.step % cfg.metrics_every == 0 and not last:
             self.snapshot_metrics()
+            self.mirror_metrics()
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLoss` on every rank if any rank saw a NaN/Inf loss since the
@@ -119,10 +126,7 @@ class Monitor:
                "world_size": run.world, "lr_g": run.opt_g.param_groups[0]["lr"], "lr_d": run.opt_d.param_groups[0]["lr"],
                "mem_mb": memory_mb(run.device)}
         rec.update({k: float(v / self.counts[k]) for k, v in self.sums.items()})  # some terms come from some steps
-        if getattr(run.acc, "scaler", None) is not None:  # fp16: the shared loss scale
-            rec["loss_scale"] = run.acc.scaler.get_scale()
-        if hasattr(run.acc, "amp_state"):  # DeepSpeed: each engine's loss scale and skipped steps
-            rec.update(run.acc.amp_state())
+        rec.update(run.acc.amp_state())  # fp16: the loss scale(s); DeepSpeed also each engine's skipped steps
         rec["g_d_ratio"] = rec["loss_g"] / max(abs(rec["loss_d"]), 1e-8)
         self.write(rec)
         d_outs = " ".join(f"{k} {rec[k]:.2f}" for k in self.sums if k.startswith("d_"))
@@ -158,8 +162,10 @@ class Monitor:
                     for j in range(self.fixed_z.shape[1])]
         gen.train(was_training)
         grid = torch.stack(imgs, 1).reshape(-1, *imgs[0].shape[1:])
-        save_grid(grid, run.run_dir / "samples" / f"step-{run.step:08d}.png", nrow=self.fixed_z.shape[1],
-                  captions=self.captions)
+        path = run.run_dir / "samples" / f"step-{run.step:08d}.png"
+        save_grid(grid, path, nrow=self.fixed_z.shape[1], captions=self.captions)
+        if self.trackers is not None:
+            self.trackers.log_image("samples", path, run.step)
 
     def snapshot_metrics(self) -> None:
         """The configured metrics on the sampling generator, on every rank; rank 0 appends metrics.jsonl."""
@@ -178,16 +184,19 @@ class Monitor:
             f"{name} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float) and k != "seconds")
             for name, r in res.items()))
 
+    def mirror_metrics(self) -> None:
+        """The trackers' copy of the snapshots just appended to metrics.jsonl (rank 0)."""
+        if self.trackers is not None:
+            self.trackers.mirror_metrics(self.run.run_dir / "metrics.jsonl")
+
     # ---- output --------------------------------------------------------------------
     def write(self, rec: dict) -> None:
-        """One JSONL record (+ its numbers as TensorBoard scalars), rank 0 only."""
+        """One JSONL record (+ its numbers to the trackers), rank 0 only."""
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
+        if self.trackers is not None:
+            self.trackers.log(rec)
 
     def say(self, msg: str) -> None:
         if self.bar is not None:
@@ -196,6 +205,7 @@ class Monitor:
             self.run.log(msg)
 
     def close(self) -> None:
-        for f in (self.bar, self.jsonl, self.tb):
+        self.mirror_metrics()  # the final snapshot (train.finish) comes after the last step
+        for f in (self.bar, self.jsonl, self.trackers):
             if f is not None:
                 f.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .backends import check_resume, launched_with_deepspeed
+from .backends import GANBackend, make_backend
 from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .ema import EMA
@@ -41,7 +40,7 @@ class Run:
 
     cfg: Config
     meta: ShardMeta
-    acc: Any  # an accelerate.Accelerator, or backends.DeepSpeedGAN (two engines)
+    acc: GANBackend  # DDP through Accelerate, or two DeepSpeed engines (stackgan.backends)
     G: nn.Module  # as prepared (DDP-wrapped, a DeepSpeed engine, ...)
     D: nn.Module
     opt_g: Any
@@ -184,35 +183,6 @@ def adam_options(cfg: Config) -> dict:
 # --------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------
-def make_accelerator(cfg: Config):
-    """The backend (Accelerate for DDP, or two DeepSpeed engines), the precision it really
-    runs in, and a note when that differs from the config's."""
-    if cfg.train.backend == "deepspeed" or launched_with_deepspeed():
-        from .backends import DeepSpeedGAN  # two ZeRO engines in place of one Accelerator
-
-        cfg.train.backend = "deepspeed"  # also when chosen by a DeepSpeed accelerate config
-        acc = DeepSpeedGAN(cfg)
-        return acc, acc.precision, acc.note
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    use_cuda = torch.cuda.is_available()
-    precision, note = cfg.train.mixed_precision, None
-    if precision == "fp16" and not use_cuda:
-        note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
-        precision = "no"
-    # gradient_as_bucket_view: gradients are views into DDP's buckets (one copy less per step);
-    # broadcast_buffers: D's BatchNorm statistics follow rank 0's
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=False,
-                                              gradient_as_bucket_view=True)]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo on CPUs (else each CPU process thinks it is alone); a 30-minute timeout, because rank 0
-        # may train the judge on first use while the others wait (NCCL's default is 10 minutes)
-        pg = {"timeout": timedelta(minutes=30)} if use_cuda else {"backend": "gloo", "timeout": timedelta(minutes=30)}
-        handlers.append(InitProcessGroupKwargs(**pg))
-    return Accelerator(cpu=not use_cuda, mixed_precision=precision, kwargs_handlers=handlers), precision, note
-
-
 def cuda_settings(cfg: Config) -> None:
     """TF32 and cuDNN autotuning (``train.tf32``, ``train.cudnn_benchmark``); no-ops on CPU."""
     if torch.cuda.is_available():
@@ -221,8 +191,10 @@ def cuda_settings(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
 
-def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device: torch.device):
-    """G and D with identical initial weights on every rank, in the trainer's memory layout."""
+def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device: torch.device,
+                 channels_last: bool = True):
+    """G and D with identical initial weights on every rank, in the trainer's memory layout
+    (``channels_last``: whether the backend keeps it)."""
     from .models import CODE_DIM, build_discriminator, build_generator
 
     torch.manual_seed(cfg.train.seed)
@@ -230,7 +202,7 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
     classes = len(meta.splits[SPLIT].classes) if cfg.loss.class_coef > 0 else 0
     D = build_discriminator(cfg.model, meta.text_dim, code_dim=CODE_DIM if cfg.loss.contrastive_coef > 0 else 0,
                             num_classes=classes)
-    if cfg.train.channels_last and cfg.train.backend == "ddp":  # DeepSpeed wants contiguous weights
+    if cfg.train.channels_last and channels_last:
         example = (torch.zeros(2, meta.text_dim), torch.zeros(2, cfg.model.z_dim))
         apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(CPU_NCHW_BELOW, device))
     return G, D
@@ -245,7 +217,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     if cfg.model.stage == 2:
         stage1, stage1_cfg = load_stage1_for_stage2(cfg.model.stage1_export, meta.text_dim, meta.encoder)
     resume_path = ckpt.resolve(cfg.train.run_dir, resume)
-    acc, precision, note = make_accelerator(cfg)
+    acc = make_backend(cfg)
     cuda_settings(cfg)
     main = acc.is_main_process
 
@@ -257,15 +229,16 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     if main:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    if note:
-        log(f"WARNING: {note}")
-        warnings.warn(note)
+    if acc.note:
+        log(f"WARNING: {acc.note}")
+        warnings.warn(acc.note)
     spe = steps_per_epoch(meta, cfg, acc.num_processes)
     n_steps = total_steps(cfg, spe)
-    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | precision {precision} | "
+    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | "
+        f"precision {acc.precision} (source: {acc.precision_source}) | "
         f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
 
-    G, D = build_models(cfg, meta, stage1, acc.device)
+    G, D = build_models(cfg, meta, stage1, acc.device, channels_last=acc.keeps_channels_last)
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_options(cfg))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, **adam_options(cfg))
     rank = acc.process_index
@@ -287,12 +260,9 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         run.ema = EMA(run.G_inner, decay=cfg.optim.ema_decay)
         if state is not None and state.get("ema") is not None:
             run.ema.load_state_dict(state["ema"])
-    if cfg.train.backend == "deepspeed":
-        log(acc.describe())
-        if resume_path is not None:
-            acc.load_checkpoint(resume_path)  # both engines: weights and ZeRO optimizer partitions
-    if state is not None and state.get("scaler") is not None and acc.scaler is not None:
-        acc.scaler.load_state_dict(state["scaler"])
+    log(acc.describe())
+    if state is not None:  # optimisers / grad scaler, or both engines' ZeRO partitions
+        acc.load_checkpoint(resume_path, state)
 
     workers = loader_workers(cfg.data.num_workers, acc.device)
     log(f"data: {workers} loader worker(s) per process")
@@ -312,14 +282,12 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
 # Checkpoint, restore, export
 # --------------------------------------------------------------------------------------
 def _state(run: Run) -> dict:
-    """What rank 0 writes to state.pt (DeepSpeed's optimizer state is sharded: in the engines' files)."""
-    ds = run.cfg.train.backend == "deepspeed"
+    """What rank 0 writes to state.pt (the backend's part: optimisers and grad scaler, or nothing
+    where DeepSpeed's optimizer state is sharded into the engines' files)."""
     return {
         "G": run.G_inner.state_dict(), "D": run.D_inner.state_dict(),
         "ema": run.ema.state_dict() if run.ema is not None else None,
-        "opt_g": None if ds else run.opt_g.state_dict(), "opt_d": None if ds else run.opt_d.state_dict(),
-        "backend": run.cfg.train.backend,
-        "scaler": run.acc.scaler.state_dict() if run.acc.scaler is not None else None,
+        **run.acc.state_dict(),
         "step": run.step, "world_size": run.world, "config": to_dict(run.cfg), "stream": run.stream.signature(),
         "text_encoder": run.meta.encoder, "text_dim": run.meta.text_dim,
     }
@@ -330,18 +298,16 @@ def save_checkpoint(run: Run) -> Path:
     extra = {"z": run.z_gen.get_state(), "pair": run.pair_gen.get_state()}
     if run.bank is not None:  # per rank, like the RNG streams: each rank's bank holds its own batches
         extra["bank"] = run.bank.state_dict()
-    if run.cfg.train.backend == "deepspeed":  # every rank also writes its engines' ZeRO partitions
-        return run.acc.save_checkpoint(run.run_dir, run.step, lambda: _state(run), extra, keep_last=KEEP_LAST)
-    return ckpt.save(run.run_dir, run.step, lambda: _state(run), extra, rank=run.rank, barrier=run.acc.wait_for_everyone,
-                     keep_last=KEEP_LAST)
+    # DeepSpeed: every rank also writes its engines' ZeRO partitions into the same atomic folder
+    return run.acc.save_checkpoint(run.run_dir, run.step, lambda: _state(run), extra, keep_last=KEEP_LAST)
 
 
 def restore(run: Run, path: Path) -> dict:
     """Load a checkpoint into the (not yet prepared) run: weights, optimisers, step, RNG streams
     and the caption bank. Returns the state for what is restored after ``prepare`` (the EMA,
-    the grad scaler, DeepSpeed's engines)."""
+    the backend's optimisers and grad scaler, or DeepSpeed's engines)."""
     state, rng = ckpt.load(path, run.rank)
-    check_resume(state, run.cfg.train.backend, run.world, path)
+    run.acc.check_resume(state, run.world, path)
     removed = changed_by_removal(state.get("config") or {})
     if removed:
         raise ckpt.CheckpointError(f"{path} cannot continue with this version: " + "; ".join(removed))
@@ -353,9 +319,6 @@ def restore(run: Run, path: Path) -> dict:
             f"{path} was written for other networks than this config builds "
             f"(model.* differs from the checkpoint's config.yaml); use another train.run_dir or --resume none. "
             f"Details: {str(e).splitlines()[0]}") from None
-    if run.cfg.train.backend == "ddp":  # DeepSpeed: optimizer state is in the engines' files, loaded after prepare
-        run.opt_g.load_state_dict(state["opt_g"])
-        run.opt_d.load_state_dict(state["opt_d"])
     run.step = int(state["step"])
     if rng is not None and state.get("world_size") == run.world:
         ckpt.set_rng_state(rng)

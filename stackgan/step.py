@@ -63,7 +63,8 @@ def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Genera
 def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,
              diag: bool = False) -> StepOut:
     """D update, then G update through the updated D. Losses stay on the device (no host
-    sync here); ``diag`` also returns both grad norms.
+    sync here); ``diag`` also returns both grad norms. ``acc`` is the run's backend
+    (:class:`stackgan.backends.GANBackend`).
 
     G runs once: its fakes are detached for D and reused for G's loss. During G's update D is
     frozen and called without its DDP wrapper, so no gradient is computed or all-reduced for D.
@@ -88,7 +89,7 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
         if lc.class_coef > 0:
             stats["loss_class_real"] = class_loss(out_real, batch.species)
             loss_d = loss_d + lc.class_coef * stats["loss_class_real"]
-    gnorm_d = update(acc, D, opt_d, loss_d, cfg, diag, stats, "d")
+    gnorm_d = update(acc, D, opt_d, loss_d, diag, stats, "d")
 
     with frozen(D_inner):
         with acc.autocast():
@@ -104,7 +105,7 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
             if refined is not None:
                 stats["loss_recon"] = recon_loss(refined, batch.real)
                 loss_g = loss_g + lc.recon_coef * stats["loss_recon"]
-        gnorm_g = update(acc, G, opt_g, loss_g, cfg, diag, stats, "g")
+        gnorm_g = update(acc, G, opt_g, loss_g, diag, stats, "g")
     if bank is not None:
         bank.push(batch.emb, batch.cls)
     return StepOut(loss_d.detach(), loss_g.detach(), {k: v.detach() for k, v in stats.items()}, gnorm_d, gnorm_g)
@@ -141,17 +142,13 @@ def frozen(module: torch.nn.Module):
         module.requires_grad_(True)
 
 
-def update(acc, model, opt, loss: Tensor, cfg: Config, diag: bool, stats: dict, name: str) -> Tensor | None:
-    """Backward, optional clipping and optimizer step of one network (:func:`stackgan.amp.update`:
-    this optimiser's gradients unscaled before they are measured or clipped); its grad norm (a
-    device tensor) when ``diag``. Under fp16 loss scaling, ``stats["skipped_<name>"]`` is 1 when
-    the scaler skipped this step for an inf/NaN gradient, so the log shows the share of skipped
-    steps. A DeepSpeed engine does all of it itself (reduction, clipping from its config, step)."""
-    from .amp import update as amp_update
-
-    if cfg.train.backend == "deepspeed":
-        return acc.update(model, loss, diag)
-    up = amp_update(acc, opt, loss, grad_clip=cfg.optim.grad_clip, want_norm=diag)
+def update(backend, model, opt, loss: Tensor, diag: bool, stats: dict, name: str) -> Tensor | None:
+    """Backward, clipping, loss scaling and optimizer step of one network, as the backend does
+    them (:meth:`stackgan.backends.GANBackend.update`); its grad norm (a device tensor) when
+    ``diag``. Where the step itself can be skipped for an inf/NaN gradient (DDP under fp16's
+    shared scaler), ``stats["skipped_<name>"]`` is 1 for a skipped step, so the log shows the
+    share of skipped steps (DeepSpeed's engines count theirs: ``amp_state``)."""
+    up = backend.update(model, opt, loss, want_norm=diag)
     if up.skipped is not None:
         stats[f"skipped_{name}"] = up.skipped
     return up.grad_norm

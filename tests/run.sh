@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # DS_BUILD_OPS=0: DeepSpeed JIT-builds the few ops it needs (once, cached) instead of all at install
-DS_BUILD_OPS=0 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev,deepspeed]'
+DS_BUILD_OPS=0 python3 -m pip install --quiet --disable-pip-version-check -e '.[dev,deepspeed,trackers]'
 
 slurm_started=0
 if [[ "${STACKGAN_SKIP_SLURM:-0}" != 1 && "$(id -u)" == 0 ]]; then

@@ -6,6 +6,7 @@ Everything here uses tiny networks; the real figures come from ``python -m stack
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -113,3 +114,39 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
     assert set(procs) == {1, 2} and procs[2]["global_batch"] == procs[1]["global_batch"]
     assert all(r["img_per_s"] > 0 for r in procs.values())
     assert "| tiny-s1-b4 | bf16 | ours |" in text and "x original" in text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_benchmark_builds_the_trainers_accelerator(monkeypatch, tmp_path, precision):
+    """The benchmark measures the trainer's DDP setup: its accelerator and the trainer's are the
+    same type, built by the same function (the caller of ``Accelerator(...)``) with the same
+    keyword arguments (DDP and process-group handlers included), recorded at the constructor."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from stackgan.backends import AccelerateGAN, ddp, make_backend
+    from stackgan.bench.ours import PRECISIONS
+    from stackgan.config import load_config
+
+    built = []
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            built.append((sys._getframe(1).f_code, args, kwargs))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cfg = load_config(None, [f"train.run_dir={tmp_path}", "train.report_to=none",
+                             f"train.mixed_precision={PRECISIONS[precision]}"])
+    backends = []
+    for build in (lambda: make_backend(cfg), lambda: make_accelerator("cpu", precision)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        backends.append(build())
+    (trainer_fn, *trainer_call), (bench_fn, *bench_call) = built
+    assert trainer_fn is bench_fn is ddp.make_accelerator.__code__
+    assert trainer_call == bench_call and bench_call[1]["mixed_precision"] == PRECISIONS[precision]
+    handler = bench_call[1]["kwargs_handlers"][0]  # what the benchmark's own copy lacked
+    assert handler.gradient_as_bucket_view and handler.broadcast_buffers
+    assert all(type(b) is AccelerateGAN and type(b.accelerator) is Recording for b in backends)
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -66,6 +66,7 @@ class _MetaAccelerator:
 def run_gan_step(acc, cfg, device, batch: int = 6, diag: bool = False):
     """One ``stackgan.step.gan_step`` on ``device`` with every option ``cfg`` turns on.
     (The one place to adapt when the trainer's step changes its signature.)"""
+    from stackgan.backends import AccelerateGAN
     from stackgan.step import Batch, gan_step
 
     classes = 3 if cfg.loss.class_coef > 0 else 0
@@ -82,8 +83,9 @@ def run_gan_step(acc, cfg, device, batch: int = 6, diag: bool = False):
     widx = torch.roll(torch.arange(batch), 1).to(device)
     low = torch.rand(batch, 3, 64, 64, device=device) if cfg.loss.recon_coef > 0 else None
     b = Batch(real=real, emb=emb, z=z, wrong=widx, cls=cls, species=cls if classes else None, real_low=low)
+    backend = AccelerateGAN(acc, grad_clip=cfg.optim.grad_clip)  # the trainer's DDP backend around acc
     with DeviceGuard(device) if device.type != "cpu" else contextlib.nullcontext() as guard:
-        gan_step(acc, G, D, opt_g, opt_d, b, cfg, bank, diag=diag)
+        gan_step(backend, G, D, opt_g, opt_d, b, cfg, bank, diag=diag)
     return guard
 
 

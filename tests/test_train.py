@@ -248,6 +248,7 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1):
 
     from stackgan.config import load_config
     from stackgan.models import CODE_DIM, build_discriminator, build_generator
+    from stackgan.backends import AccelerateGAN
     from stackgan.step import Batch, gan_step
 
     cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
@@ -265,7 +266,7 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1):
     low = torch.nn.functional.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
     batch = Batch(real=real, emb=torch.randn(6, 12), z=torch.randn(6, 8), wrong=torch.roll(torch.arange(6), 1),
                   cls=torch.arange(6), species=torch.arange(6) % 3 if classes else None, real_low=low)
-    return gan_step(acc, G, D, opt_g, opt_d, batch, cfg)
+    return gan_step(AccelerateGAN(acc, grad_clip=cfg.optim.grad_clip), G, D, opt_g, opt_d, batch, cfg)
 
 
 def test_class_coef_weighs_the_species_terms_of_d_and_g():
@@ -313,6 +314,7 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     is the unscaled one."""
     from stackgan.config import load_config
     from stackgan.models import build_discriminator, build_generator
+    from stackgan.backends import AccelerateGAN
     from stackgan.step import Batch, gan_step
 
     from .test_amp import INIT_SCALE, _accelerator
@@ -330,7 +332,7 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
         G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
         acc.native_amp = scaled  # the scaler logic of a GPU run (tests/test_amp.py)
         torch.manual_seed(1)
-        out = gan_step(acc, G, D, opt_g, opt_d, batch, cfg, diag=True)
+        out = gan_step(AccelerateGAN(acc), G, D, opt_g, opt_d, batch, cfg, diag=True)
         norms[scaled] = out.grad_norm_d
     assert out.stats["skipped_d"] == 0 and out.stats["skipped_g"] == 0
     # unscaled before the norm: not 2**10 times larger (the scaled run's forward is in reduced
@@ -341,7 +343,7 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     bad = Batch(**{**batch.__dict__, "real": batch.real.clone()})
     bad.real[0, 0, 0, 0] = float("inf")  # an inf pixel: D's loss and gradients are not finite
     before = [p.detach().clone() for p in acc.unwrap_model(D).parameters()]
-    out = gan_step(acc, G, D, opt_g, opt_d, bad, cfg)
+    out = gan_step(AccelerateGAN(acc), G, D, opt_g, opt_d, bad, cfg)
     assert out.stats["skipped_d"] == 1
     assert acc.scaler.get_scale() < INIT_SCALE
     assert all(torch.equal(a, b) for a, b in zip(before, acc.unwrap_model(D).parameters()))

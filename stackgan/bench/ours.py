@@ -3,12 +3,13 @@ that the original step computes the same losses."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..backends import AccelerateGAN
+from ..backends import make_accelerator as trainer_accelerator
 from ..ema import EMA
 from ..layout import apply_layout, layout_min_hw
 from ..run import CPU_NCHW_BELOW, adam_options
@@ -19,15 +20,12 @@ from .original import OriginalStep, use_plain_upsample
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # bench name -> Accelerate's
 
 
-def make_accelerator(device: str, precision: str = "fp32"):
-    """A single- or multi-process Accelerator configured like the trainer's."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    handlers = [DistributedDataParallelKwargs(broadcast_buffers=True, find_unused_parameters=False)]
-    if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision], kwargs_handlers=handlers)
+def make_accelerator(device: str, precision: str = "fp32") -> AccelerateGAN:
+    """The trainer's DDP backend on ``device`` ("cpu" or "cuda"), its ``Accelerator`` built by
+    the trainer's own factory (``stackgan.backends.make_accelerator``); no gradient clipping,
+    as the benchmark's configs (``cases.case_config``)."""
+    acc = trainer_accelerator(device == "cpu", PRECISIONS[precision])
+    return AccelerateGAN(acc, precision=PRECISIONS[precision])
 
 
 @dataclass(frozen=True)

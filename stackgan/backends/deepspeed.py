@@ -9,9 +9,9 @@ optimizer step. D's parameters are frozen while G's loss is backpropagated throu
 ZeRO-2 never sees D gradients outside D's own step (else it asserts "parameter ... has
 already been reduced").
 
-:class:`DeepSpeedGAN` is what the trainer (``stackgan/train.py``) uses in place of an
-``Accelerator`` when ``train.backend=deepspeed`` (or when launched with a DeepSpeed accelerate
-config, ``configs/accelerate/deepspeed_zero{1,2}.yaml``). Choices made here:
+:class:`DeepSpeedGAN` is the trainer's backend (:func:`stackgan.backends.make_backend`) when
+``train.backend=deepspeed`` (or when launched with a DeepSpeed accelerate config,
+``configs/accelerate/deepspeed_zero{1,2}.yaml``). Choices made here:
 
 * ZeRO stage from the launcher (``ACCELERATE_DEEPSPEED_ZERO_STAGE`` / a DeepSpeed config file),
   default 2. Stage 3 is refused: G's update calls D's module directly, which needs D's
@@ -50,8 +50,10 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint as ckpt
-from .config import Config, ConfigError
+from .. import checkpoint as ckpt
+from ..amp import Update
+from ..config import Config, ConfigError
+from .base import check_backend
 
 ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
 SUPPORTED_ZERO = (1, 2)
@@ -108,15 +110,15 @@ def _enabled(section: dict | None) -> bool:
 
 
 def _precision_sections(conf: dict, precision: str) -> None:
-    """The engine's precision from ``train.mixed_precision`` (a config file may not disagree).
+    """The engine's precision, the run's resolved one (a DeepSpeed config file may not disagree).
 
     bf16: DeepSpeed's torch_autocast (fp32 weights). fp16: DeepSpeed's fp16 mode with dynamic
     loss scaling, inputs cast by the engine, and BatchNorm statistics in fp16 like the weights
     (mixed fp16 weights / fp32 statistics are refused by batch_norm)."""
     for key in ("fp16", "bf16"):
         if _enabled(conf.get(key)) and key != precision:
-            raise ConfigError(f"DeepSpeed config enables {key!r} but train.mixed_precision={precision}: "
-                              "set the precision with train.mixed_precision only")
+            raise ConfigError(f"DeepSpeed config enables {key!r} but the run's precision is {precision}: set "
+                              "it with train.mixed_precision or accelerate launch --mixed_precision")
     conf["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
     conf["bf16"] = {"enabled": False}
     if precision != "fp16":
@@ -162,17 +164,19 @@ def _fit_buckets(plugin, model: torch.nn.Module) -> None:
 
 
 class DeepSpeedGAN:
-    """The part of an ``Accelerator`` the trainer uses, for two DeepSpeed engines.
+    """The GAN backend over two DeepSpeed engines (see :class:`stackgan.backends.base.GANBackend`).
 
     ``prepare(G, D, opt_g, opt_d)`` returns the engines (``G``/``D``, callable like the
     modules) and accelerate's optimizer wrappers (their ``param_groups`` are the real ones,
     so the trainer's lr schedule applies; ``step``/``zero_grad`` are no-ops: use
-    :meth:`update`).
+    :meth:`update`). ``precision``: "no", "bf16" or "fp16" (resolved by the caller).
     """
 
-    scaler = None  # no torch GradScaler: bf16 needs none; fp16 scales inside each engine (amp_state)
+    name = "deepspeed"
+    keeps_channels_last = False  # DeepSpeed flattens weights as contiguous memory
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, precision: str, *, precision_source: str = "config",
+                 log_with: list | None = None, project_dir: str | None = None):
         if cfg.train.compile:
             raise ConfigError("train.compile=true is not supported with train.backend=deepspeed")
         _import_deepspeed()
@@ -180,7 +184,7 @@ class DeepSpeedGAN:
         from accelerate.utils import InitProcessGroupKwargs
 
         use_cuda = torch.cuda.is_available()
-        precision, self.note = cfg.train.mixed_precision, None
+        self.note, self.precision_source = None, precision_source
         if precision == "fp16" and not _fp16_supported():
             self.note = ("mixed_precision=fp16 needs a GPU (DeepSpeed has no fp16 on this machine's "
                          "accelerator); this run has no GPU and runs in fp32")
@@ -200,11 +204,16 @@ class DeepSpeedGAN:
                               f"{SUPPORTED_ZERO} (stage 3 shards D's weights, which G's update reads whole)")
         handlers = [] if use_cuda else [InitProcessGroupKwargs(backend="gloo")]
         # mixed_precision="no" here: bf16 is DeepSpeed's torch_autocast (set in the plugins)
-        self.acc_g = Accelerator(mixed_precision="no", deepspeed_plugins=plugins, kwargs_handlers=handlers)
+        self.acc_g = Accelerator(mixed_precision="no", deepspeed_plugins=plugins, kwargs_handlers=handlers,
+                                 log_with=log_with, project_dir=project_dir)
         self.acc_d = Accelerator()  # shares acc_g's state and plugins; holds D's engine
         self.G = self.D = None
 
-    # ---- what the trainer reads off an Accelerator ------------------------------------
+    # ---- the process group and the networks ----------------------------------------------
+    @property
+    def accelerator(self):
+        return self.acc_g
+
     @property
     def device(self) -> torch.device:
         return self.acc_g.device
@@ -249,7 +258,7 @@ class DeepSpeedGAN:
         self.G, self.D = G, D
         return G, D, opt_g, opt_d
 
-    # ---- DeepSpeed-specific ------------------------------------------------------------
+    # ---- reports -----------------------------------------------------------------------
     def describe(self) -> str:
         """One log line with what the engines themselves report (after :meth:`prepare`)."""
         G = self.G
@@ -276,18 +285,30 @@ class DeepSpeedGAN:
             out[f"skipped_steps_{tag}"] = int(engine.skipped_steps)
         return out
 
-    @staticmethod
-    def update(engine, loss: torch.Tensor, diag: bool = False) -> float | None:
-        """Backward, gradient reduction, clipping and optimizer step of one engine.
+    def update(self, model, opt, loss: torch.Tensor, *, want_norm: bool = False) -> Update:
+        """Backward, gradient reduction, clipping (from the engine's config: ``optim.grad_clip``),
+        loss scaling and optimizer step of one engine (``model``; ``opt`` is the engine's own).
+        The global gradient norm before clipping when ``want_norm``; skipped steps are counted
+        by the engines (:meth:`amp_state`)."""
+        model.backward(loss)
+        model.step()
+        if not want_norm:
+            return Update(None, None)
+        norm = model.get_global_grad_norm()
+        return Update(None if norm is None else torch.as_tensor(float(norm)), None)
 
-        Returns the global gradient norm (before clipping) when ``diag``.
-        """
-        engine.backward(loss)
-        engine.step()
-        if not diag:
-            return None
-        norm = engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    # ---- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Nothing of the optimizers in rank 0's state.pt: their ZeRO partitions are in the engines' files."""
+        return {"backend": self.name, "opt_g": None, "opt_d": None, "scaler": None}
+
+    def check_resume(self, state: dict, world_size: int, path: Path) -> None:
+        """The same backend, and as many processes: ZeRO partitions are per rank."""
+        check_backend(state, self.name, path)
+        if state.get("world_size") != world_size:
+            raise ckpt.CheckpointError(
+                f"{path}: ZeRO optimizer state is sharded over {state.get('world_size')} processes; resume "
+                f"with that many (this run has {world_size}), or start a new run folder from its weights")
 
     def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
                         *, keep_last: int) -> Path:
@@ -304,7 +325,7 @@ class DeepSpeedGAN:
         return ckpt.save(run_dir, step, state_fn, extra_rng, rank=self.process_index,
                          barrier=self.wait_for_everyone, keep_last=keep_last, rank_files=engines)
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
         """Restore both engines (weights, ZeRO optimizer partitions) from a checkpoint folder."""
         folder = Path(path) / ENGINES_DIR
         for tag, engine in (("G", self.G), ("D", self.D)):
@@ -316,15 +337,3 @@ class DeepSpeedGAN:
             if loaded is None:
                 raise ckpt.CheckpointError(f"{folder / tag}: DeepSpeed could not load it")
 
-
-def check_resume(state: dict, backend: str, world_size: int, path: Path) -> None:
-    """A checkpoint resumes only on the backend that wrote it (optimizer state formats differ);
-    DeepSpeed's ZeRO partitions also need the same number of processes."""
-    wrote = state.get("backend", "ddp")
-    if wrote != backend:
-        raise ckpt.CheckpointError(f"{path}: written by the {wrote} backend; resume with train.backend="
-                                   f"{wrote} (or start a new run folder for train.backend={backend})")
-    if backend == "deepspeed" and state.get("world_size") != world_size:
-        raise ckpt.CheckpointError(
-            f"{path}: ZeRO optimizer state is sharded over {state.get('world_size')} processes; resume with "
-            f"that many (this run has {world_size}), or start a new run folder from its weights")
