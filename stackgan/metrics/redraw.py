@@ -18,7 +18,7 @@ from PIL import Image
 
 from stackgan.data import birds, cub
 from stackgan.data.meta import ShardMeta
-from stackgan.data.prepare import _jpeg as jpeg_bytes
+from stackgan.data.prepare import jpeg_bytes
 
 from .evalset import center_crop, decode_image
 
