@@ -147,6 +147,34 @@ def test_compute_appends_jsonl_restores_mode_and_is_reproducible(ctx, tmp_path):
     assert b["diversity"]["score"] == a["diversity"]["score"]  # same seed, same numbers
 
 
+def test_shared_generation_passes_do_not_change_a_metrics_numbers(ctx):
+    """A metric gives the same numbers alone as with others sharing its generation pass, and the
+    sharing is real: together, G makes each image once."""
+    class Counting(OracleG):
+        calls = 0
+
+        def forward(self, emb, z):
+            Counting.calls += len(emb)
+            return super().forward(emb, z)
+
+    def run(metrics: str) -> tuple[dict, int]:
+        Counting.calls = 0
+        res = compute(metrics, Counting(), ctx)
+        return {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in res.items()}, Counting.calls
+
+    alone = {}
+    calls_alone = 0
+    for m in ("judge_consistency", "judge_fd", "diversity", "judge_diversity"):
+        res, calls = run(m)
+        alone |= res
+        calls_alone += calls
+    together, calls_together = run("judge_diversity,judge_fd,diversity,judge_consistency")
+    assert together == alone
+    per_split, div = 2 * ctx.judge_samples, ctx.diversity_captions * ctx.diversity_z
+    assert calls_alone == 2 * per_split + 2 * div and calls_together == per_split + div
+    assert ctx.passes is None  # a call's passes end with it (G changes between calls)
+
+
 def test_bad_requests_are_refused_before_any_work(ctx, shards, tmp_path):
     class Boom(OracleG):
         def forward(self, emb, z):
