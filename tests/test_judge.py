@@ -226,9 +226,11 @@ def test_judge_command_and_its_deprecated_name(judge_path):
     import sys
 
     for module in ("stackgan.metrics.judges", "stackgan.metrics.judge"):
-        p = subprocess.run([sys.executable, "-m", module, "show", str(judge_path)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-m", module, "show", str(judge_path)], capture_output=True,
+                           text=True)
         assert p.returncode == 0 and json.loads(p.stdout)["steps"] == JUDGE_STEPS, p.stderr
-        assert ("deprecated; use `python -m stackgan.metrics.judges`" in p.stderr) == (module.endswith("judge"))
+        noted = "deprecated; use `python -m stackgan.metrics.judges`" in p.stderr
+        assert noted == module.endswith("judge")
 
 
 def test_species_judge_files_of_the_first_format_still_load(judge_path, tmp_path, tmp_path_factory, capsys):

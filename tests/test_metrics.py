@@ -466,3 +466,38 @@ def test_evaluate_cli(ctx, shards, tmp_path, capsys):
     other = _tiny_export(tmp_path / "other.pt", "all-MiniLM-L6-v2", 384)
     assert evaluate_main(["--export", str(other), "--shards", str(shards)]) == 2
     assert "'all-MiniLM-L6-v2'" in capsys.readouterr().err
+
+
+def test_generation_progress_bar_only_on_a_terminal():
+    """The bar of the long generation passes is drawn on a terminal, never into a log file."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    code = ("from stackgan.metrics.core import EvalContext, progress\n"
+            "ctx = EvalContext(shards='-', image_size=64, z_dim=4, text_encoder='-', text_dim=4,\n"
+            "                  progress=True)\n"
+            "batches = list(progress([(0, 8), (8, 12)], ctx, 'judge, test captions'))\n"
+            "assert batches == [(0, 8), (8, 12)]\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has columns
+    p = subprocess.run([sys.executable, "-c", code], stderr=follower, stdout=subprocess.PIPE, env=env,
+                       timeout=120)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert p.returncode == 0 and b"judge, test captions:" in drawn and b"/12 [" in drawn, drawn
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b"" and piped.stdout == b"", piped.stderr
