@@ -262,8 +262,9 @@ def test_cli_refuses_missing_judge_and_shards(tmp_path, capsys):
 def test_module_exit_code(tmp_path):
     """The command, and its old name (a deprecated alias that says so, then runs the same)."""
     _metadata(tmp_path / "s", {"kind": "cub"})
-    old_note = "note: `python -m stackgan.metrics.judge_ceiling` is deprecated; use `python -m stackgan.studies"
-    for module, note in (("stackgan.studies.judge_ceiling", ""), ("stackgan.metrics.judge_ceiling", old_note)):
+    old = "stackgan.metrics.judge_ceiling"
+    old_note = f"note: `python -m {old}` is deprecated; use `python -m stackgan.studies"
+    for module, note in (("stackgan.studies.judge_ceiling", ""), (old, old_note)):
         cmd = [sys.executable, "-m", module, "--shards", str(tmp_path / "s")]
         p = subprocess.run(cmd, capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.startswith(note) and "Traceback" not in p.stderr, p.stderr

@@ -115,7 +115,8 @@ def test_measuring_net_files_run_no_code_when_read(tmp_path, tmp_path_factory):
     judge = J.load_judge(trained_judge(tmp_path_factory))
     marker = tmp_path / "ran"
     bad = {"format": J.FORMAT, "kind": "species", "net": judge.net.config(),
-           "state_dict": judge.net.state_dict(), "attributes": judge.attributes, "groups": judge.groups, "holdout_mod": judge.holdout_mod,
+           "state_dict": judge.net.state_dict(), "attributes": judge.attributes, "groups": judge.groups,
+           "holdout_mod": judge.holdout_mod,
            "prior": judge.prior, "report": None, "trained_on": {"x": _RunsCode(marker)}}
     torch.save(bad, tmp_path / "judge.pt")
     with pytest.raises(J.JudgeError, match="cannot read judge file"):
