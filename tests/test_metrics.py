@@ -501,3 +501,32 @@ def test_generation_progress_bar_only_on_a_terminal():
     assert p.returncode == 0 and b"judge, test captions:" in drawn and b"/12 [" in drawn, drawn
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120)
     assert piped.returncode == 0 and piped.stderr == b"" and piped.stdout == b"", piped.stderr
+
+
+def test_device_auto_and_refusals(capsys):
+    """--device auto (the default of evaluate, sample and the evaluation job) is CUDA when present."""
+    from stackgan.metrics import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="'gpu0': not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+    assert evaluate_main(["--export", "none.pt", "--shards", "none", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in capsys.readouterr().err  # refused before the export is read
+
+
+def test_evaluation_job_runs_on_the_jobs_gpu(capsys):
+    """jobs/evaluate.py asks Slurm for a GPU: its command says --device auto unless told otherwise."""
+    from stackgan.cluster.cli import evaluate_main as job_main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cluster = os.path.join(root, "jobs", "cluster.yaml")
+    assert job_main(["--cluster", cluster, "--dry-run", "--", "--export", "g.pt", "--shards", "s"]) == 0
+    out = capsys.readouterr().out
+    assert "gpus_per_node: 1" in out
+    assert "python -m stackgan.evaluate --export g.pt --shards s --device auto" in out
+    assert job_main(["--cluster", cluster, "--dry-run", "--", "--shards", "s", "--device=cpu"]) == 0
+    assert "--shards s --device=cpu\n" in capsys.readouterr().out

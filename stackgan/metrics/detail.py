@@ -488,8 +488,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         meta = load_metadata(args.shards)
         out = cache_path(meta, DEFAULT_FILE, args.out, args.cache_dir)
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:  # an unknown device name, or CUDA asked for where there is none
+            raise DetailNetError(str(e)) from e
         net = train_detail_net(args.shards, steps=args.steps, batch_size=args.batch_size, width=args.width,
-                               lr=args.lr, seed=args.seed, device=resolve_device(args.device))
+                               lr=args.lr, seed=args.seed, device=device)
         net.save(out, meta)
         print(f"detail net written to {out}\n{format_report(net.report)}")
         if args.reference_samples > 0:
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             figures = reference_figures(real_reference(meta, net, 64, args.reference_samples))
             print(f"real reference ({time.perf_counter() - t0:.0f} s): " + json.dumps(figures))
         return 0
-    except (DetailNetError, ShardError, ValueError) as e:
+    except (DetailNetError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -72,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
                    "seed": args.seed}
         options |= ({"epochs": args.epochs, "holdout": args.holdout} if kind == "species" else
                     {"images": args.images, "val_images": args.val_images, "workers": args.workers})
-        judge = train_judge(args.shards, kind, device=resolve_device(args.device),
-                            **{k: v for k, v in options.items() if v is not None})
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:  # an unknown device name, or CUDA asked for where there is none
+            raise JudgeError(str(e)) from e
+        options = {k: v for k, v in options.items() if v is not None}
+        judge = train_judge(args.shards, kind, device=device, **options)
         judge.save(out)
         print(f"{kind} judge written to {out}")
         print(format_report(judge.report))
         print(json.dumps({"kind": kind, **asdict(judge.report)}))
         return 0
-    except (JudgeError, ShardError, RedrawError, ValueError) as e:
+    except (JudgeError, ShardError, RedrawError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
