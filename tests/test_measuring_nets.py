@@ -147,3 +147,15 @@ def test_judge_files_written_before_netcache_still_load(tmp_path, tmp_path_facto
     # and a file written now holds no numpy objects: plain torch.load(weights_only=True) reads it
     new.save(tmp_path / "again.pt")
     assert torch.load(tmp_path / "again.pt", weights_only=True)["report"] == asdict(new.report)
+
+
+def test_detail_net_files_written_before_netcache_still_load(tmp_path):
+    torch.manual_seed(0)
+    net = D.DetailNet(3, 8)
+    old = {"format": D.FORMAT, "state_dict": net.state_dict(), "width": 8, "classes": [4, 9, 17],
+           "report": None, "shards": {"root": "/data/shards", "fingerprint": "0123456789abcdef"}}
+    torch.save(old, tmp_path / "detail256.pt")  # the earlier writer: no top-level fingerprint
+    back = D.load_detail_net(tmp_path / "detail256.pt")
+    assert back.classes == [4, 9, 17] and back.trained_on["root"] == "/data/shards"
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    assert torch.equal(back(x).features, net.eval()(x).features)
