@@ -9,9 +9,12 @@ A stage-II export is also scored against its own stage-I input (stage2_consisten
 stage2_fd, fd256, sharpness: on by default for stage II). Results are printed and appended
 (one JSON line per metric) to ``metrics.jsonl`` in the run folder (``--jsonl`` to change).
 The attribute judge is the one ``--judge`` selects: ``parts`` (the default on the embedded
-set, ``<shards>/judge-parts.pt``), ``species`` (``<shards>/judge.pt``; the default on CUB)
-or a judge file; the 256px detail net is read from ``--detail-net`` (default
-``<shards>/detail256.pt``); each is trained at its file first if the file does not exist.
+set, ``judge-parts.pt``), ``species`` (``judge.pt``; the default on CUB) or a judge file; the
+256px detail net is read from ``--detail-net`` (default ``detail256.pt``); each is trained at
+its file first if the file does not exist. Default files live in the shard folder, or, when
+that is read-only, in ``--cache-dir`` (default ``$XDG_CACHE_HOME/stackgan``, else
+``~/.cache/stackgan``) under the shards' fingerprint. It runs on a GPU when there is one
+(``--device auto``, the default), with a progress bar on a terminal.
 Under ``torchrun --nproc-per-node K`` every rank evaluates a disjoint share of the images.
 
 ``fid_inception`` is FID with the FID Inception (pytorch-fid's network, the papers'); the
@@ -29,8 +32,9 @@ from pathlib import Path
 import torch
 
 from .errors import StackGANError, report
+from .metrics import MetricError
 from .export import load_generator
-from .metrics import EvalContext, compute, names, rank_world
+from .metrics import EvalContext, compute, names, rank_world, resolve_device
 
 DEFAULT_METRICS = "judge_consistency,judge_fd,diversity,judge_diversity"
 # stage II: first the figures against its own stage-I input (their generation pass serves the judge metrics)
@@ -47,7 +51,9 @@ def default_jsonl(export: str | Path) -> Path:
 
 
 def _init_distributed(device: str) -> str:
-    """Join the process group torchrun describes (if any); returns this rank's device."""
+    """Join the process group torchrun describes (if any); returns this rank's device
+    (``auto``: CUDA when present)."""
+    device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
         return device
     cuda = torch.device(device).type == "cuda"
@@ -93,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="FID-Inception weights (pt_inception-2015-12-05-6726825d.pth) for fid_inception "
                         "(default: the torch hub cache); never downloaded")
     p.add_argument("--detail-net", default="",
-                   help="256px detail net for fd256 (default <shards>/detail256.pt, trained on first use)")
+                   help="256px detail net for fd256 (default detail256.pt in the shard or cache folder, "
+                        "trained on first use)")
+    p.add_argument("--cache-dir", default="",
+                   help="where judges and the detail net are cached when the shard folder is read-only "
+                        "(default $XDG_CACHE_HOME/stackgan or ~/.cache/stackgan)")
     p.add_argument("--num-samples", type=int, default=30000, help="generated images for IS / FID")
     p.add_argument("--is-splits", type=int, default=10)
     p.add_argument("--judge-samples", type=int, default=1000,
@@ -104,18 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diversity-z", type=int, default=8, help="images per caption for the diversity score")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, the default), cpu, cuda, ...")
     p.add_argument("--jsonl", default="", help="results file (default <run folder>/metrics.jsonl)")
     args = p.parse_args(argv)
     try:
-        device = _init_distributed(args.device)
+        try:
+            device = _init_distributed(args.device)
+        except ValueError as e:  # a device name torch does not know, or CUDA missing
+            raise MetricError(str(e)) from e
         G, info = load_generator(args.export, device)
         ctx = EvalContext.from_export(
             info, args.shards, device=device, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
             inception=args.inception, fid_inception=args.fid_inception, num_samples=args.num_samples,
             judge_samples=args.judge_samples, judge_scope=args.judge_scope, detail_net=args.detail_net,
             diversity_captions=args.diversity_captions, diversity_z=args.diversity_z,
-            is_splits=args.is_splits,
+            is_splits=args.is_splits, cache_dir=args.cache_dir, progress=True,
         )
         jsonl = Path(args.jsonl) if args.jsonl else default_jsonl(args.export)
         results = compute(args.metrics or default_metrics(info.stage), G, ctx, step=info.step, jsonl=jsonl,

@@ -11,7 +11,8 @@ seed) into ``--out`` (default ``<run folder>/generated``). ``--stages`` (stage I
 ``stages.png``: per prompt one row, per sample three columns: the stage-I image it was
 refined from (64 px, shown x4), that image upsampled bicubically (the baseline), stage II.
 The export holds the EMA weights when the run used EMA, so those are what is sampled.
-Stage I and stage II exports both work; ``--device cuda`` samples on a GPU.
+Stage I and stage II exports both work; it samples on a GPU when there is one (``--device auto``,
+the default; ``--device cpu`` to stay off it).
 
 Free-text prompts are embedded with the text encoder recorded in the export. A generator
 trained on embeddings that cannot be computed for new text (CUB's precomputed
@@ -39,7 +40,7 @@ from .export import ExportInfo, build_from_export, export_info, read_export
 from .files import atomic_json
 from .grid import save_grid, save_png
 from .images import to_uint8, upsample
-from .metrics.core import _seed, noise, run_generator
+from .metrics.core import noise, resolve_device, run_generator, seed_of
 from .text import PrecomputedEncoder, TextEncoder, TextEncoderError, get_encoder
 
 GRID_ROWS = 16  # prompts per grid file
@@ -138,7 +139,7 @@ def generate_images(G: torch.nn.Module, emb: np.ndarray, n: int, seed: int, z_di
         z = noise(n, z_dim, seed, p)
         e = torch.as_tensor(emb[p], dtype=torch.float32).expand(n, -1)
         imgs = [run_generator(G, e[lo : lo + CHUNK].to(dev), z[lo : lo + CHUNK].to(dev),
-                              _seed(seed, p, lo, 2)).cpu()
+                              seed_of(seed, p, lo, 2)).cpu()
                 for lo in range(0, n, CHUNK)]
         out.append(torch.cat(imgs))
     return torch.stack(out)
@@ -216,7 +217,7 @@ def run(
     n: int = 4,
     seed: int = 0,
     out: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     encoder: str | None = None,
     text_encoder: TextEncoder | None = None,
     stages: bool = False,
@@ -228,8 +229,10 @@ def run(
         raise SamplingError("give prompts (--prompt / --prompts) or --split, not both and not neither")
     if split and not shards:
         raise SamplingError("--split needs --shards DIR (the shard set the generator was trained on)")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise SamplingError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise SamplingError(str(e)) from e
     texts = read_prompts(prompts, prompts_file) if not split else []
     payload = read_export(export)
     info = export_info(payload, export)
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default <run folder>/generated)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, the default), cpu, cuda, ...")
     p.add_argument("--encoder", help="text encoder to embed prompts with (must be the export's; default: it)")
     p.add_argument("--stages", action="store_true",
                    help="stage II: also write stages.png (stage I | it upsampled bicubically | stage II)")

@@ -21,7 +21,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from stackgan.data.meta import ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
-from stackgan.metrics import judge as J
+from stackgan.metrics import judges as J
+from stackgan.metrics.netcache import shard_fingerprint
 
 COLORS = {"red": (205, 35, 35), "green": (35, 150, 55), "blue": (40, 70, 215), "yellow": (240, 215, 40)}
 PARTS = ("crown", "wing", "belly")
@@ -201,7 +202,7 @@ def test_judge_sees_real_attributes_far_above_chance(judge_path, tmp_path_factor
     assert r.holdout - r.shuffled_test > 0.3 and r.test - r.shuffled_test > 0.3, r
     assert r.test - r.random_test > 0.35, r
     assert r.test > r.majority_test + 0.3, r
-    assert judge.trained_on["fingerprint"] == J.fingerprint(load_metadata(shards))
+    assert judge.trained_on["fingerprint"] == shard_fingerprint(load_metadata(shards))
 
 
 def test_judge_cli_show_and_refusals(judge_path, tmp_path, capsys):
@@ -217,6 +218,19 @@ def test_judge_cli_show_and_refusals(judge_path, tmp_path, capsys):
         J.load_judge(tmp_path / "bad.pt")
     assert J.main(["train", "--shards", str(tmp_path), "--steps", "1"]) == 2  # no metadata.json
     assert "metadata.json" in capsys.readouterr().err
+
+
+
+def test_judge_command_and_its_deprecated_name(judge_path):
+    import subprocess
+    import sys
+
+    for module in ("stackgan.metrics.judges", "stackgan.metrics.judge"):
+        p = subprocess.run([sys.executable, "-m", module, "show", str(judge_path)], capture_output=True,
+                           text=True)
+        assert p.returncode == 0 and json.loads(p.stdout)["steps"] == JUDGE_STEPS, p.stderr
+        noted = "deprecated; use `python -m stackgan.metrics.judges`" in p.stderr
+        assert noted == module.endswith("judge")
 
 
 def test_species_judge_files_of_the_first_format_still_load(judge_path, tmp_path, tmp_path_factory, capsys):
@@ -239,7 +253,7 @@ def test_species_judge_files_of_the_first_format_still_load(judge_path, tmp_path
 
 
 def test_text_probe_reads_what_the_embedding_carries(judge_path, tmp_path_factory, tmp_path, capsys):
-    from stackgan.metrics import text_probe as P
+    from stackgan.studies import text_probe as P
 
     shards = eval_shards(tmp_path_factory)
     rep = P.run_probe(shards, judge_path, epochs=40, log=lambda _: None)

@@ -16,11 +16,12 @@ import torch
 
 from stackgan.data import birds, cub
 from stackgan.data.meta import ShardMeta, SplitInfo, load_metadata, write_metadata
-from stackgan.data.prepare import _jpeg
-from stackgan.metrics import judge_ceiling as JC
+from stackgan.data.prepare import jpeg_bytes
 from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import center_crop, decode_image, is_holdout, load_split
-from stackgan.metrics.judge import Judge, JudgeNet, group_hits
+from stackgan.metrics import redraw as R
+from stackgan.metrics.judges import Judge, JudgeNet, group_hits
+from stackgan.studies import judge_ceiling as JC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NAMES = birds.ATTRIBUTE_NAMES
@@ -41,9 +42,9 @@ def test_template_parts_of_known_templates():
         "this {size} bird has {back}, {wings} and {tail}.": {"size", "back", "wing", "wing_pattern", "tail"},
     }
     for t, parts in cases.items():
-        assert t in birds._TEMPLATES
+        assert t in birds.TEMPLATES
         assert JC.template_parts(t) == parts
-    for t in birds._TEMPLATES:  # a new template field must be mapped (KeyError otherwise)
+    for t in birds.TEMPLATES:  # a new template field must be mapped (KeyError otherwise)
         assert 2 <= len(JC.template_parts(t)) and JC.template_parts(t) <= JC.PART_GROUP.keys()
 
 
@@ -52,11 +53,11 @@ def test_template_parts_agree_with_judge_consistency_rule():
     except the two the wording may leave implicit: a solid wing pattern and a dagger bill's
     length (no word for 'about the head's length')."""
     rng = np.random.default_rng(1)
-    for t in birds._TEMPLATES:
+    for t in birds.TEMPLATES:
         want = {JC.PART_GROUP[p] for p in JC.template_parts(t)}
         for _ in range(30):
             a = JC.random_parts(rng)
-            got = _stated_groups(birds._caption(t, a, rng))
+            got = _stated_groups(birds.fill_caption(t, a, rng))
             assert got <= want, (t, a, got)
             implicit = ({"has_wing_pattern"} if a["wing_pattern"] == "solid" else set()) | \
                 ({"has_bill_length"} if a["bill_shape"] == "dagger" else set())
@@ -69,7 +70,7 @@ def test_random_parts_keeps_stated_values_and_respects_constraints():
     backs = set()
     for i in range(300):
         sp = birds.image_attributes(train[i % 30], i % 7 == 0)
-        keep = {p: sp[p] for p in JC.template_parts(birds._TEMPLATES[i % len(birds._TEMPLATES)])}
+        keep = {p: sp[p] for p in JC.template_parts(birds.TEMPLATES[i % len(birds.TEMPLATES)])}
         a = JC.random_parts(rng, keep)
         assert all(a[p] == v for p, v in keep.items()), (keep, a)
         assert a["back"] not in (a["crown"], a["wing"], a["belly"])
@@ -117,10 +118,10 @@ def test_shard_view_is_the_shards_image(tmp_path):
     recs = birds._render_species((asdict(sp), 2, 0, 1, str(tmp_path)))
     for j, r in enumerate(recs):
         path = tmp_path / f"{r['key']}.jpg"
-        shard = decode_image(_jpeg(cub.crop_resize(cub.load_rgb(path), r["bbox"], (76,))[0], 90), 76, 64)
+        shard = decode_image(jpeg_bytes(cub.crop_resize(cub.load_rgb(path), r["bbox"], (76,))[0], 90), 76, 64)
         img, bbox = birds.draw_bird(r["attrs"], np.random.default_rng([0, sp.class_id, j, 0x1A6]))
         assert tuple(bbox) == tuple(r["bbox"])
-        assert np.array_equal(center_crop(JC.shard_view(img, bbox)[None], 64)[0], shard)
+        assert np.array_equal(center_crop(R.shard_view(img, bbox)[None], 64)[0], shard)
     x = JC.render([r["attrs"] for r in recs], seed=0)
     assert x.shape == (2, 64, 64, 3) and x.dtype == np.uint8
     assert np.array_equal(x, JC.render([r["attrs"] for r in recs], seed=0))
@@ -259,7 +260,12 @@ def test_cli_refuses_missing_judge_and_shards(tmp_path, capsys):
 
 
 def test_module_exit_code(tmp_path):
+    """The command, and its old name (a deprecated alias that says so, then runs the same)."""
     _metadata(tmp_path / "s", {"kind": "cub"})
-    cmd = [sys.executable, "-m", "stackgan.metrics.judge_ceiling", "--shards", str(tmp_path / "s")]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    old = "stackgan.metrics.judge_ceiling"
+    old_note = f"note: `python -m {old}` is deprecated; use `python -m stackgan.studies"
+    for module, note in (("stackgan.studies.judge_ceiling", ""), (old, old_note)):
+        cmd = [sys.executable, "-m", module, "--shards", str(tmp_path / "s")]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.startswith(note) and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.removeprefix(p.stderr.split("\n")[0] + "\n" if note else "").startswith("error: ")

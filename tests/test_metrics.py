@@ -147,6 +147,34 @@ def test_compute_appends_jsonl_restores_mode_and_is_reproducible(ctx, tmp_path):
     assert b["diversity"]["score"] == a["diversity"]["score"]  # same seed, same numbers
 
 
+def test_shared_generation_passes_do_not_change_a_metrics_numbers(ctx):
+    """A metric gives the same numbers alone as with others sharing its generation pass, and the
+    sharing is real: together, G makes each image once."""
+    class Counting(OracleG):
+        calls = 0
+
+        def forward(self, emb, z):
+            Counting.calls += len(emb)
+            return super().forward(emb, z)
+
+    def run(metrics: str) -> tuple[dict, int]:
+        Counting.calls = 0
+        res = compute(metrics, Counting(), ctx)
+        return {m: {k: v for k, v in r.items() if k != "seconds"} for m, r in res.items()}, Counting.calls
+
+    alone = {}
+    calls_alone = 0
+    for m in ("judge_consistency", "judge_fd", "diversity", "judge_diversity"):
+        res, calls = run(m)
+        alone |= res
+        calls_alone += calls
+    together, calls_together = run("judge_diversity,judge_fd,diversity,judge_consistency")
+    assert together == alone
+    per_split, div = 2 * ctx.judge_samples, ctx.diversity_captions * ctx.diversity_z
+    assert calls_alone == 2 * per_split + 2 * div and calls_together == per_split + div
+    assert ctx.passes is None  # a call's passes end with it (G changes between calls)
+
+
 def test_bad_requests_are_refused_before_any_work(ctx, shards, tmp_path):
     class Boom(OracleG):
         def forward(self, emb, z):
@@ -438,3 +466,67 @@ def test_evaluate_cli(ctx, shards, tmp_path, capsys):
     other = _tiny_export(tmp_path / "other.pt", "all-MiniLM-L6-v2", 384)
     assert evaluate_main(["--export", str(other), "--shards", str(shards)]) == 2
     assert "'all-MiniLM-L6-v2'" in capsys.readouterr().err
+
+
+def test_generation_progress_bar_only_on_a_terminal():
+    """The bar of the long generation passes is drawn on a terminal, never into a log file."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    code = ("from stackgan.metrics.core import EvalContext, progress\n"
+            "ctx = EvalContext(shards='-', image_size=64, z_dim=4, text_encoder='-', text_dim=4,\n"
+            "                  progress=True)\n"
+            "batches = list(progress([(0, 8), (8, 12)], ctx, 'judge, test captions'))\n"
+            "assert batches == [(0, 8), (8, 12)]\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has columns
+    p = subprocess.run([sys.executable, "-c", code], stderr=follower, stdout=subprocess.PIPE, env=env,
+                       timeout=120)
+    os.close(follower)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(leader)
+    assert p.returncode == 0 and b"judge, test captions:" in drawn and b"/12 [" in drawn, drawn
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b"" and piped.stdout == b"", piped.stderr
+
+
+def test_device_auto_and_refusals(capsys):
+    """--device auto (the default of evaluate, sample and the evaluation job) is CUDA when present."""
+    from stackgan.metrics import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="'gpu0': not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")
+    assert evaluate_main(["--export", "none.pt", "--shards", "none", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in capsys.readouterr().err  # refused before the export is read
+
+
+def test_evaluation_job_runs_on_the_jobs_gpu(capsys):
+    """jobs/evaluate.py asks Slurm for a GPU: its command says --device auto unless told otherwise."""
+    from stackgan.cluster.cli import evaluate_main as job_main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cluster = os.path.join(root, "jobs", "cluster.yaml")
+    assert job_main(["--cluster", cluster, "--dry-run", "--", "--export", "g.pt", "--shards", "s"]) == 0
+    out = capsys.readouterr().out
+    assert "gpus_per_node: 1" in out
+    assert "python -m stackgan.evaluate --export g.pt --shards s --device auto" in out
+    assert job_main(["--cluster", cluster, "--dry-run", "--", "--shards", "s", "--device=cpu"]) == 0
+    assert "--shards s --device=cpu\n" in capsys.readouterr().out

@@ -16,11 +16,11 @@ import torch
 from stackgan.data import birds
 from stackgan.data.meta import load_metadata
 from stackgan.metrics import EvalContext, MetricError
-from stackgan.metrics import judge as J
-from stackgan.metrics import judge_ceiling as JC
+from stackgan.metrics import judges as J
 from stackgan.metrics import redraw as R
 from stackgan.metrics.captions import caption_groups, stated_mask
-from stackgan.metrics.part_judge import PartJudgeNet
+from stackgan.metrics.judges.parts import PartJudgeNet
+from stackgan.studies import judge_ceiling as JC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NAMES = birds.ATTRIBUTE_NAMES
@@ -59,9 +59,9 @@ def _caption_triplets(species: list[birds.Species], n: int, seed: int):
     for _ in range(n):
         sp = species[int(rng.integers(len(species)))]
         a = birds.image_attributes(sp, bool(rng.random() < birds.MORPH_PROB))
-        template = birds._TEMPLATES[int(rng.integers(len(birds._TEMPLATES)))]
+        template = birds.TEMPLATES[int(rng.integers(len(birds.TEMPLATES)))]
         parts = JC.template_parts(template)
-        caption = birds._caption(template, a, rng)
+        caption = birds.fill_caption(template, a, rng)
         labels.append(birds.attribute_vector(a) * stated_mask(caption, groups, len(NAMES)))
         drawn["species"].append(a)
         drawn["faithful"].append(R.random_parts(rng, {p: a[p] for p in parts}))

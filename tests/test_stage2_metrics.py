@@ -30,7 +30,7 @@ from stackgan.metrics import EvalContext, MetricError, compute
 from stackgan.metrics import detail as D
 from stackgan.metrics.core import resize
 from stackgan.metrics.evalset import load_split, to_tensor
-from stackgan.metrics.judge import train_judge
+from stackgan.metrics.judges import train_judge
 from stackgan.metrics.stage2 import stage_batches
 from stackgan.models import build_generator
 from tests.test_judge import COLORS, DIM, ENCODER, _jpeg, write_eval_shards
@@ -90,7 +90,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def judge_file(shards, tmp_path_factory) -> Path:
     judge = train_judge(shards, steps=80, batch_size=48, lr=3e-3, log=lambda m: None)
-    return judge.save(tmp_path_factory.mktemp("judge") / "judge.pt", load_metadata(shards))
+    return judge.save(tmp_path_factory.mktemp("judge") / "judge.pt")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("args", nargs=argparse.REMAINDER, help="arguments for stackgan.evaluate (after --)")
     args = ap.parse_args(argv)
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+    if not any(a == "--device" or a.startswith("--device=") for a in rest):
+        rest = [*rest, "--device", "auto"]  # the job's GPU when it has one (stated: --dry-run shows it)
     try:
         cc = load_cluster_config(args.cluster, args.cluster_set)
     except StackGANError as e:

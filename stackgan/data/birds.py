@@ -183,7 +183,7 @@ _SIZE_WORDS = {"small": ["small", "little"], "medium": ["medium-sized", "medium 
                "large": ["large", "big"]}
 _PATTERN_WORD = {"solid": ["", "plain", "solid"], "striped": ["striped"], "spotted": ["spotted"]}
 
-_TEMPLATES = [
+TEMPLATES = [
     "this bird has {crown}, {wings} and {belly}.",
     "{size_a} bird with {crown} and {bill}.",
     "this {size} bird has {back}, {wings} and {tail}.",
@@ -204,7 +204,7 @@ _TEMPLATES = [
 ]
 
 
-def _caption(t: str, a: dict[str, str], rng: np.random.Generator) -> str:
+def fill_caption(t: str, a: dict[str, str], rng: np.random.Generator) -> str:
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     pattern = pick(_PATTERN_WORD[a["wing_pattern"]])
     wings = f"{pattern} {a['wing']} wings".strip()
@@ -231,7 +231,7 @@ def caption_pool(a: dict[str, str], rng: np.random.Generator, n: int = CAPTION_P
     pool: list[str] = []
     tries = 0
     while len(pool) < n and tries < 50 * n:
-        c = _caption(_TEMPLATES[int(rng.integers(len(_TEMPLATES)))], a, rng)
+        c = fill_caption(TEMPLATES[int(rng.integers(len(TEMPLATES)))], a, rng)
         tries += 1
         if c not in pool:
             pool.append(c)

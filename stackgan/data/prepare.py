@@ -173,7 +173,7 @@ def _check_disjoint(layout: cub.CubLayout) -> None:
 # --------------------------------------------------------------------------------------
 # One shard
 # --------------------------------------------------------------------------------------
-def _jpeg(img, quality: int) -> bytes:
+def jpeg_bytes(img, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -206,7 +206,7 @@ def _shard_bytes(task: _ShardTask, sizes, quality) -> bytes:
             k = sample_key(task.first_index + i)
             _add(tar, f"{k}.name.txt", s.key.encode())
             for size, crop in zip(sizes, crops):
-                _add(tar, f"{k}.{size}.jpg", _jpeg(crop, quality))
+                _add(tar, f"{k}.{size}.jpg", jpeg_bytes(crop, quality))
             _add(tar, f"{k}.emb.npy", _npy(s.emb.astype(np.float32)))
             _add(tar, f"{k}.txt.json", json.dumps(s.captions).encode())
             _add(tar, f"{k}.cls", str(s.class_id).encode())

@@ -9,20 +9,29 @@ items, rank r takes batches r, r + W, r + 2W, ..., and partial sums are added wi
 ``torch.distributed.all_reduce`` when a process group is initialised. Noise and the CA-Net's
 own randomness are seeded per global batch, so a result does not depend on the number of
 ranks (up to float summation order); single-process runs need no process group.
+
+This module is the ground floor of :mod:`stackgan.metrics`: it imports no other metrics
+module. A metric module registers its metrics (:func:`register`) and the checks of what they
+require (:func:`requirement`, e.g. ``"attributes"`` in :mod:`.judges.choice`); metrics that
+measure the same generated images share one pass per call through :class:`GenerationPasses`
+(:meth:`EvalContext.shared`).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 from stackgan.errors import StackGANError
@@ -39,30 +48,44 @@ MetricFn = Callable[[nn.Module, "EvalContext"], dict]
 @dataclass
 class _Entry:
     fn: MetricFn
-    requires: tuple[str, ...]  # "attributes", "inception": checked before any work
+    requires: tuple[str, ...]  # requirement names ("attributes", "inception"): checked before any work
 
 
 _REGISTRY: dict[str, _Entry] = {}
-# modules that register metrics
+RequirementCheck = Callable[["EvalContext"], None]
+_CHECKS: dict[str, RequirementCheck] = {}  # requirement name -> check, registered by the module that owns it
+# the modules that register the built-in metrics, imported on first use of the registry (a plugin list:
+# this module does not depend on them, and ``python -m stackgan.metrics.detail`` is not imported twice)
 _BUILTIN = ("stackgan.metrics.scores", "stackgan.metrics.inception", "stackgan.metrics.stage2")
 
 
 def _load_builtin() -> None:
-    """Import the built-in metric modules on first use (keeps ``import stackgan.metrics``
-    light, and ``python -m stackgan.metrics.judge`` free of double imports)."""
-    import importlib
-
     for mod in _BUILTIN:
         importlib.import_module(mod)
 
 
 def register(name: str, requires: tuple[str, ...] = ()) -> Callable[[MetricFn], MetricFn]:
-    """Decorator: make ``fn(G, ctx) -> dict`` available as metric ``name``."""
+    """Decorator: make ``fn(G, ctx) -> dict`` available as metric ``name``; ``requires`` names
+    checks registered with :func:`requirement` that must pass before any work."""
 
     def deco(fn: MetricFn) -> MetricFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"metric {name!r} registered twice")
         _REGISTRY[name] = _Entry(fn, tuple(requires))
+        return fn
+
+    return deco
+
+
+def requirement(name: str) -> Callable[[RequirementCheck], RequirementCheck]:
+    """Decorator: ``check(ctx)`` raises :class:`MetricError` when the context cannot serve the
+    metrics that require ``name`` (weights missing, shards without labels, ...). The module
+    that owns what is required registers it, so this module knows no metric's needs."""
+
+    def deco(fn: RequirementCheck) -> RequirementCheck:
+        if name in _CHECKS and _CHECKS[name] is not fn:
+            raise ValueError(f"requirement {name!r} registered twice")
+        _CHECKS[name] = fn
         return fn
 
     return deco
@@ -81,8 +104,23 @@ def names() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Ranks
+# Ranks and devices
 # --------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """``"auto"``: CUDA when this machine has a GPU, else the CPU; any other name as given,
+    refused (ValueError naming it) when it is not a device or names CUDA on a machine without."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, ...)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                         "(use --device auto or cpu)")
+    return device
+
+
 def rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -116,27 +154,37 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def read_state_dict(path: Path, error: type[Exception], what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (a state_dict, bare or under ``state_dict``, DataParallel's
-    ``module.`` prefix dropped), or ``error`` saying why not: for networks built empty here."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise error(f"{path}: cannot read {what} weights ({e})") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise error(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+# --------------------------------------------------------------------------------------
+# Shared generation passes
+# --------------------------------------------------------------------------------------
+T = TypeVar("T")
 
 
-def make_once(path: Path, make: Callable[[], None]) -> None:
-    """Cached networks (judges, the detail net): when ``path`` does not exist yet, rank 0 calls
-    ``make`` (which trains and writes it atomically) while the other ranks wait for it."""
-    if not Path(path).is_file():
-        if rank_world()[0] == 0:
-            make()
-        barrier()
+class GenerationPasses:
+    """What the metrics of one :func:`compute` call measured on G's images, keyed by what was
+    generated and measured (a frozen dataclass of the module that makes the pass, e.g.
+    ``scores.JudgeImages("test")``). A metric asks for a pass with :meth:`EvalContext.shared`;
+    the first to ask makes it, later ones reuse it. A pass may measure more at once for other
+    metrics of the same call (:meth:`asks`), but what a key's figures are never depends on who
+    shares the call: the same items, noise and accumulators give the same numbers alone.
+    Lives for one call, because G changes between calls."""
+
+    def __init__(self, metrics: tuple[str, ...] = ()):
+        self.metrics = frozenset(metrics)
+        self._done: dict[Hashable, object] = {}
+
+    def asks(self, *names: str) -> bool:
+        """Whether this call runs any of the metrics ``names``."""
+        return bool(self.metrics & set(names))
+
+    def find(self, key: Hashable):
+        """The pass made for ``key``, or None."""
+        return self._done.get(key)
+
+    def keep(self, key: Hashable, value: T) -> T:
+        """Keep ``value`` as the pass for ``key`` (replacing a narrower one); returns it."""
+        self._done[key] = value
+        return value
 
 
 # --------------------------------------------------------------------------------------
@@ -147,7 +195,8 @@ class EvalContext:
     """What the metrics need besides the generator; build once, reuse at every snapshot.
 
     ``cache`` keeps generator-independent work (real-image statistics, loaded splits, the
-    judge, the Inception net) across calls of :func:`compute`.
+    judge, the Inception net) across calls of :func:`compute`, and during a call that call's
+    shared generation passes (:attr:`passes`, a :class:`GenerationPasses`).
     """
 
     shards: str  # prepared shard folder (metadata.json)
@@ -158,10 +207,11 @@ class EvalContext:
     device: str | torch.device = "cpu"
     seed: int = 0
     batch_size: int = 64
-    judge: str = ""  # "parts", "species" or a judge file; "" = the shards' default (judge.choose_judge)
+    judge: str = ""  # "parts", "species" or a judge file; "" = the shards' default (judges.choose_judge)
     inception: str = ""  # torchvision Inception-v3 state_dict (IS / FID); never downloaded
     fid_inception: str = ""  # FID-Inception weights (fid_inception); "" = the torch hub cache; no download
-    detail_net: str = ""  # 256-px feature net (fd256); "" = <shards>/detail256.pt, trained there on first use
+    detail_net: str = ""  # 256-px feature net (fd256); "" = detail256.pt in the shard or cache folder
+    cache_dir: str = ""  # measuring nets of read-only shard sets ("" = $XDG_CACHE_HOME/stackgan), netcache
     num_samples: int = 30000  # generated images for IS / FID (the papers' test protocol)
     judge_samples: int = 1000  # generated images per split for the judge metrics
     judge_scope: str = "caption"  # score the groups the caption states, or all the "image"'s
@@ -169,6 +219,7 @@ class EvalContext:
     diversity_z: int = 8
     is_splits: int = 10
     inception_size: int = 299  # input side of the Inception net
+    progress: bool = False  # progress bars for generation passes (rank 0, on a terminal)
     log: Callable[[str], None] = print
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -188,6 +239,11 @@ class EvalContext:
         return self.cache["meta"]
 
     @property
+    def passes(self) -> GenerationPasses | None:
+        """The running :func:`compute` call's shared passes (None outside a call)."""
+        return self.cache.get(GenerationPasses)
+
+    @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
@@ -196,15 +252,17 @@ class EvalContext:
         """Stored real-image size whose centre crop matches the generator output."""
         return stored_size(self.image_size)
 
-    @property
-    def judge_path(self) -> Path:
-        """The file of the judge ``judge`` selects (see :func:`stackgan.metrics.judge.choose_judge`)."""
-        from .judge import choose_judge
-
-        return choose_judge(self.shards, self.judge, self.meta).path
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """The current call's pass for ``key`` (:class:`GenerationPasses`), made by ``make``
+        when no metric of the call has asked for it yet (outside a call: always made)."""
+        if self.passes is None:
+            return make()
+        found = self.passes.find(key)
+        return found if found is not None else self.passes.keep(key, make())
 
     def check(self, requires: set[str]) -> None:
-        """Refuse, before generating anything, what cannot give a meaningful number."""
+        """Refuse, before generating anything, what cannot give a meaningful number: the
+        checks every metric needs, then those registered for ``requires`` (:func:`requirement`)."""
         meta = self.meta
         if meta.encoder != self.text_encoder or meta.text_dim != self.text_dim:
             raise MetricError(
@@ -228,50 +286,23 @@ class EvalContext:
             raise MetricError(f"judge_scope must be 'caption' or 'image', got {self.judge_scope!r}")
         if self.diversity_z < 2:
             raise MetricError(f"diversity_z must be >= 2, got {self.diversity_z}")
-        if "attributes" in requires and not meta.attributes:
-            raise MetricError(
-                f"{self.shards}: the shards carry no attributes (attr.npy); the attribute judge needs the "
-                "embedded bird set or CUB prepared with its attribute labels"
-            )
-        if "attributes" in requires:
-            from .judge import JudgeError, choose_judge
-
-            try:
-                choose_judge(self.shards, self.judge, meta)  # a kind these shards cannot have is refused here
-            except JudgeError as e:
-                raise MetricError(str(e)) from e
-        if "stage2" in requires and self.image_size != 256:
-            raise MetricError(f"stage-II metrics compare a stage-II generator's 256px images with its "
-                              f"stage-I input; this generator makes {self.image_size}px images (stage I): "
-                              "evaluate a stage-II export, or leave the stage-II metrics out")
-        if "inception" in requires:
-            if not self.inception:
-                raise MetricError(
-                    "IS / FID need Inception-v3 weights: pass --inception PATH (a torchvision inception_v3 "
-                    "state_dict, e.g. inception_v3_google-0cc3c7bd.pth); nothing is downloaded"
-                )
-            if not Path(self.inception).is_file():
-                raise MetricError(f"Inception-v3 weights not found: {self.inception}")
-            if self.num_samples < self.is_splits:
-                raise MetricError(f"num_samples ({self.num_samples}) must be >= is_splits ({self.is_splits})")
-        if "fid_inception" in requires:
-            from .fid_inception import weights_path
-
-            weights_path(self.fid_inception)  # raises, naming the path or the hub cache
-            if self.num_samples < 2:
-                raise MetricError(f"FID needs num_samples >= 2, got {self.num_samples}")
+        for name in sorted(requires):
+            if name not in _CHECKS:
+                raise MetricError(f"no check registered for requirement {name!r} (known: {sorted(_CHECKS)})")
+            _CHECKS[name](self)
 
 
 # --------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------
-def _seed(*parts: int) -> int:
+def seed_of(*parts: int) -> int:
+    """A 62-bit seed that is a pure function of ``parts`` (noise tables, CA-Net noise)."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1, np.uint64)[0] >> 2)
 
 
 def noise(n: int, z_dim: int, *seed: int) -> torch.Tensor:
     """(n, z_dim) standard normal noise, a pure function of ``seed`` (CPU, then moved)."""
-    g = torch.Generator().manual_seed(_seed(*seed))
+    g = torch.Generator().manual_seed(seed_of(*seed))
     return torch.randn(n, z_dim, generator=g)
 
 
@@ -287,19 +318,35 @@ def run_generator(G: nn.Module, emb: torch.Tensor, z: torch.Tensor, seed: int) -
     return img.float()
 
 
+def progress(batches: list[tuple[int, int]], ctx: EvalContext, what: str) -> Iterator[tuple[int, int]]:
+    """``batches`` with a progress bar (images made) when ``ctx.progress`` is set, on rank 0, when
+    stderr is a terminal (tqdm's rule: never into a log file)."""
+    if not ctx.progress or rank_world()[0] != 0 or not batches:
+        yield from batches
+        return
+    world = rank_world()[1]
+    with tqdm(total=sum(hi - lo for lo, hi in batches) * world, desc=what, unit="img", file=sys.stderr,
+              disable=None, leave=False, dynamic_ncols=True) as bar:
+        for lo, hi in batches:
+            yield lo, hi
+            bar.update((hi - lo) * world)
+
+
 def generate(
-    G: nn.Module, ctx: EvalContext, emb: np.ndarray | torch.Tensor, tag: int, batch_size: int = 0
+    G: nn.Module, ctx: EvalContext, emb: np.ndarray | torch.Tensor, tag: int, batch_size: int = 0,
+    what: str = "generating",
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """This rank's share of G's images for ``emb`` (N, D): yields ``(lo, hi, images)`` per
     global batch, images on ``ctx.device`` in [-1, 1]. Noise for item i is row i of a table
     seeded by (ctx.seed, tag); the CA noise by (ctx.seed, tag, lo). ``batch_size`` overrides
-    ``ctx.batch_size`` (the batch cut is global, so it must be the same on every rank)."""
+    ``ctx.batch_size`` (the batch cut is global, so it must be the same on every rank);
+    ``what`` labels the progress bar (:func:`progress`)."""
     n = len(emb)
     z_all = noise(n, ctx.z_dim, ctx.seed, tag)
     dev = ctx.torch_device
-    for lo, hi in my_batches(n, batch_size or ctx.batch_size):
+    for lo, hi in progress(my_batches(n, batch_size or ctx.batch_size), ctx, what):
         e = torch.as_tensor(np.asarray(emb[lo:hi]) if not torch.is_tensor(emb) else emb[lo:hi])
-        img = run_generator(G, e.to(dev, torch.float32), z_all[lo:hi].to(dev), _seed(ctx.seed, tag, lo, 1))
+        img = run_generator(G, e.to(dev, torch.float32), z_all[lo:hi].to(dev), seed_of(ctx.seed, tag, lo, 1))
         if img.shape[1:] != (3, ctx.image_size, ctx.image_size):
             raise MetricError(
                 f"generator made images of shape {tuple(img.shape[1:])}, expected (3, {ctx.image_size}, "
@@ -367,7 +414,7 @@ def compute(
     if unknown:
         raise MetricError(f"unknown metric(s) {unknown}; known: {', '.join(sorted(_REGISTRY))}")
     ctx.check({r for _, e in entries for r in e.requires})
-    ctx.cache["call"] = {"metrics": tuple(todo)}  # per-call cache (depends on G); what this call runs
+    ctx.cache[GenerationPasses] = GenerationPasses(tuple(todo))  # this call's shared passes (depend on G)
     was_training = G.training
     G.eval()
     results: dict[str, dict] = {}
@@ -381,7 +428,7 @@ def compute(
                 results[name] = res
     finally:
         G.train(was_training)
-        ctx.cache.pop("call", None)
+        ctx.cache.pop(GenerationPasses, None)
     if jsonl is not None and rank_world()[0] == 0:
         now = time.time()
         append_jsonl(jsonl, [{"metric": n, "step": step, "time": now, **r, **(extra or {})}

@@ -22,7 +22,8 @@ blocks' maps (128x128 down to 8x8), ``23 * width`` values: the early maps carry 
 the late ones the bird.
 
 ``python -m stackgan.metrics.detail train --shards DIR [--out PATH]`` trains and caches a
-net (atomic write; ``<shards>/detail256.pt`` by default) and prints its real reference
+net (atomic write; ``detail256.pt`` in the shard folder by default, or in the cache folder
+when that is read-only: :mod:`.netcache`) and prints its real reference
 figures; ``show PATH`` prints a file's report. Metrics train it on first use.
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,12 +47,13 @@ from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 from stackgan.errors import StackGANError
 from stackgan.images import to_unit, upsample
 
-from .core import EvalContext, MetricError, all_sum, make_once, rank_world, resize
+from .core import EvalContext, MetricError, all_sum, rank_world, resize, resolve_device
 from .evalset import CROP_OF, decode_image, iter_split, to_tensor
-from .judge import fingerprint
+from .netcache import cache_path, load_net, make_once, save_net, shard_fingerprint
 from .stats import GaussianSums, frechet_distance
 
 FORMAT = "stackgan-detail256/1"
+DEFAULT_FILE = "detail256.pt"  # in the shard folder, or the cache folder when that is read-only (netcache)
 SIZE, STORED, LOW = 256, 304, 64  # net input, stored real image, the stage-I size
 SCALES = (64, 96, 128, 176, 256)  # sizes a training crop is reduced to (256: shown as it is)
 CUTOFF = LOW // 2  # cycles per image a 64-px image can hold (its Nyquist frequency)
@@ -175,36 +176,24 @@ class DetailFile:
         return self.net(images.to(self.device, torch.float32))
 
     def save(self, path: str | Path, meta: ShardMeta) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": FORMAT,
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "width": self.net.width,
-            "classes": self.classes,
+        """Write the net to ``path`` atomically (:func:`stackgan.metrics.netcache.save_net`)."""
+        return save_net(path, FORMAT, {
+            "state_dict": self.net.state_dict(), "width": self.net.width, "classes": self.classes,
             "report": asdict(self.report) if self.report else None,
-            "shards": {"root": str(meta.root), "fingerprint": fingerprint(meta)},
-        }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        return path
+            "shards": {"root": str(meta.root), "fingerprint": shard_fingerprint(meta)},
+        }, meta)
 
 
 def load_detail_net(path: str | Path, meta: ShardMeta | None = None,
                     device: str | torch.device = "cpu") -> DetailFile:
-    """Load a detail-net file; with ``meta``, refuse one trained on other shards."""
+    """Load a detail-net file (no code runs: weights_only); with ``meta``, refuse one trained
+    on other shards."""
     path = Path(path)
     if not path.is_file():
         raise DetailNetError(f"detail net not found: {path} "
                              "(train one: python -m stackgan.metrics.detail train --shards DIR)")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise DetailNetError(f"{path}: cannot read detail-net file ({e})") from e
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise DetailNetError(f"{path}: not a {FORMAT} file")
-    if meta is not None and d["shards"]["fingerprint"] != fingerprint(meta):
+    d = load_net(path, (FORMAT,), DetailNetError, "detail-net")
+    if meta is not None and d["shards"]["fingerprint"] != shard_fingerprint(meta):
         raise DetailNetError(
             f"{path}: this detail net was trained on other shards ({d['shards']['root']}) than {meta.root}; "
             "its features would not fit these images. Delete the file to train one on these shards on "
@@ -317,16 +306,18 @@ def train_detail_net(shards: str | Path, *, steps: int = 0, batch_size: int = 32
         epochs=round(steps * batch_size / len(data), 2), seconds=round(time.perf_counter() - t0, 1),
         cpu_seconds=round(time.process_time() - c0, 1), detail_error=round(err, 4),
         species_accuracy=round(acc, 4))
-    return DetailFile(net, data.classes, report, {"root": str(meta.root), "fingerprint": fingerprint(meta)})
+    return DetailFile(net, data.classes, report,
+                      {"root": str(meta.root), "fingerprint": shard_fingerprint(meta)})
 
 
 def detail_net_path(ctx: EvalContext) -> Path:
-    return Path(ctx.detail_net) if ctx.detail_net else Path(ctx.shards) / "detail256.pt"
+    """``ctx.detail_net``, else :data:`DEFAULT_FILE` in the shard folder or the cache folder."""
+    return cache_path(ctx.meta, DEFAULT_FILE, ctx.detail_net, ctx.cache_dir)
 
 
 def ensure_detail_net(ctx: EvalContext) -> DetailFile:
-    """The context's detail net: loaded from ``ctx.detail_net`` (default
-    ``<shards>/detail256.pt``), or trained there first (rank 0 trains, the others wait)."""
+    """The context's detail net: loaded from :func:`detail_net_path`, or trained there first
+    (rank 0 trains, the others wait)."""
     if "detail_net" in ctx.cache:
         return ctx.cache["detail_net"]
     path = detail_net_path(ctx)
@@ -465,14 +456,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a detail net on a shard set's real 304px images and cache it")
     t.add_argument("--shards", required=True, help="prepared shard folder with 304px images")
-    t.add_argument("--out", default="", help="detail-net file (default <shards>/detail256.pt)")
+    t.add_argument("--out", default="",
+                   help="detail-net file (default detail256.pt in the shard folder, or the cache folder when "
+                        "that is read-only)")
+    t.add_argument("--cache-dir", default="", help="the cache folder (default $XDG_CACHE_HOME/stackgan)")
     t.add_argument("--steps", type=int, default=0,
                    help=f"optimizer updates (default: {EPOCHS:g} passes, within [{MIN_STEPS}, {MAX_STEPS}])")
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--width", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     t.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is fastest on a busy small machine)")
     t.add_argument("--reference-samples", type=int, default=1000,
@@ -488,10 +482,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.threads > 0:
             torch.set_num_threads(args.threads)
-        out = Path(args.out) if args.out else Path(args.shards) / "detail256.pt"
-        net = train_detail_net(args.shards, steps=args.steps, batch_size=args.batch_size, width=args.width,
-                               lr=args.lr, seed=args.seed, device=args.device)
         meta = load_metadata(args.shards)
+        out = cache_path(meta, DEFAULT_FILE, args.out, args.cache_dir)
+        try:
+            device = resolve_device(args.device)
+        except ValueError as e:  # an unknown device name, or CUDA asked for where there is none
+            raise DetailNetError(str(e)) from e
+        net = train_detail_net(args.shards, steps=args.steps, batch_size=args.batch_size, width=args.width,
+                               lr=args.lr, seed=args.seed, device=device)
         net.save(out, meta)
         print(f"detail net written to {out}\n{format_report(net.report)}")
         if args.reference_samples > 0:

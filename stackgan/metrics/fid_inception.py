@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import MetricError, full_precision, read_state_dict
+from .core import EvalContext, MetricError, full_precision, requirement
+from .netcache import read_state_dict
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
@@ -237,7 +238,8 @@ def weights_path(path: str | Path = "") -> Path:
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     sd = read_state_dict(path, FIDInceptionError, "FID-Inception")
-    return {k: v for k, v in sd.items() if not k.startswith(_UNUSED) and not k.endswith("num_batches_tracked")}
+    return {k: v for k, v in sd.items()
+            if not k.startswith(_UNUSED) and not k.endswith("num_batches_tracked")}
 
 
 def load_fid_inception(path: str | Path = "", device: str | torch.device = "cpu",
@@ -259,3 +261,11 @@ def load_fid_inception(path: str | Path = "", device: str | torch.device = "cpu"
             f"{len(wrong)} of another shape (e.g. {[(k, tuple(sd[k].shape)) for k in wrong[:2]]})")
     net.load_state_dict(sd, strict=False)  # only num_batches_tracked may be absent
     return net.to(device).eval()
+
+
+@requirement("fid_inception")
+def check_fid_inception(ctx: EvalContext) -> None:
+    """FID with the FID Inception needs its weights (given, or in the hub cache) and >= 2 samples."""
+    weights_path(ctx.fid_inception)  # raises, naming the path or the hub cache
+    if ctx.num_samples < 2:
+        raise MetricError(f"FID needs num_samples >= 2, got {ctx.num_samples}")

@@ -25,15 +25,18 @@ over 10 splits, FID against all real test images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .core import EvalContext, MetricError, full_precision, generate, rank_world, read_state_dict, register, resize
+from .core import (EvalContext, MetricError, full_precision, generate, rank_world, register, requirement,
+                   resize)
 from .evalset import iter_images, to_tensor
 from .fid_inception import load_fid_inception
+from .netcache import read_state_dict
 from .scores import split_data
 from .stats import GaussianSums, ISSums, frechet_distance, frechet_distance_of_samples
 
@@ -161,38 +164,59 @@ def _real(ctx: EvalContext, kind: str) -> GaussianSums:
     return ctx.cache[key]
 
 
-def _pass(G, ctx: EvalContext, need: str) -> dict:
+@dataclass(frozen=True)
+class InceptionImages:
+    """Shared-pass key: G's ``ctx.num_samples`` images over the test captions (tag :data:`TAG`)
+    seen by the Inception nets ``kinds`` (:func:`inception_pass`)."""
+
+    kinds: tuple[str, ...]
+
+
+def inception_pass(G, ctx: EvalContext, need: str) -> dict:
     """Generated images' statistics for feature net ``need`` and every other Inception the
     current compute call asks for, from one pass of ``ctx.num_samples`` images over the test
     captions (every test image with its caption 0, then caption 1, ...; this rank's share)."""
-    call = ctx.cache.setdefault("call", {})
-    if need in call.get("inception", {}).get("feats", {}):
-        return call["inception"]
-    kinds = sorted({need} | {NET_OF[m] for m in call.get("metrics", ()) if m in NET_OF})
-    nets = {k: _net(ctx, k) for k in kinds}
-    data = split_data(ctx, "test")
-    s, c, n = len(data), data.emb.shape[1], ctx.num_samples
-    perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
-    i = np.arange(n)
-    emb = data.emb[perm[i % s], (i // s) % c]
-    feats = {k: GaussianSums(2048) for k in kinds}
-    tv = nets.get("torchvision")
-    is_sums = ISSums(ctx.is_splits, tv.net.fc.out_features) if tv is not None else None
-    for lo, hi, img in generate(G, ctx, emb, TAG):
-        for k, net in nets.items():
-            pool, logits = net(img)
-            feats[k].add(pool)
-            if k == "torchvision":
-                is_sums.add(logits, torch.arange(lo, hi) * ctx.is_splits // n)
-    out = {"feats": {k: f.reduce() for k, f in feats.items()}, "real": {k: _real(ctx, k) for k in kinds},
-           "is": is_sums.reduce() if is_sums else None, "n": n}
-    call["inception"] = out
-    return out
+    asked = {NET_OF[m] for m in NET_OF if ctx.passes is not None and ctx.passes.asks(m)}
+    kinds = tuple(sorted({need} | asked))
+
+    def make() -> dict:
+        nets = {k: _net(ctx, k) for k in kinds}
+        data = split_data(ctx, "test")
+        s, c, n = len(data), data.emb.shape[1], ctx.num_samples
+        perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
+        i = np.arange(n)
+        emb = data.emb[perm[i % s], (i // s) % c]
+        feats = {k: GaussianSums(2048) for k in kinds}
+        tv = nets.get("torchvision")
+        is_sums = ISSums(ctx.is_splits, tv.net.fc.out_features) if tv is not None else None
+        for lo, hi, img in generate(G, ctx, emb, TAG, what="Inception samples"):
+            for k, net in nets.items():
+                pool, logits = net(img)
+                feats[k].add(pool)
+                if k == "torchvision":
+                    is_sums.add(logits, torch.arange(lo, hi) * ctx.is_splits // n)
+        return {"feats": {k: f.reduce() for k, f in feats.items()}, "real": {k: _real(ctx, k) for k in kinds},
+                "is": is_sums.reduce() if is_sums else None, "n": n}
+
+    return ctx.shared(InceptionImages(kinds), make)
+
+
+@requirement("inception")
+def check_inception(ctx: EvalContext) -> None:
+    """IS / FID with torchvision's Inception need its weights, given by path, and enough samples."""
+    if not ctx.inception:
+        raise MetricError(
+            "IS / FID need Inception-v3 weights: pass --inception PATH (a torchvision inception_v3 "
+            "state_dict, e.g. inception_v3_google-0cc3c7bd.pth); nothing is downloaded")
+    if not Path(ctx.inception).is_file():
+        raise MetricError(f"Inception-v3 weights not found: {ctx.inception}")
+    if ctx.num_samples < ctx.is_splits:
+        raise MetricError(f"num_samples ({ctx.num_samples}) must be >= is_splits ({ctx.is_splits})")
 
 
 @register("inception_score", requires=("inception",))
 def inception_score_metric(G, ctx: EvalContext) -> dict:
-    p = _pass(G, ctx, "torchvision")
+    p = inception_pass(G, ctx, "torchvision")
     mean, std = p["is"].score()
     return {"mean": mean, "std": std, "splits": ctx.is_splits, "n": p["n"], "note": NOTE}
 
@@ -203,7 +227,7 @@ def _fid(p: dict, kind: str) -> float:
 
 @register("fid", requires=("inception",))
 def fid_metric(G, ctx: EvalContext) -> dict:
-    p = _pass(G, ctx, "torchvision")
+    p = inception_pass(G, ctx, "torchvision")
     return {"fid": _fid(p, "torchvision"), "n_gen": p["n"], "n_real": int(p["real"]["torchvision"].n),
             "note": NOTE}
 
@@ -213,6 +237,6 @@ def fid_inception_metric(G, ctx: EvalContext) -> dict:
     """FID with the FID Inception (:mod:`.fid_inception`): the literature's network and
     protocol (``ctx.num_samples`` = 30000 generated images over the test captions against
     all real test images)."""
-    p = _pass(G, ctx, "fid_inception")
+    p = inception_pass(G, ctx, "fid_inception")
     return {"fid": _fid(p, "fid_inception"), "n_gen": p["n"], "n_real": int(p["real"]["fid_inception"].n),
             "note": FID_NOTE}

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from stackgan.errors import StackGANError
 from stackgan.data import birds, cub
 from stackgan.data.meta import ShardMeta
-from stackgan.data.prepare import _jpeg as jpeg_bytes
+from stackgan.data.prepare import jpeg_bytes
 
 from .evalset import center_crop, decode_image
 
@@ -27,7 +28,7 @@ _PARTS_TAG = 0xA77  # RNG stream of the random part combinations of render_rando
 _DRAW_TAG = 0xD4A  # RNG stream of the drawing itself (pose, shade, background)
 
 
-class RedrawError(RuntimeError):
+class RedrawError(StackGANError, RuntimeError):
     """Shards the renderer cannot redraw: not made by the embedded generator, or by another version."""
 
 

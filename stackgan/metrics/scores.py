@@ -34,10 +34,10 @@ import torch
 
 from stackgan.diversity import UNIFORM_L1, pairwise_l1
 
-from .core import EvalContext, _seed, all_sum, generate, my_batches, rank_world, register, resize
 from .captions import caption_scope
+from .core import EvalContext, all_sum, generate, my_batches, rank_world, register, resize, seed_of
 from .evalset import SplitData, is_holdout, load_split, to_tensor
-from .judge import Judge, ensure_judge, group_names, share
+from .judges import Judge, ensure_judge, group_names, share
 from .stats import GaussianSums, frechet_distance
 
 TAGS = {"train": 11, "test": 12, "diversity": 13, "species": 14}
@@ -55,7 +55,7 @@ def split_data(ctx: EvalContext, split: str, holdout_mod: int = 0) -> SplitData:
     return ctx.cache[key]
 
 
-def _items(data: SplitData, n: int, seed: int, tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def draw_items(data: SplitData, n: int, seed: int, tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Items to generate: (sample index, caption index, shuffled partner item) x n.
     Samples are taken in a random order (so a small n still spans the species)."""
     rng = np.random.default_rng([seed, tag])
@@ -79,7 +79,7 @@ def targets(ctx: EvalContext, data: SplitData, sample: np.ndarray, cap: np.ndarr
     return att * ctx.cache[key][sample, cap]
 
 
-def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
+def real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
     """The judge on real images (and on noise): independent of G, cached on the context."""
     key = ("judge_real", split, ctx.judge_scope, id(judge))
     if key in ctx.cache:
@@ -100,7 +100,7 @@ def _real_pass(ctx: EvalContext, judge: Judge, split: str) -> dict:
         _add(acc, judge, logits, tgt[lo:hi], tgt[partner[lo:hi]])
     n_noise = min(NOISE_IMAGES, max(n, 2))
     for lo, hi in my_batches(n_noise, ctx.batch_size):
-        g = torch.Generator().manual_seed(_seed(ctx.seed, TAGS[split], lo, 5))
+        g = torch.Generator().manual_seed(seed_of(ctx.seed, TAGS[split], lo, 5))
         x = torch.rand(hi - lo, 3, 64, 64, generator=g) * 2 - 1
         logits, f = judge(x)
         noise_feats.add(f)
@@ -127,7 +127,7 @@ class JudgeItems:
 def judge_items(ctx: EvalContext, judge: Judge, split: str) -> JudgeItems:
     """``ctx.judge_samples`` (sample, caption) items of a split; generate them with tag ``TAGS[split]``."""
     data = split_data(ctx, split, judge.holdout_mod)
-    sample, cap, partner = _items(data, ctx.judge_samples, ctx.seed, TAGS[split])
+    sample, cap, partner = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
     tgt = targets(ctx, data, sample, cap)
     return JudgeItems(data.emb[sample, cap], tgt, tgt[partner])
 
@@ -152,23 +152,26 @@ class JudgeTally:
         return {"acc": all_sum(self.acc), "feats": self.feats.reduce(), "n": len(self.items)}
 
 
-def gen_pass_key(split: str) -> tuple:
-    """Per-call cache key of the judge's pass over G's images of a split. A metric that makes
-    the same images (same items, ``generate`` tag ``TAGS[split]``) may fill it to save work."""
-    return ("judge_gen", split)
+@dataclass(frozen=True)
+class JudgeImages:
+    """Shared-pass key (:class:`stackgan.metrics.core.GenerationPasses`): the judge's tally
+    (:meth:`JudgeTally.result`) on G's images of a split's :func:`judge_items`, generated with
+    tag ``TAGS[split]``. A metric that makes these very images (stage II's own pass) may keep
+    its tally under this key."""
+
+    split: str
 
 
-def _gen_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
-    """The judge on generated images for ``ctx.judge_samples`` captions (per compute call)."""
-    key = gen_pass_key(split)
-    call = ctx.cache.setdefault("call", {})
-    if key not in call:
+def judge_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
+    """The judge on G's images for ``ctx.judge_samples`` captions of ``split`` (shared in a call)."""
+    def make() -> dict:
         items = judge_items(ctx, judge, split)
         tally = JudgeTally(judge, items)
-        for lo, hi, img in generate(G, ctx, items.emb, TAGS[split]):
+        for lo, hi, img in generate(G, ctx, items.emb, TAGS[split], what=f"judge, {split} captions"):
             tally.add(img, lo, hi)
-        call[key] = tally.result()
-    return call[key]
+        return tally.result()
+
+    return ctx.shared(JudgeImages(split), make)
 
 
 def _group_acc(judge: Judge) -> dict[str, torch.Tensor]:
@@ -194,7 +197,7 @@ def _per_group(judge: Judge, acc: dict, name: str = "own") -> dict[str, float]:
     return {nm: (float(h / n) if n else float("nan")) for nm, h, n in zip(names, hits, counts)}
 
 
-def _mean(acc: dict, name: str) -> float:
+def mean_of(acc: dict, name: str) -> float:
     n = float(acc[name + "_n"])
     return float(acc[name]) / n if n else float("nan")
 
@@ -204,26 +207,26 @@ def judge_consistency(G, ctx: EvalContext) -> dict:
     judge = ensure_judge(ctx)
     out: dict = {}
     for split in ("train", "test"):
-        real = _real_pass(ctx, judge, split)["acc"]
-        gen = _gen_pass(G, ctx, judge, split)["acc"]
-        out[split] = _mean(gen, "own")
-        out[f"real_{split}"] = _mean(real, "own")
+        real = real_pass(ctx, judge, split)["acc"]
+        gen = judge_pass(G, ctx, judge, split)["acc"]
+        out[split] = mean_of(gen, "own")
+        out[f"real_{split}"] = mean_of(real, "own")
         out[f"ratio_{split}"] = out[split] / out[f"real_{split}"] if out[f"real_{split}"] else float("nan")
-        out[f"shuffled_{split}"] = _mean(gen, "shuf")
+        out[f"shuffled_{split}"] = mean_of(gen, "shuf")
         out[f"n_{split}"] = int(gen["own_n"])
         out[f"groups_{split}"] = _per_group(judge, gen)
         out[f"real_groups_{split}"] = _per_group(judge, real)
         out[f"shuffled_groups_{split}"] = _per_group(judge, gen, "shuf")
-    test_real = _real_pass(ctx, judge, "test")["acc"]
-    out["chance_shuffled_real"] = _mean(test_real, "shuf")
-    out["chance_random"] = _mean(test_real, "rand")
+    test_real = real_pass(ctx, judge, "test")["acc"]
+    out["chance_shuffled_real"] = mean_of(test_real, "shuf")
+    out["chance_random"] = mean_of(test_real, "rand")
     out["chance_groups_shuffled_real"] = _per_group(judge, test_real, "shuf")
     out["judge"] = judge.kind
     margin = out["real_test"] - max(out["chance_shuffled_real"], out["chance_random"])
     if not margin > 0.2 and rank_world()[0] == 0 and not ctx.cache.get("warned_judge"):
         ctx.cache["warned_judge"] = True
         ctx.log(f"WARNING: the judge sees real test images only {margin:.2f} above chance "
-                f"({ctx.judge_path}); its consistency ratios say little. Train it longer or on more images.")
+                f"({judge.path}); its consistency ratios say little. Train it longer or on more images.")
     return out
 
 
@@ -232,8 +235,8 @@ def judge_fd(G, ctx: EvalContext) -> dict:
     judge = ensure_judge(ctx)
     out: dict = {}
     for split in ("test", "train"):
-        real = _real_pass(ctx, judge, split)
-        gen = _gen_pass(G, ctx, judge, split)
+        real = real_pass(ctx, judge, split)
+        gen = judge_pass(G, ctx, judge, split)
         out[split] = frechet_distance(*gen["feats"].mean_cov(), *real["feats"].mean_cov())
         if split == "test":  # ceiling reference: noise images vs real ones
             out["noise_test"] = frechet_distance(*real["noise"].mean_cov(), *real["feats"].mean_cov())
@@ -249,20 +252,25 @@ def _real_diversity(ctx: EvalContext) -> float:
     return ctx.cache["div_real"]
 
 
-def _diversity_groups(G, ctx: EvalContext) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class DiversitySamples:
+    """Shared-pass key: G's samples for both diversity scores (:func:`diversity_samples`)."""
+
+
+def diversity_samples(G, ctx: EvalContext) -> list[torch.Tensor]:
     """This rank's samples for both diversity scores, (captions, diversity_z, 3, 64, 64) per
     batch on the CPU: ``ctx.diversity_captions`` test captions with ``ctx.diversity_z`` noise
-    vectors each, generated once per compute call."""
-    call = ctx.cache.setdefault("call", {})
-    if "diversity_groups" not in call:
+    vectors each (shared in a call)."""
+    def make() -> list[torch.Tensor]:
         data = split_data(ctx, "test")
         k, m = ctx.diversity_captions, ctx.diversity_z
-        sample, cap, _ = _items(data, k, ctx.seed, TAGS["diversity"])
+        sample, cap, _ = draw_items(data, k, ctx.seed, TAGS["diversity"])
         emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
         bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
-        call["diversity_groups"] = [resize(img, 64).cpu().reshape(-1, m, 3, 64, 64)
-                                    for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs)]
-    return call["diversity_groups"]
+        return [resize(img, 64).cpu().reshape(-1, m, 3, 64, 64)
+                for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs, what="diversity")]
+
+    return ctx.shared(DiversitySamples(), make)
 
 
 def _mean_over_ranks(per_group: list[torch.Tensor]) -> float:
@@ -278,7 +286,7 @@ def _mean_over_ranks(per_group: list[torch.Tensor]) -> float:
 @register("diversity")
 def diversity(G, ctx: EvalContext) -> dict:
     k, m = ctx.diversity_captions, ctx.diversity_z
-    gen = _mean_over_ranks([pairwise_l1(x) for x in _diversity_groups(G, ctx)])
+    gen = _mean_over_ranks([pairwise_l1(x) for x in diversity_samples(G, ctx)])
     real = _real_diversity(ctx)
     return {"score": gen / UNIFORM_L1, "vs_real": gen / real if real else float("nan"),
             "real": real / UNIFORM_L1, "captions": k, "z_per_caption": m}
@@ -315,7 +323,7 @@ def judge_diversity(G, ctx: EvalContext) -> dict:
     judge = ensure_judge(ctx)
     k, m = ctx.diversity_captions, ctx.diversity_z
     spreads = []
-    for x in _diversity_groups(G, ctx):  # the pixel score's samples (64 px: the judge's input size)
+    for x in diversity_samples(G, ctx):  # the pixel score's samples (64 px: the judge's input size)
         _, f = judge(x.flatten(0, 1))
         spreads.append(_pairwise_l2(f.cpu().reshape(len(x), m, -1)))
     gen = _mean_over_ranks(spreads)

@@ -19,8 +19,9 @@ next to those upsampled bicubically to 256 px, the baseline stage II must beat:
 
 One generation serves them all: per split, each batch of stage-II images and their
 stage-I inputs is made once and every figure the call's metrics need is accumulated from
-it; the stage-II judge pass is handed to ``judge_consistency`` / ``judge_fd`` in the same
-call (list the stage-II metrics first, as ``stackgan.evaluate`` does). Items and noise are
+it (shared pass :class:`StageImages`); its stage-II judge tally is kept as the
+``judge_consistency`` / ``judge_fd`` pass of the same call (:class:`.scores.JudgeImages`: the
+very images those make; list the stage-II metrics first, as ``stackgan.evaluate`` does). Items and noise are
 those of the judge metrics (``ctx.judge_samples`` per split, from the test split for the
 256-px figures). All four refuse a stage-I generator before any work.
 """
@@ -34,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import EvalContext, MetricError, generate, register
+from .core import EvalContext, MetricError, generate, register, requirement
 from .detail import (CUTOFF, LOW, DetailFile, ImageSums, RealReference, ensure_detail_net, fd, real_reference,
                      upsample)
-from .judge import Judge, ensure_judge
-from .scores import (TAGS, JudgeTally, _items, _mean, _real_pass, gen_pass_key, judge_items, split_data)
+from .judges import Judge, ensure_judge
+from .scores import TAGS, JudgeImages, JudgeTally, draw_items, judge_items, mean_of, real_pass, split_data
 from .stats import frechet_distance
 
 VIEWS = ("stage2", "stage1", "upsampled")  # stage II, its stage-I input, that upsampled bicubically
@@ -48,7 +49,17 @@ _IMAGE_READERS = {"fd256", "sharpness"}  # read the 256-px figures of the test s
 
 def _planned(ctx: EvalContext, asking: str) -> set[str]:
     """The metrics of the running ``compute`` call (and the one asking): what a pass should feed."""
-    return set(ctx.cache.get("call", {}).get("metrics", ())) | {asking}
+    readers = _JUDGE_READERS | _IMAGE_READERS
+    return {m for m in readers if ctx.passes is not None and ctx.passes.asks(m)} | {asking}
+
+
+@requirement("stage2")
+def check_stage2(ctx: EvalContext) -> None:
+    """Stage-II metrics need a 256-px (stage-II) generator."""
+    if ctx.image_size != 256:
+        raise MetricError(f"stage-II metrics compare a stage-II generator's 256px images with its "
+                          f"stage-I input; this generator makes {ctx.image_size}px images (stage I): "
+                          "evaluate a stage-II export, or leave the stage-II metrics out")
 
 
 def _check_generator(G: nn.Module, asking: str) -> None:
@@ -62,9 +73,9 @@ def stage_batches(G: nn.Module, ctx: EvalContext, emb: np.ndarray,
     """This rank's ``(lo, hi, stage-II images, their stage-I inputs)`` for ``emb``. Both come
     from :func:`generate` with the same tag, so the same noise and CA-Net seeds: the stage-I
     images are exactly the ones G refined (its ``forward`` draws ``low_res`` first)."""
-    low_ctx = dataclasses.replace(ctx, image_size=LOW)  # shares ctx.cache
+    low_ctx = dataclasses.replace(ctx, image_size=LOW, progress=False)  # shares ctx.cache; one bar
     stage1 = generate(G.low_res, low_ctx, emb, tag)
-    for (lo, hi, high), (_, _, low) in zip(generate(G, ctx, emb, tag), stage1):
+    for (lo, hi, high), (_, _, low) in zip(generate(G, ctx, emb, tag, what="stage II and its input"), stage1):
         yield lo, hi, high, low
 
 
@@ -80,17 +91,25 @@ class StagePass:
                 and (not detail or (self.images is not None and self.images["stage2"].feats is not None)))
 
 
+@dataclass(frozen=True)
+class StageImages:
+    """Shared-pass key: one generation over a split's items feeding the stage-II figures
+    (:class:`StagePass`)."""
+
+    split: str
+
+
 def _stage_pass(G: nn.Module, ctx: EvalContext, split: str, asking: str) -> StagePass:
     """One generation over a split's items, feeding every stage-II figure the call needs
-    (cached per compute call)."""
+    (shared in a call; a narrower pass made earlier is replaced)."""
     planned = _planned(ctx, asking)
     want_judge = bool(planned & _JUDGE_READERS) and bool(ctx.meta.attributes)
     want_images = split == "test" and bool(planned & _IMAGE_READERS)
     want_detail = want_images and "fd256" in planned
-    call = ctx.cache.setdefault("call", {})
-    key = ("stage2_pass", split)
-    if key in call and call[key].serves(want_judge, want_images, want_detail):
-        return call[key]
+    key = StageImages(split)
+    found = ctx.passes.find(key) if ctx.passes is not None else None
+    if found is not None and found.serves(want_judge, want_images, want_detail):
+        return found
     judge: Judge | None = ensure_judge(ctx) if want_judge else None
     net: DetailFile | None = ensure_detail_net(ctx) if want_detail else None
     if judge is not None:
@@ -99,7 +118,7 @@ def _stage_pass(G: nn.Module, ctx: EvalContext, split: str, asking: str) -> Stag
         tallies = {v: JudgeTally(judge, items) for v in VIEWS}
     else:  # the same items judge_items would give (the test split does not depend on the judge)
         data = split_data(ctx, split)
-        sample, cap, _ = _items(data, ctx.judge_samples, ctx.seed, TAGS[split])
+        sample, cap, _ = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
         emb, tallies = data.emb[sample, cap], {}
     sums = {v: ImageSums(net) for v in ("stage2", "upsampled")} if want_images else {}
     for lo, hi, high, low in stage_batches(G, ctx, emb, TAGS[split]):
@@ -111,10 +130,9 @@ def _stage_pass(G: nn.Module, ctx: EvalContext, split: str, asking: str) -> Stag
                 sums[view].add(img)
     result = StagePass({v: t.result() for v, t in tallies.items()} if tallies else None,
                        {v: s.reduce() for v, s in sums.items()} if sums else None)
-    if result.judge is not None:  # the very images judge_consistency / judge_fd would make
-        call.setdefault(gen_pass_key(split), result.judge["stage2"])
-    call[key] = result
-    return result
+    if result.judge is not None and ctx.passes is not None and ctx.passes.find(JudgeImages(split)) is None:
+        ctx.passes.keep(JudgeImages(split), result.judge["stage2"])  # the images judge_consistency makes
+    return ctx.passes.keep(key, result) if ctx.passes is not None else result
 
 
 def _real_reference(ctx: EvalContext, asking: str) -> RealReference:
@@ -140,11 +158,11 @@ def stage2_consistency(G, ctx: EvalContext) -> dict:
     out: dict = {}
     for split in ("train", "test"):
         views = _stage_pass(G, ctx, split, "stage2_consistency").judge
-        real = _real_pass(ctx, judge, split)["acc"]
-        out[split] = _mean(views["stage2"]["acc"], "own")
+        real = real_pass(ctx, judge, split)["acc"]
+        out[split] = mean_of(views["stage2"]["acc"], "own")
         for view in ("stage1", "upsampled"):
-            out[f"{view}_{split}"] = _mean(views[view]["acc"], "own")
-        out[f"real_{split}"] = _mean(real, "own")
+            out[f"{view}_{split}"] = mean_of(views[view]["acc"], "own")
+        out[f"real_{split}"] = mean_of(real, "own")
         out[f"gain_{split}"] = out[split] - out[f"upsampled_{split}"]
         out[f"n_{split}"] = int(views["stage2"]["acc"]["own_n"])
     return out
@@ -157,7 +175,7 @@ def stage2_fd(G, ctx: EvalContext) -> dict:
     out: dict = {}
     for split in ("test", "train"):
         views = _stage_pass(G, ctx, split, "stage2_fd").judge
-        real = _real_pass(ctx, judge, split)["feats"].mean_cov()
+        real = real_pass(ctx, judge, split)["feats"].mean_cov()
         for view in VIEWS:
             name = split if view == "stage2" else f"{view}_{split}"
             out[name] = frechet_distance(*views[view]["feats"].mean_cov(), *real)

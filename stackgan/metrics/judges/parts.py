@@ -1,9 +1,9 @@
 """The part-wise judge: reads what a bird shows part by part, with no species to lean on.
 
-Why: the species judge (:mod:`.judge`) learns from real images, where parts always come in
+Why: the species judge (:mod:`.species`) learns from real images, where parts always come in
 a species' combination, so it reads a part partly from the rest of the bird. A drawing of
 exactly what a caption states, with anything for the unstated parts, then scores only 75%
-of a real image with it (``python -m stackgan.metrics.judge_ceiling``), which mixes "draws
+of a real image with it (``python -m stackgan.studies.judge_ceiling``), which mixes "draws
 what the text says" with "draws the species the text implies". This judge is trained on
 birds the embedded set's renderer draws with random, *independent* part combinations
 (:func:`.redraw.render_random`, through the shards' JPEG + bbox crop path), so no part can
@@ -18,7 +18,7 @@ Only shards drawn by this version of the embedded generator can use it (the rend
 the shards' JPEG quality are its training distribution). Its report gives per-group
 accuracy on held-out renderer birds and on the shard set's real train and test images.
 
-    python -m stackgan.metrics.judge train --shards shards/birds-cub-scale --kind parts
+    python -m stackgan.metrics.judges train --shards shards/birds-cub-scale --kind parts
 """
 from __future__ import annotations
 
@@ -32,10 +32,10 @@ from torch import nn
 
 from stackgan.data.meta import load_metadata
 
-from .evalset import center_crop, load_split
-from .judge import (READABLE_MARGIN, Judge, JudgeError, _block, _fit, _score_real, attribute_groups,
-                    group_names)
-from .redraw import RedrawError, embedded_renderer, render_random
+from ..evalset import center_crop, load_split
+from ..redraw import RedrawError, embedded_renderer, render_random
+from .base import READABLE_MARGIN, Judge, JudgeError, conv_block, fit, score_real
+from .rule import attribute_groups, group_names
 
 KIND = "parts"
 CROP = 64
@@ -55,8 +55,9 @@ class PartJudgeNet(nn.Module):
     def __init__(self, num_attributes: int, groups: list[list[int]], width: int = 16):
         super().__init__()
         w = width
-        self.fine = nn.Sequential(*_block(3, w, 2), *_block(w, 2 * w, 2), *_block(2 * w, 4 * w, 1))  # 16x16
-        self.coarse = nn.Sequential(*_block(4 * w, 4 * w, 2), *_block(4 * w, 8 * w, 1))  # 8x8
+        self.fine = nn.Sequential(*conv_block(3, w, 2), *conv_block(w, 2 * w, 2),
+                                  *conv_block(2 * w, 4 * w, 1))  # 16x16
+        self.coarse = nn.Sequential(*conv_block(4 * w, 4 * w, 2), *conv_block(4 * w, 8 * w, 1))  # 8x8
         channels, longest = 12 * w, max(len(g) for g in groups)
         self.where = nn.Conv2d(channels, len(groups), 1)
         self.what = nn.Parameter(torch.randn(len(groups), channels, longest) / channels ** 0.5)
@@ -167,12 +168,12 @@ def train_part_judge(
     net = PartJudgeNet(len(meta.attributes), groups, width).to(device)
     t1 = time.perf_counter()
     x = torch.from_numpy(x_tr).permute(0, 3, 1, 2).contiguous()
-    _fit(net, x, torch.from_numpy(y_tr.astype(np.float32)), groups, steps, batch_size, lr,
+    fit(net, x, torch.from_numpy(y_tr.astype(np.float32)), groups, steps, batch_size, lr,
          torch.Generator().manual_seed(seed), device, log)
     t_train = time.perf_counter() - t1
     judge = Judge(net, list(meta.attributes), groups, HOLDOUT_MOD, prior)
     judge.trained_on = renderer.identity()
-    val = _score_real(judge, center_crop(x_val, CROP), y_val)
+    val = score_real(judge, center_crop(x_val, CROP), y_val)
     names = group_names(judge.attributes, groups)
     readable = [g for g, nm in zip(groups, names)
                 if val["groups"][nm] >= val["groups_major"][nm] + READABLE_MARGIN]
@@ -180,12 +181,12 @@ def train_part_judge(
     if dropped:
         log(f"part judge: dropping groups it cannot read on held-out renderer birds: {', '.join(dropped)}")
         judge.groups = readable
-        val = _score_real(judge, center_crop(x_val, CROP), y_val)
+        val = score_real(judge, center_crop(x_val, CROP), y_val)
     real = {s: load_split(meta, s, image=76) for s in ("train", "test") if s in meta.splits}
-    scores = {s: _score_real(judge, d.img, d.attr) for s, d in real.items()}
+    scores = {s: score_real(judge, d.img, d.attr) for s, d in real.items()}
     test = scores.get("test")
     noise = np.random.default_rng(seed).integers(0, 256, size=(512, CROP, CROP, 3), dtype=np.uint8)
-    rnd = _score_real(judge, noise, real["test"].attr[np.arange(512) % len(real["test"])]) if test else None
+    rnd = score_real(judge, noise, real["test"].attr[np.arange(512) % len(real["test"])]) if test else None
     nan = float("nan")
     judge.report = PartJudgeReport(
         n_render=images, n_val=val_images, steps=steps, batch_size=batch_size,
@@ -203,6 +204,7 @@ def train_part_judge(
 
 
 def format_report(r: PartJudgeReport) -> str:
+    """A part-wise judge's training report, for people."""
     def row(d: dict) -> str:
         return ", ".join(f"{k.removeprefix('has_')} {v:.3f}" for k, v in d.items())
 
