@@ -270,22 +270,10 @@ def test_long_member_names_pax_headers(shards, tmp_path):
     assert all(same(a, b) for a, b in zip(short, long))
 
 
-def test_remote_url_fetched_and_verified(shards, tmp_path):
-    url = f"pipe:cat {shards}"
-    remote = take(TrainStream(url, "train", 64, batch_size=4, seed=7, cache_dir=str(tmp_path)), 3)
-    local = take(TrainStream(str(shards), "train", 64, batch_size=4, seed=7), 3)
-    assert all(same(a, b) for a, b in zip(local, remote))
-    assert len(list(tmp_path.rglob("*.tar"))) == len(SIZES)
-    bad = tmp_path / "bad"  # a shard that does not match its sha256 in metadata.json
-    bad.mkdir()
-    for f in shards.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((bad / "metadata.json").read_text())
-    meta["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
-    (bad / "metadata.json").write_text(json.dumps(meta))
-    stream = TrainStream(f"pipe:cat {bad}", "train", 64, batch_size=7, seed=7, cache_dir=str(tmp_path / "c2"))
-    with pytest.raises(ShardError, match="train-000000.tar: sha256"):
-        take(stream, stream.batches_per_epoch)
+def test_pipe_location_needs_name(shards):
+    """The old ``pipe:cat DIR`` form (file name appended) is refused with the form to use."""
+    with pytest.raises(ShardError, match=r"needs \{name\}"):
+        TrainStream(f"pipe:cat {shards}", "train", 64, batch_size=4, seed=7)
 
 
 # ------------------------------------------------------------------------------------
