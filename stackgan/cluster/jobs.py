@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..data.meta import ShardError, load_metadata
 from .summary import write_summary
 
 EXIT_REQUEUE = 3  # as the trainer's: checkpointed, run me again
@@ -26,9 +27,10 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
     if not Path(config).is_file():
         raise ConfigError(f"config file not found: {config}")
     cfg = load_config(config, overrides)
-    meta = Path(cfg.data.shards) / "metadata.json"
-    if not meta.is_file():
-        raise ConfigError(f"data.shards={cfg.data.shards}: no {meta} (prepare shards first: python shards/prepare.py)")
+    try:  # read through the opener: a folder, file://, http(s):// or pipe: location
+        load_metadata(cfg.data.shards)
+    except ShardError as e:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e} (prepare shards first: python shards/prepare.py)") from e
     if cfg.model.stage == 2 and need_stage1_export:
         if not cfg.model.stage1_export:
             raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")

@@ -39,6 +39,33 @@ WAIT_S = 600.0  # how long a reader waits for space held by shards in use before
 TRIES = 3  # attempts of a transfer that failed in transport (not of a sha256 mismatch)
 
 
+# Every fd this module opens is listed, so that a forked child (a DataLoader worker) closes its
+# copies at once: a flock belongs to the open file, shared with the child by fork, and a copy
+# that no thread of the child knows about would hold the parent's lock or pin forever.
+_FDS: set[int] = set()
+
+
+def _open(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    _FDS.add(fd)
+    return fd
+
+
+def _close(fd: int) -> None:
+    _FDS.discard(fd)
+    os.close(fd)
+
+
+def _close_inherited() -> None:
+    for fd in list(_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
+
+
 def default_folder() -> Path:
     """``$STACKGAN_SHARD_CACHE``, else ``$TMPDIR/stackgan-shards`` (node-local on clusters)."""
     return Path(os.environ.get("STACKGAN_SHARD_CACHE") or Path(tempfile.gettempdir()) / "stackgan-shards")
@@ -52,7 +79,7 @@ class Pin:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # releases the shared lock
+            _close(self.fd)  # releases the shared lock
             self.fd = -1
 
     def __enter__(self) -> "Pin":
@@ -75,16 +102,18 @@ class ShardCache:
         except OSError as e:
             raise ShardError(f"data.cache_dir={self.folder}: cannot create the shard cache ({e})") from e
         self.fetched_bytes: list[int] = []  # sizes of the shards this process fetched
+        with self._cache_lock():
+            self._evict_locked(0)  # temp files left by killed writers
 
     # ---------------------------------------------------------------- locking helpers
     @contextlib.contextmanager
     def _locked(self, path: Path, mode: int) -> Iterator[None]:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, mode)
             yield
         finally:
-            os.close(fd)
+            _close(fd)
 
     def _cache_lock(self, shared: bool = False):
         return self._locked(self.folder / ".lock", fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -130,7 +159,7 @@ class ShardCache:
     @staticmethod
     def _drop_if_unlocked(path: Path, size: int) -> int:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
             return 0
         try:
@@ -141,7 +170,7 @@ class ShardCache:
             path.unlink(missing_ok=True)
             return size
         finally:
-            os.close(fd)
+            _close(fd)
 
     def _reserve(self, fd: int, want: int, wait: bool, where: str) -> bool:
         """Grow the temp file ``fd`` to ``want`` bytes once the bound allows it."""
@@ -170,7 +199,7 @@ class ShardCache:
     # ---------------------------------------------------------------- the public calls
     def _try_pin(self, path: Path) -> Pin | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits out an eviction in progress
@@ -180,14 +209,16 @@ class ShardCache:
         except FileNotFoundError:
             cur = None
         if cur is None or (cur.st_ino, cur.st_dev) != (st.st_ino, st.st_dev):
-            os.close(fd)  # evicted between open and lock
+            _close(fd)  # evicted between open and lock
             return None
         os.utime(path)  # most recently used
         return Pin(fd, path)
 
-    def open(self, store: Store, name: str, sha256: str, *, wait: bool = True) -> Pin | None:
+    def open(self, store: Store, name: str, sha256: str, *, wait: bool = True,
+             stop: threading.Event | None = None) -> Pin | None:
         """The verified local copy of ``name``, pinned; fetched first if it is not here.
-        ``wait=False`` (prefetch): ``None`` instead of waiting for space."""
+        ``wait=False`` (prefetch): ``None`` instead of waiting for space; ``stop`` set: ``None``
+        as soon as possible (the temp file removed)."""
         if not sha256:
             raise ShardError(f"{store.where(name)}: metadata.json lists no sha256 for it; a remote shard "
                              "is only used once verified (prepare the set again)")
@@ -201,7 +232,7 @@ class ShardCache:
                 if pin is not None:
                     return pin
                 try:
-                    return self._fetch(store, name, sha256, path, wait)
+                    return self._fetch(store, name, sha256, path, wait, stop)
                 except TransportError as e:
                     if attempt == TRIES - 1:
                         raise
@@ -209,10 +240,11 @@ class ShardCache:
             time.sleep(2.0 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _fetch(self, store: Store, name: str, sha256: str, path: Path, wait: bool) -> Pin | None:
+    def _fetch(self, store: Store, name: str, sha256: str, path: Path, wait: bool,
+               stop: threading.Event | None) -> Pin | None:
         where = store.where(name)
         tmp = self.folder / f".part-{os.getpid()}-{threading.get_ident()}-{path.name}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = _open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         fcntl.flock(fd, fcntl.LOCK_EX)  # "alive": eviction removes only unlocked temp files
         done = False
         try:
@@ -227,6 +259,8 @@ class ShardCache:
                         raise TransportError(f"{where}: transfer failed ({e})") from e
                     if not chunk:
                         break
+                    if stop is not None and stop.is_set():
+                        return None
                     if written + len(chunk) > reserved:  # the announced size, else a step at a time
                         want = written + len(chunk)
                         want = hint if hint >= want else max(want, reserved + step)
@@ -250,7 +284,7 @@ class ShardCache:
         finally:
             if not done:
                 tmp.unlink(missing_ok=True)
-                os.close(fd)
+                _close(fd)
 
 
 class ShardFiles:
@@ -260,12 +294,12 @@ class ShardFiles:
         self.store = store
         self.cache = ShardCache(cache_dir, int(cache_gb * 1e9)) if store.remote else None
 
-    def open(self, name: str, sha256: str, *, wait: bool = True) -> Pin | None:
+    def open(self, name: str, sha256: str, *, wait: bool = True, stop: threading.Event | None = None) -> Pin | None:
         if self.cache is not None:
-            return self.cache.open(self.store, name, sha256, wait=wait)
+            return self.cache.open(self.store, name, sha256, wait=wait, stop=stop)
         path = self.store.path(name)
         try:
-            return Pin(os.open(path, os.O_RDONLY), path)
+            return Pin(_open(path, os.O_RDONLY), path)
         except FileNotFoundError:
             raise ShardError(f"{path}: shard listed in metadata.json is missing") from None
         except OSError as e:
@@ -294,6 +328,7 @@ class Prefetcher:
         self._want: list[int] = []
         self._cv = threading.Condition()
         self._stop = False
+        self._abort = threading.Event()  # ends a download in flight (its temp file removed)
         self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
         self._thread.start()
 
@@ -303,9 +338,12 @@ class Prefetcher:
             self._cv.notify()
 
     def close(self) -> None:
+        """Stop, and wait for a download in flight to be abandoned (no temp file outlives us)."""
+        self._abort.set()
         with self._cv:
             self._stop = True
             self._cv.notify()
+        self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
@@ -323,7 +361,7 @@ class Prefetcher:
                 if self.files.cached(name, sha):
                     continue
                 try:
-                    pin = self.files.open(name, sha, wait=False)
+                    pin = self.files.open(name, sha, wait=False, stop=self._abort)
                 except Exception as e:  # noqa: BLE001 -- the reader fetches again and reports it
                     log.debug("prefetch of %s failed: %s", name, e)
                     continue

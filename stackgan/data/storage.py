@@ -124,19 +124,23 @@ class _Pipe:
         self._err = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block
         self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=self._err)  # noqa: S602
         self.length = None  # size unknown in advance
+        self._eof = False
 
     def read(self, n: int = -1) -> bytes:
-        return self.proc.stdout.read(n)
+        data = self.proc.stdout.read(n)
+        self._eof = self._eof or not data or n < 0
+        return data
 
     def close(self) -> None:
-        if self.proc.poll() is None and not self.proc.stdout.closed:
-            self.proc.stdout.read()  # drain, so the command can exit
+        """After the whole output: a failing command is an error. Before it: the command is stopped."""
+        if not self._eof:
+            self.proc.kill()
         self.proc.stdout.close()
         rc = self.proc.wait()
         self._err.seek(0)
         err = self._err.read().decode(errors="replace").strip()
         self._err.close()
-        if rc != 0:
+        if rc != 0 and self._eof:
             raise TransportError(f"{self.where}: command exited with {rc}"
                                  + (f": {err.splitlines()[-1][:300]}" if err else ""))
 
@@ -147,7 +151,5 @@ class _Pipe:
         if exc_type is None:
             self.close()
         else:  # an error is already on its way: do not mask it with the exit status
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdout.close()
-            self._err.close()
+            self._eof = False
+            self.close()
