@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import logging
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -356,9 +358,11 @@ def test_skip_mode_counts_and_keeps_batches_equal(truncated, shards, caplog):
     assert all(same(a, b) for a, b in zip(batches, pb)) and par.skipped == stream.skipped
 
 
-def test_bench_data_runs_both_loaders(shards, tmp_path):
-    """The benchmark script end to end on tiny inputs (numbers are not checked, only produced)."""
-    from stackgan import bench_data
+def test_bench_data_runs_every_loader(shards, tmp_path):
+    """The benchmark script end to end on tiny inputs, remote mode included (speeds are not checked,
+    only produced; the cache's measured peak must respect its bound, and shards must have been
+    downloaded)."""
+    from stackgan.bench import data as bench_data
 
     cub = tmp_path / "CUB_200_2011"
     (cub / "images" / "001.A").mkdir(parents=True)
@@ -370,10 +374,19 @@ def test_bench_data_runs_both_loaders(shards, tmp_path):
     (cub / "images.txt").write_text("\n".join(lines) + "\n")
     (cub / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
     out = tmp_path / "bench.json"
+    shards = write_shards(tmp_path / "eight", sizes=(3,) * 8)  # a quarter of the set holds two shards
     assert bench_data.main(["--shards", str(shards), "--cub-root", str(cub), "--out", str(out), "--sizes", "64",
-                            "--workers", "0", "--batch-size", "2", "--batches", "2"]) == 0
+                            "--workers", "0", "--batch-size", "2", "--batches", "2", "--remote"]) == 0
     report = json.loads(out.read_text())
-    assert {r["loader"] for r in report["results"]} == {"stream", "stream-u8", "folder"}
+    assert {r["loader"] for r in report["results"]} == {"stream", "stream-u8", "folder", "stream-http"}
     assert all(r["samples"] == 4 and r["samples_per_s"] > 0 for r in report["results"])
+    http = next(r for r in report["results"] if r["loader"] == "stream-http")
+    assert http["cache_bound"] == http["data_bytes"] // 4 and 0 < http["cache_peak"] <= http["cache_bound"]
+    assert http["shard_gets"] >= 1
     img, _ = bench_data.FolderDataset(cub, 64)[0]
     assert img.shape == (3, 64, 64) and -1 <= img.min() <= img.max() <= 1
+
+
+def test_bench_data_old_name_still_runs():
+    p = subprocess.run([sys.executable, "-m", "stackgan.bench_data", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--remote" in p.stdout and "stackgan.bench.data" in p.stderr

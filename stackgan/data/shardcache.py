@@ -186,12 +186,12 @@ class ShardCache:
                     os.ftruncate(fd, want)
                     return True
                 if usage - mine <= 0 or want > self.bound:
-                    raise ShardError(f"{where}: needs at least {want / 1e9:.3f} GB, more than the whole shard "
-                                     f"cache ({self.folder}, data.cache_gb={self.bound / 1e9:g}); raise data.cache_gb")
+                    raise ShardError(f"{where}: needs at least {want / 1e9:.3g} GB, more than the whole shard "
+                                     f"cache ({self.folder}, data.cache_gb={self.bound / 1e9:.3g}); raise data.cache_gb")
             if not wait:
                 return False
             if time.monotonic() > deadline:
-                raise ShardError(f"{where}: the shard cache {self.folder} (data.cache_gb={self.bound / 1e9:g}) "
+                raise ShardError(f"{where}: the shard cache {self.folder} (data.cache_gb={self.bound / 1e9:.3g}) "
                                  f"stayed full of shards in use for {WAIT_S:.0f} s; raise data.cache_gb (every "
                                  "reading process holds one shard and prefetches a few)")
             time.sleep(0.2)
