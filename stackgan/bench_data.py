@@ -7,5 +7,6 @@ import sys
 from .bench.data import FolderDataset, main, run, table  # noqa: F401 -- the old module's names
 
 if __name__ == "__main__":
-    print("note: stackgan.bench_data is now stackgan.bench.data (python -m stackgan.bench.data)", file=sys.stderr)
+    print("note: stackgan.bench_data is now stackgan.bench.data (python -m stackgan.bench.data)",
+          file=sys.stderr)
     sys.exit(main())

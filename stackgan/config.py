@@ -28,9 +28,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is streamed);
-    # or a URL: file://, http(s)://, pipe:CMD with {name} for the file (pipe:aws s3 cp s3://b/cub/{name} -)
-    cache_dir: str = ""  # remote shards: node-local cache folder; "" = $STACKGAN_SHARD_CACHE or $TMPDIR/stackgan-shards
+    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is
+    # streamed), or a URL: file://, http(s)://, pipe:CMD with {name} for the file (pipe:aws s3 cp s3://b/c/{name} -)
+    cache_dir: str = ""  # remote shards: node-local cache folder; "" = $STACKGAN_SHARD_CACHE or
+    # $TMPDIR/stackgan-shards
     cache_gb: float = 20.0  # remote shards: the cache's bound (least recently used shards are evicted)
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine

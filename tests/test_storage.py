@@ -8,7 +8,6 @@ an uninterrupted run's per-step record.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,15 +32,15 @@ from stackgan.run import check_inputs
 
 from .conftest import ROOT, run_cmd
 from .test_stream import SIZES, same, take, write_shards
-from .test_train import TINY, assert_same_state, final_state, log_records, train_args
+from .test_train import assert_same_state, final_state, log_records, train_args
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A folder served by ``python -m http.server`` on 127.0.0.1 (a free port chosen by the server)."""
     root = tmp_path_factory.mktemp("served")
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                             "--directory", str(root)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     m = re.search(r"port (\d+)", line)
     assert m, f"http.server said {line!r}"
@@ -103,8 +102,8 @@ def test_remote_batches_equal_local_with_a_small_cache(remote_set, tmp_path, for
     local = TrainStream(str(folder), "train", 64, **kw)
     n = 3 * local.batches_per_epoch  # three epochs: every shard is needed again after its eviction
     with Peak(cache, bound) as peak:
-        remote = TrainStream(location, "train", 64, num_workers=workers, cache_dir=str(cache), cache_gb=bound / 1e9,
-                             **kw)
+        remote = TrainStream(location, "train", 64, num_workers=workers, cache_dir=str(cache),
+                             cache_gb=bound / 1e9, **kw)
         got = take(remote, n)
     want = take(local, n)
     assert all(same(a, b) for a, b in zip(want, got))
@@ -123,14 +122,14 @@ def test_corrupt_shard_over_http_is_named_and_leaves_no_partial_file(served, tmp
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a JPEG: the tar itself still reads
     shard.write_bytes(bytes(data))
     cache = tmp_path / "cache"
-    stream = TrainStream(f"{url}/corrupt", "train", 64, batch_size=4, seed=3, cache_dir=str(cache), cache_gb=0.01)
-    with pytest.raises(ShardError, match=r"corrupt/train-000001\.tar: sha256 .* does not match metadata\.json"):
+    kw = dict(batch_size=4, seed=3, cache_dir=str(cache), cache_gb=0.01)
+    stream = TrainStream(f"{url}/corrupt", "train", 64, **kw)
+    with pytest.raises(ShardError, match=r"corrupt/train-000001\.tar: sha256 .* does not match metadata"):
         take(stream, stream.batches_per_epoch)
     assert no_partial_files(cache)
     assert not [p for p in cache.iterdir() if p.name.endswith("train-000001.tar")]
     # skip mode: that shard's samples are replaced, the others still come through the cache
-    skip = TrainStream(f"{url}/corrupt", "train", 64, batch_size=4, seed=3, cache_dir=str(cache), cache_gb=0.01,
-                       on_corrupt="skip")
+    skip = TrainStream(f"{url}/corrupt", "train", 64, on_corrupt="skip", **kw)
     keys = {k for b in take(skip, skip.batches_per_epoch) for k in b["key"]}
     assert skip.skipped > 0 and keys and not any(int(k.rsplit("_", 1)[1]) in range(7, 12) for k in keys)
     assert no_partial_files(cache)
@@ -142,7 +141,7 @@ def test_cache_evicts_least_recently_used_never_one_in_use(remote_set, tmp_path)
     shards = [(s.name, s.sha256) for s in meta.splits["train"].shards]
     sizes = shard_bytes(folder)
     assert sizes[1] < sizes[2]
-    files = ShardFiles(parse(url), tmp_path / "c", (sizes[0] + sizes[2] + 10) / 1e9)  # holds 0+1 or 0+2, not all
+    files = ShardFiles(parse(url), tmp_path / "c", (sizes[0] + sizes[2] + 10) / 1e9)  # 0+1 or 0+2, not all
     pin0 = files.open(*shards[0])
     files.open(*shards[1]).close()
     (tmp_path / "c" / ".part-999999-1-dead").write_bytes(b"x" * 100)  # a writer killed mid-download

@@ -388,5 +388,6 @@ def test_bench_data_runs_every_loader(shards, tmp_path):
 
 
 def test_bench_data_old_name_still_runs():
-    p = subprocess.run([sys.executable, "-m", "stackgan.bench_data", "--help"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "stackgan.bench_data", "--help"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0 and "--remote" in p.stdout and "stackgan.bench.data" in p.stderr

@@ -174,8 +174,9 @@ def http_server(folder: Path):
     """``python -m http.server`` on 127.0.0.1 serving ``folder`` (a free port picked by the server):
     yields its base URL and the file its request log goes to."""
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as requests:
-        proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                                 "--directory", str(folder)], stdout=subprocess.PIPE, stderr=requests, text=True)
+        cmd = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+               "--directory", str(folder)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=requests, text=True)
         try:
             m = re.search(r"port (\d+)", proc.stdout.readline())
             if not m:
@@ -257,8 +258,8 @@ def run(a) -> dict:
                         r = _measure(make(a, size, workers), n, a.batch_size)
                     r.update(loader=name, size=size, workers=workers)
                     results.append(r)
-                    extra = (f", cache peak {r['cache_peak'] / 1e6:.1f} MB of {r['cache_bound'] / 1e6:.1f} MB, "
-                             f"{r['shard_gets']} shard downloads" if "cache_peak" in r else "")
+                    extra = (f", cache peak {r['cache_peak'] / 1e6:.1f} MB of {r['cache_bound'] / 1e6:.1f} "
+                             f"MB, {r['shard_gets']} shard downloads" if "cache_peak" in r else "")
                     print(f"  {name:11s} {size:3d}px workers={workers}: {r['samples_per_s']:8.1f} samples/s, "
                           f"{_fmt(r['samples_per_cpu_s'])} samples/CPU-s{extra}", flush=True)
     speedup = {}

@@ -30,7 +30,8 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
     try:  # read through the opener: a folder, file://, http(s):// or pipe: location
         load_metadata(cfg.data.shards)
     except ShardError as e:
-        raise ConfigError(f"data.shards={cfg.data.shards}: {e} (prepare shards first: python shards/prepare.py)") from e
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e} (prepare shards first: "
+                          "python shards/prepare.py)") from e
     if cfg.model.stage == 2 and need_stage1_export:
         if not cfg.model.stage1_export:
             raise ConfigError("model.stage=2 needs model.stage1_export=<stage-I run>/export/generator.pt")

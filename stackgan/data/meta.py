@@ -95,7 +95,8 @@ def load_metadata(root: str | Path) -> ShardMeta:
     try:
         d = json.loads(store.read_bytes("metadata.json"))
     except ShardError as e:
-        raise ShardError(f"{e} (is {root} a prepared shard set? see `python shards/prepare.py --help`)") from e
+        raise ShardError(f"{e} (is {root} a prepared shard set? see `python shards/prepare.py --help`)") \
+            from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from e
     if d.get("format") != FORMAT:

@@ -186,14 +186,16 @@ class ShardCache:
                     os.ftruncate(fd, want)
                     return True
                 if usage - mine <= 0 or want > self.bound:
-                    raise ShardError(f"{where}: needs at least {want / 1e9:.3g} GB, more than the whole shard "
-                                     f"cache ({self.folder}, data.cache_gb={self.bound / 1e9:.3g}); raise data.cache_gb")
+                    raise ShardError(f"{where}: needs at least {want / 1e9:.3g} GB, more than the whole "
+                                     f"shard cache ({self.folder}, data.cache_gb={self.bound / 1e9:.3g}); "
+                                     "raise data.cache_gb")
             if not wait:
                 return False
             if time.monotonic() > deadline:
-                raise ShardError(f"{where}: the shard cache {self.folder} (data.cache_gb={self.bound / 1e9:.3g}) "
-                                 f"stayed full of shards in use for {WAIT_S:.0f} s; raise data.cache_gb (every "
-                                 "reading process holds one shard and prefetches a few)")
+                raise ShardError(f"{where}: the shard cache {self.folder} (data.cache_gb="
+                                 f"{self.bound / 1e9:.3g}) stayed full of shards in use for {WAIT_S:.0f} s; "
+                                 "raise data.cache_gb (every reading process holds one shard and prefetches "
+                                 "a few)")
             time.sleep(0.2)
 
     # ---------------------------------------------------------------- the public calls
@@ -294,7 +296,8 @@ class ShardFiles:
         self.store = store
         self.cache = ShardCache(cache_dir, int(cache_gb * 1e9)) if store.remote else None
 
-    def open(self, name: str, sha256: str, *, wait: bool = True, stop: threading.Event | None = None) -> Pin | None:
+    def open(self, name: str, sha256: str, *, wait: bool = True,
+             stop: threading.Event | None = None) -> Pin | None:
         if self.cache is not None:
             return self.cache.open(self.store, name, sha256, wait=wait, stop=stop)
         path = self.store.path(name)

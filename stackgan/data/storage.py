@@ -113,7 +113,8 @@ def parse(location: str | Path) -> Store:
 def _check_name(name: str, location: str) -> None:
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts:
-        raise ShardError(f"{location}/metadata.json: shard name {name!r} must be a relative path inside the set")
+        raise ShardError(f"{location}/metadata.json: shard name {name!r} must be a relative path "
+                         "inside the set")
 
 
 class _Pipe:

@@ -611,7 +611,8 @@ def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int, *, c
                 mine = [g - first for g in wanted if first <= g < first + count]
                 if mine:
                     with reader.pinned(shard) as fd:
-                        samples += [_decode(reader.read(shard, i, fd), spec, reader.where(shard)) for i in mine]
+                        where = reader.where(shard)
+                        samples += [_decode(reader.read(shard, i, fd), spec, where) for i in mine]
                 first += count
     finally:
         reader.close()

@@ -32,7 +32,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 @dataclass
 class TarIndex:
     where: str  # the shard as the user knows it (messages)
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=list)  # key, ext -> (off, size)
+    # (key, {ext: (data offset, size)}) per sample, in file order
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=list)
     problem: str = ""  # why samples are missing ("" when the shard is whole)
 
 
@@ -196,7 +197,8 @@ try:  # libjpeg-turbo / libpng without PIL's per-image Python parsing: 2-3x fast
 
     def _decode(data: bytes) -> np.ndarray:
         try:
-            return _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).numpy()
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return _tv_decode(buf, mode=ImageReadMode.RGB).numpy()
         except RuntimeError as e:
             raise ValueError(f"image decode failed ({str(e).splitlines()[0]})") from None
 except ImportError:  # pragma: no cover -- torchvision missing or broken
