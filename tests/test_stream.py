@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from stackgan.data.meta import ShardError, ShardInfo, ShardMeta, SplitInfo, write_metadata
+from stackgan.data.meta import ShardError, ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
+from stackgan.data.tario import index_tar, read_fields
 from stackgan.data.stream import TrainStream, load_fixed_samples, to_unit_range
 
 TEXT_DIM = 12
@@ -37,18 +39,26 @@ def sample_id(key: str) -> int:
     return int(key.rsplit("_", 1)[1])
 
 
-def _jpeg(size: int, g: int) -> bytes:
+def gradient(size: int, g: int) -> np.ndarray:
     ramp = np.arange(size) * (225.0 / (size - 1))
     arr = np.empty((size, size, 3), np.uint8)
     arr[..., 0] = np.round(ramp)[None, :]
     arr[..., 1] = np.round(ramp)[:, None]
     arr[..., 2] = blue(g)
+    return arr
+
+
+def _jpeg(size: int, g: int, fmt: str = "jpg") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=95, subsampling=0)
+    if fmt == "png":
+        Image.fromarray(gradient(size, g)).save(buf, "PNG")
+    else:
+        Image.fromarray(gradient(size, g)).save(buf, "JPEG", quality=95, subsampling=0)
     return buf.getvalue()
 
 
-def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str = "") -> Path:
+def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str = "",
+                 fmt: str = "jpg") -> Path:
     """Shards + metadata.json exactly as meta.py describes them."""
     root.mkdir(parents=True, exist_ok=True)
     infos, g, classes = [], 0, set()
@@ -67,8 +77,8 @@ def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str 
                 w.write({
                     "__key__": f"{key_prefix}s{g:07d}",
                     "name.txt": key.encode(),
-                    "76.jpg": _jpeg(76, g),
-                    "304.jpg": _jpeg(304, g),
+                    f"76.{fmt}": _jpeg(76, g, fmt),
+                    f"304.{fmt}": _jpeg(304, g, fmt),
                     "emb.npy": npy.getvalue(),
                     "txt.json": json.dumps([f"caption {c} of {key}" for c in range(10)]).encode(),
                     "cls": str(cls).encode(),
@@ -270,6 +280,33 @@ def test_long_member_names_pax_headers(shards, tmp_path):
     long = take(TrainStream(str(root), "train", 64, batch_size=4, seed=9), 3)
     short = take(TrainStream(str(shards), "train", 64, batch_size=4, seed=9), 3)
     assert all(same(a, b) for a, b in zip(short, long))
+
+
+def test_png_images_found_by_their_size(shards, tmp_path):
+    """Shards with ``76.png`` / ``304.png``: the stream and the evaluation set both take the image
+    of the size they need, decoded losslessly (exactly the drawn gradient)."""
+    from stackgan.metrics.evalset import load_split
+
+    root = write_shards(tmp_path / "png", fmt="png")
+    fixed = load_fixed_samples(str(root), "train", 4, 64)
+    for img, key in zip(fixed["img"], fixed["key"]):
+        want = gradient(76, sample_id(key))[6:70, 6:70].transpose(2, 0, 1)
+        assert torch.equal(((img + 1) * 127.5).round().to(torch.uint8), torch.from_numpy(want))
+    png = take(TrainStream(str(root), "train", 256, batch_size=4, seed=2), 2)
+    jpg = take(TrainStream(str(shards), "train", 256, batch_size=4, seed=2), 2)
+    assert [b["key"] for b in png] == [b["key"] for b in jpg]
+    data = load_split(load_metadata(root), "train", image=304, crop=False)
+    assert all((img == gradient(304, int(k[1:]))).all() for img, k in zip(data.img, data.keys))  # s0000123
+    both = tmp_path / "both"  # a sample holding two 76px images is refused, naming both
+    both.mkdir()
+    with wds.TarWriter(str(both / "x.tar")) as w:
+        w.write({"__key__": "s0", "76.jpg": _jpeg(76, 0), "76.png": _jpeg(76, 0, "png")})
+    fd = os.open(both / "x.tar", os.O_RDONLY)
+    try:
+        with pytest.raises(ShardError, match=r"x\.tar: sample 's0': several 76px images \(76\.jpg, 76\.png"):
+            read_fields(fd, index_tar(fd, str(both / "x.tar")), 0, ("76.jpg",))
+    finally:
+        os.close(fd)
 
 
 def test_pipe_location_needs_name(shards):

@@ -155,11 +155,9 @@ def index_tar(fd: int, where: str, expected: int | None = None) -> TarIndex:
 def member_of(members: dict[str, tuple[int, int]], wanted: str) -> str | None:
     """The member holding field ``wanted``: itself, or for an image ``<size>.<ext>`` the one
     image of that size whatever its extension (``76.jpg`` finds ``76.png``)."""
-    if wanted in members:
-        return wanted
     size, _, ext = wanted.partition(".")
     if not (size.isdigit() and ext in IMAGE_EXTS):
-        return None
+        return wanted if wanted in members else None
     found = [m for m in members if m.partition(".")[0] == size and m.partition(".")[2] in IMAGE_EXTS]
     if len(found) > 1:
         raise ValueError(f"several {size}px images ({', '.join(sorted(found))})")
