@@ -246,8 +246,9 @@ class ShardCache:
                stop: threading.Event | None) -> Pin | None:
         where = store.where(name)
         tmp = self.folder / f".part-{os.getpid()}-{threading.get_ident()}-{path.name}"
-        fd = _open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # "alive": eviction removes only unlocked temp files
+        with self._cache_lock():  # created and locked at once: eviction removes unlocked temp files
+            fd = _open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         done = False
         try:
             h, written, reserved = hashlib.sha256(), 0, 0
