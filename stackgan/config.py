@@ -34,7 +34,11 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet_ml", "all", "none")  # tra
 # --------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is streamed)
+    shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is
+    # streamed), or a URL: file://, http(s)://, pipe:CMD with {name} for the file (pipe:aws s3 cp s3://b/c/{name} -)
+    cache_dir: str = ""  # remote shards: node-local cache folder; "" = $STACKGAN_SHARD_CACHE or
+    # $TMPDIR/stackgan-shards
+    cache_gb: float = 20.0  # remote shards: the cache's bound (least recently used shards are evicted)
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine
     shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
@@ -335,6 +339,8 @@ def validate(cfg: Config) -> None:
     for k, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{k} must be >= 0, got {v}")
+    if not cfg.data.cache_gb > 0:
+        raise ConfigError(f"data.cache_gb must be > 0, got {cfg.data.cache_gb}")
     if cfg.data.num_workers < -1:
         raise ConfigError(f"data.num_workers must be >= 0, or -1 (sized to the machine), got {cfg.data.num_workers}")
     if not 0 <= cfg.optim.ema_decay < 1:

@@ -56,7 +56,8 @@ class Monitor:
         self.t_last, self.step_last = time.time(), run.step
         self.eval_ctx = None
         size = image_size(run.cfg.model.stage)
-        fixed = load_fixed_samples(run.cfg.data.shards, SPLIT, FIXED_CAPTIONS, size)
+        fixed = load_fixed_samples(run.cfg.data.shards, SPLIT, FIXED_CAPTIONS, size,
+                                   cache_dir=run.cfg.data.cache_dir, cache_gb=run.cfg.data.cache_gb)
         self.captions = list(fixed["caption"])
         self.fixed_emb = fixed["emb"].to(run.device)
         self.fixed_z = torch.randn(len(self.captions), 4, run.cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))

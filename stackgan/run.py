@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .backends import GANBackend, make_backend
 from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
+from .data.storage import parse as parse_store
 from .ema import EMA
 from .export import export_path, load_stage1_for_stage2, save_export
 from .images import stored_size
@@ -109,9 +110,10 @@ def check_inputs(cfg: Config) -> ShardMeta:
         raise ShardError(f"{cfg.data.shards} has no {SPLIT!r} split (has {sorted(meta.splits)})")
     if meta.splits[SPLIT].num_samples <= 0 or not meta.splits[SPLIT].shards:
         raise ShardError(f"{cfg.data.shards}: split {SPLIT!r} is empty")
-    for s in meta.splits[SPLIT].shards:
-        if not (meta.root / s.name).is_file():
-            raise ShardError(f"{meta.root / s.name}: listed in metadata.json but missing")
+    store = parse_store(meta.root)
+    for s in meta.splits[SPLIT].shards if not store.remote else ():  # remote: fetched and checked on use
+        if not store.path(s.name).is_file():
+            raise ShardError(f"{store.where(s.name)}: listed in metadata.json but missing")
     need = stored_size(image_size(cfg.model.stage))
     if need not in meta.image_sizes:
         raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
@@ -271,6 +273,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         world_size=acc.num_processes, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
         emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
         pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
+        cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb,
     )
     if state is not None and state.get("stream") not in (None, run.stream.signature()):
         log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "

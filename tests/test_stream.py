@@ -11,6 +11,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,7 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from stackgan.data.meta import ShardError, ShardInfo, ShardMeta, SplitInfo, write_metadata
+from stackgan.data.meta import ShardError, ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
+from stackgan.data.tario import index_tar, read_fields
 from stackgan.data.stream import TrainStream, load_fixed_samples, to_unit_range
 
 TEXT_DIM = 12
@@ -35,18 +39,26 @@ def sample_id(key: str) -> int:
     return int(key.rsplit("_", 1)[1])
 
 
-def _jpeg(size: int, g: int) -> bytes:
+def gradient(size: int, g: int) -> np.ndarray:
     ramp = np.arange(size) * (225.0 / (size - 1))
     arr = np.empty((size, size, 3), np.uint8)
     arr[..., 0] = np.round(ramp)[None, :]
     arr[..., 1] = np.round(ramp)[:, None]
     arr[..., 2] = blue(g)
+    return arr
+
+
+def _jpeg(size: int, g: int, fmt: str = "jpg") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=95, subsampling=0)
+    if fmt == "png":
+        Image.fromarray(gradient(size, g)).save(buf, "PNG")
+    else:
+        Image.fromarray(gradient(size, g)).save(buf, "JPEG", quality=95, subsampling=0)
     return buf.getvalue()
 
 
-def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str = "") -> Path:
+def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str = "",
+                 fmt: str = "jpg") -> Path:
     """Shards + metadata.json exactly as meta.py describes them."""
     root.mkdir(parents=True, exist_ok=True)
     infos, g, classes = [], 0, set()
@@ -65,8 +77,8 @@ def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str 
                 w.write({
                     "__key__": f"{key_prefix}s{g:07d}",
                     "name.txt": key.encode(),
-                    "76.jpg": _jpeg(76, g),
-                    "304.jpg": _jpeg(304, g),
+                    f"76.{fmt}": _jpeg(76, g, fmt),
+                    f"304.{fmt}": _jpeg(304, g, fmt),
                     "emb.npy": npy.getvalue(),
                     "txt.json": json.dumps([f"caption {c} of {key}" for c in range(10)]).encode(),
                     "cls": str(cls).encode(),
@@ -270,22 +282,37 @@ def test_long_member_names_pax_headers(shards, tmp_path):
     assert all(same(a, b) for a, b in zip(short, long))
 
 
-def test_remote_url_fetched_and_verified(shards, tmp_path):
-    url = f"pipe:cat {shards}"
-    remote = take(TrainStream(url, "train", 64, batch_size=4, seed=7, cache_dir=str(tmp_path)), 3)
-    local = take(TrainStream(str(shards), "train", 64, batch_size=4, seed=7), 3)
-    assert all(same(a, b) for a, b in zip(local, remote))
-    assert len(list(tmp_path.rglob("*.tar"))) == len(SIZES)
-    bad = tmp_path / "bad"  # a shard that does not match its sha256 in metadata.json
-    bad.mkdir()
-    for f in shards.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((bad / "metadata.json").read_text())
-    meta["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
-    (bad / "metadata.json").write_text(json.dumps(meta))
-    stream = TrainStream(f"pipe:cat {bad}", "train", 64, batch_size=7, seed=7, cache_dir=str(tmp_path / "c2"))
-    with pytest.raises(ShardError, match="train-000000.tar: sha256"):
-        take(stream, stream.batches_per_epoch)
+def test_png_images_found_by_their_size(shards, tmp_path):
+    """Shards with ``76.png`` / ``304.png``: the stream and the evaluation set both take the image
+    of the size they need, decoded losslessly (exactly the drawn gradient)."""
+    from stackgan.metrics.evalset import load_split
+
+    root = write_shards(tmp_path / "png", fmt="png")
+    fixed = load_fixed_samples(str(root), "train", 4, 64)
+    for img, key in zip(fixed["img"], fixed["key"]):
+        want = gradient(76, sample_id(key))[6:70, 6:70].transpose(2, 0, 1)
+        assert torch.equal(((img + 1) * 127.5).round().to(torch.uint8), torch.from_numpy(want))
+    png = take(TrainStream(str(root), "train", 256, batch_size=4, seed=2), 2)
+    jpg = take(TrainStream(str(shards), "train", 256, batch_size=4, seed=2), 2)
+    assert [b["key"] for b in png] == [b["key"] for b in jpg]
+    data = load_split(load_metadata(root), "train", image=304, crop=False)
+    assert all((img == gradient(304, int(k[1:]))).all() for img, k in zip(data.img, data.keys))  # s0000123
+    both = tmp_path / "both"  # a sample holding two 76px images is refused, naming both
+    both.mkdir()
+    with wds.TarWriter(str(both / "x.tar")) as w:
+        w.write({"__key__": "s0", "76.jpg": _jpeg(76, 0), "76.png": _jpeg(76, 0, "png")})
+    fd = os.open(both / "x.tar", os.O_RDONLY)
+    try:
+        with pytest.raises(ShardError, match=r"x\.tar: sample 's0': several 76px images \(76\.jpg, 76\.png"):
+            read_fields(fd, index_tar(fd, str(both / "x.tar")), 0, ("76.jpg",))
+    finally:
+        os.close(fd)
+
+
+def test_pipe_location_needs_name(shards):
+    """The old ``pipe:cat DIR`` form (file name appended) is refused with the form to use."""
+    with pytest.raises(ShardError, match=r"needs \{name\}"):
+        TrainStream(f"pipe:cat {shards}", "train", 64, batch_size=4, seed=7)
 
 
 # ------------------------------------------------------------------------------------
@@ -368,9 +395,11 @@ def test_skip_mode_counts_and_keeps_batches_equal(truncated, shards, caplog):
     assert all(same(a, b) for a, b in zip(batches, pb)) and par.skipped == stream.skipped
 
 
-def test_bench_data_runs_both_loaders(shards, tmp_path):
-    """The benchmark script end to end on tiny inputs (numbers are not checked, only produced)."""
-    from stackgan import bench_data
+def test_bench_data_runs_every_loader(shards, tmp_path):
+    """The benchmark script end to end on tiny inputs, remote mode included (speeds are not checked,
+    only produced; the cache's measured peak must respect its bound, and shards must have been
+    downloaded)."""
+    from stackgan.bench import data as bench_data
 
     cub = tmp_path / "CUB_200_2011"
     (cub / "images" / "001.A").mkdir(parents=True)
@@ -382,10 +411,20 @@ def test_bench_data_runs_both_loaders(shards, tmp_path):
     (cub / "images.txt").write_text("\n".join(lines) + "\n")
     (cub / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
     out = tmp_path / "bench.json"
+    shards = write_shards(tmp_path / "eight", sizes=(3,) * 8)  # a quarter of the set holds two shards
     assert bench_data.main(["--shards", str(shards), "--cub-root", str(cub), "--out", str(out), "--sizes", "64",
-                            "--workers", "0", "--batch-size", "2", "--batches", "2"]) == 0
+                            "--workers", "0", "--batch-size", "2", "--batches", "2", "--remote"]) == 0
     report = json.loads(out.read_text())
-    assert {r["loader"] for r in report["results"]} == {"stream", "stream-u8", "folder"}
+    assert {r["loader"] for r in report["results"]} == {"stream", "stream-u8", "folder", "stream-http"}
     assert all(r["samples"] == 4 and r["samples_per_s"] > 0 for r in report["results"])
+    http = next(r for r in report["results"] if r["loader"] == "stream-http")
+    assert http["cache_bound"] == http["data_bytes"] // 4 and 0 < http["cache_peak"] <= http["cache_bound"]
+    assert http["shard_gets"] >= 1
     img, _ = bench_data.FolderDataset(cub, 64)[0]
     assert img.shape == (3, 64, 64) and -1 <= img.min() <= img.max() <= 1
+
+
+def test_bench_data_old_name_still_runs():
+    p = subprocess.run([sys.executable, "-m", "stackgan.bench_data", "--help"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and "--remote" in p.stdout and "stackgan.bench.data" in p.stderr

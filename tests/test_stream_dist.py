@@ -30,10 +30,10 @@ def _digest(batch: dict) -> str:
     return h.hexdigest()
 
 
-def _rank_main(rank: int, root: str, out: str, init: str) -> None:
+def _rank_main(rank: int, root: str, out: str, init: str, local: str, cache: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
-    kw = dict(batch_size=BATCH, seed=11, rank=rank, world_size=WORLD, shuffle_buffer=5)
+    kw = dict(batch_size=BATCH, seed=11, rank=rank, world_size=WORLD, shuffle_buffer=5, **cache)
     stream = TrainStream(root, "train", 64, num_workers=2, **kw)
     bpe = stream.batches_per_epoch
     keys, digests = [], []
@@ -48,8 +48,12 @@ def _rank_main(rank: int, root: str, out: str, init: str) -> None:
     fresh = TrainStream(root, "train", 64, num_workers=0, **kw).iterate(start=at)
     resumed = [_digest(next(fresh)) for _ in range(3)]
     fresh.close()
+    kw.pop("cache_dir", None), kw.pop("cache_gb", None)
+    plain = TrainStream(local, "train", 64, num_workers=0, **kw).iterate()  # the same rank from the folder
+    as_local = [_digest(next(plain)) for _ in digests] == digests
+    plain.close()
     gathered: list = [None] * WORLD
-    dist.all_gather_object(gathered, {"bpe": bpe, "n": len(keys), "keys": keys,
+    dist.all_gather_object(gathered, {"bpe": bpe, "n": len(keys), "keys": keys, "as_local": as_local,
                                       "restored": resumed == digests[at:at + 3]})
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
@@ -58,10 +62,19 @@ def _rank_main(rank: int, root: str, out: str, init: str) -> None:
 
 
 @pytest.mark.distributed
-def test_two_ranks_equal_counts_coverage_and_restore(tmp_path):
+@pytest.mark.parametrize("where", ["folder", "pipe"])
+def test_two_ranks_equal_counts_coverage_and_restore(tmp_path, where):
+    """``pipe``: both ranks and their 4 loader workers share one shard cache that holds 2 of the 3
+    shards; every rank's batches must be its batches from the folder."""
     root = write_shards(tmp_path / "shards")
     out = tmp_path / "result.json"
-    mp.spawn(_rank_main, args=(str(root), str(out), str(tmp_path / "init")), nprocs=WORLD, join=True)
+    sizes = sorted((root / f"train-{i:06d}.tar").stat().st_size for i in range(len(SIZES)))
+    location, cache = str(root), {}
+    if where == "pipe":
+        location = f"pipe:cat {root}/{{name}}"
+        cache = {"cache_dir": str(tmp_path / "cache"), "cache_gb": (sizes[-1] + sizes[-2]) / 1e9}
+    mp.spawn(_rank_main, args=(location, str(out), str(tmp_path / "init"), str(root), cache), nprocs=WORLD,
+             join=True)
     ranks = json.loads(out.read_text())
     bpe = ranks[0]["bpe"]
     assert bpe == sum(SIZES) // (BATCH * WORLD)
@@ -74,3 +87,4 @@ def test_two_ranks_equal_counts_coverage_and_restore(tmp_path):
         seen |= set(union)
     assert len(seen) == sum(SIZES)  # over the epochs, every sample is drawn
     assert all(r["restored"] for r in ranks)
+    assert all(r["as_local"] for r in ranks)

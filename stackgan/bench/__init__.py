@@ -27,7 +27,7 @@ Parts (``--only``, comma separated; default: all):
 * ``bf16`` (CPU, once) / every precision (CUDA) -- autocast training vs the fp32 original;
 * ``procs``    -- 1 process x 2 threads vs 2 DDP (gloo) processes x 1 thread, stage I (CPU);
 * ``memory``   -- stage II at the official batch 64: peak RSS (GPU memory) of our step;
-* ``data``     -- ``stackgan.bench_data`` (shard stream) next to the trainer's images/s.
+* ``data``     -- ``stackgan.bench.data`` (shard stream) next to the trainer's images/s.
 
 The pieces, in the order a run uses them:
 

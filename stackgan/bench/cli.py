@@ -110,7 +110,7 @@ def run_parts(args: argparse.Namespace, parts: set[str], command: str) -> dict:
             else:
                 report["cases"].append({"part": job.part, "label": job.label, **res})
     if "data" in parts:
-        print(f"[bench] data: stackgan.bench_data on {args.data_shards}", file=sys.stderr, flush=True)
+        print(f"[bench] data: stackgan.bench.data on {args.data_shards}", file=sys.stderr, flush=True)
         report["data"] = run_data(Path(args.data_shards), args.data_workers, args.quick)
     report["load_end"] = load_average()
     report["wall_s"] = time.perf_counter() - t_all

@@ -150,16 +150,16 @@ def run_job(job: Job, workdir: Path) -> dict:
 
 
 def run_data(shards: Path, workers: list[int], quick: bool) -> dict:
-    """The shard stream's own samples/s (``stackgan.bench_data``), or why it was not measured."""
+    """The shard stream's own samples/s (``stackgan.bench.data``), or why it was not measured."""
     if not (shards / "metadata.json").is_file():
         return {"skipped": f"no shards at {shards} (make them with shards/prepare.py, "
                            "or give --data-shards PATH)"}
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "data.json"
-        cmd = [sys.executable, "-m", "stackgan.bench_data", "--shards", str(shards), "--out", str(out),
+        cmd = [sys.executable, "-m", "stackgan.bench.data", "--shards", str(shards), "--out", str(out),
                "--workers", *[str(w) for w in workers], "--batches", "4" if quick else "16",
                "--batch-size", "16" if quick else "64"]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         if p.returncode != 0 or not out.is_file():
-            return {"error": f"stackgan.bench_data exited with {p.returncode}: {p.stderr[-1500:]}"}
+            return {"error": f"stackgan.bench.data exited with {p.returncode}: {p.stderr[-1500:]}"}
         return {"bench_data": json.loads(out.read_text())}

@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, load_config
 from ..errors import EXIT_REQUEUE  # checkpointed, run me again
 from ..files import config_path
 from .env import master_port
+from ..data.meta import ShardError, load_metadata
 from .summary import write_summary
 
 
@@ -26,9 +27,11 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
     if not config_path(config).is_file():
         raise ConfigError(f"config file not found: {config}")
     cfg = load_config(config, overrides)
-    meta = Path(cfg.data.shards) / "metadata.json"
-    if not meta.is_file():
-        raise ConfigError(f"data.shards={cfg.data.shards}: no {meta} (prepare shards first: python shards/prepare.py)")
+    try:  # read through the opener: a folder, file://, http(s):// or pipe: location
+        load_metadata(cfg.data.shards)
+    except ShardError as e:
+        raise ConfigError(f"data.shards={cfg.data.shards}: {e} (prepare shards first: "
+                          "python shards/prepare.py)") from e
     if cfg.model.stage == 2 and need_stage1_export:
         if not cfg.model.stage1_export:
             raise ConfigError("model.stage=2 needs "

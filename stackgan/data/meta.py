@@ -23,14 +23,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import StackGANError
 from ..files import atomic_json
+from .storage import ShardError, parse  # ShardError lives with the opener and is re-exported here
 
 FORMAT = "stackgan-shards/1"
-
-
-class ShardError(StackGANError, RuntimeError):
-    """A shard folder or shard file that cannot be used (names the file)."""
 
 
 @dataclass
@@ -49,7 +45,7 @@ class SplitInfo:
 
 @dataclass
 class ShardMeta:
-    root: Path
+    root: Path | str  # local folder (a Path), or the URL / pipe: location of a remote set (a str)
     encoder: str  # text encoder the embeddings come from, e.g. "char-CNN-RNN"
     text_dim: int
     image_sizes: list[int]  # e.g. [76, 304]
@@ -60,10 +56,11 @@ class ShardMeta:
     source: dict = field(default_factory=dict)  # where the data came from (free form)
 
     def urls(self, split: str) -> list[str]:
-        """Local paths of a split's shards, in order."""
+        """Where a split's shards are, in order: local paths, or URLs / commands of a remote set."""
         if split not in self.splits:
             raise ShardError(f"{self.root}/metadata.json has no split {split!r} (has {sorted(self.splits)})")
-        return [str(self.root / s.name) for s in self.splits[split].shards]
+        store = parse(self.root)
+        return [store.where(s.name) for s in self.splits[split].shards]
 
     def to_json(self) -> dict:
         return {
@@ -86,17 +83,22 @@ class ShardMeta:
 
 
 def load_metadata(root: str | Path) -> ShardMeta:
-    """Read ``<root>/metadata.json``; a clear error if the folder is not a shard set."""
-    root = Path(root)
-    path = root / "metadata.json"
-    if not path.is_file():
+    """Read ``<root>/metadata.json`` from a folder or a URL (:func:`stackgan.data.storage.parse`);
+    a clear error if the location is not a shard set."""
+    store = parse(root)
+    root = store.location if store.remote else Path(store.base)
+    path = store.where("metadata.json")
+    if not store.remote and not Path(path).is_file():
         raise ShardError(
             f"{path} not found: {root} is not a prepared shard folder "
             "(run `python shards/prepare.py --help`)"
         )
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(store.read_bytes("metadata.json"))
+    except ShardError as e:
+        raise ShardError(f"{e} (is {root} a prepared shard set? see `python shards/prepare.py --help`)") \
+            from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from e
     if d.get("format") != FORMAT:
         raise ShardError(f"{path}: format {d.get('format')!r}, expected {FORMAT!r}")

@@ -20,44 +20,40 @@ The stream, stage by stage (see :meth:`_BatchMaker.make`):
 2. **worker split**: loader worker ``w`` of ``n`` computes batches ``start + w, start + w + n,
    ...``, which is the order in which ``torch.utils.data.DataLoader`` collects them.
 3. **read**: raw fields of one sample by offset (``os.pread``) from an index of the tar's
-   member headers, built once per shard and process; only the fields the stage needs.
-4. **decode**: JPEG, embeddings, captions, class id; every field checked.
+   member headers (:mod:`.tario`), built once per shard and process; only the fields the
+   stage needs; a batch's samples are read shard by shard.
+4. **decode**: image (JPEG or PNG), embeddings, captions, class id; every field checked.
 5. **repair** (``on_corrupt="skip"`` only): an unreadable sample is replaced by a readable
    one of the same batch (or of the nearest later batch), counted and logged.
 6. **augment** (seeded per batch): StackGAN's random 64-of-76 / 256-of-304 crop, horizontal
    flip with p=0.5, one of the 10 caption embeddings or the mean of ``emb_k`` distinct ones.
 7. **collate**: ``{"img", "emb", "cls", "caption", "key"}``.
 
-Shards given as URLs (``https://``, ``pipe:``, anything ``webdataset.gopen`` opens) are
-fetched once into a local cache folder, checked against the sha256 in the metadata, and
-then read like local shards.
+Shards given as a URL (``https://``, ``pipe:CMD`` with ``{name}``; :mod:`.storage`) are read
+from the node's bounded cache (:mod:`.shardcache`): fetched on demand, checked against the
+sha256 in the metadata, held only while a batch reads them, evicted least recently used; the
+shards the plan needs next are fetched by a background thread. Where bytes come from never
+changes which samples form a batch.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import itertools
 import json
 import logging
 import multiprocessing as mp
-import os
-import tarfile
-import tempfile
-import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Iterator
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..images import STORED
 from .meta import ShardError, ShardMeta, load_metadata
+from .shardcache import DEFAULT_GB, Pin, Prefetcher, ShardFiles
+from .storage import parse as parse_store
+from .tario import TarIndex, decode_image, index_tar, load_npy, quiet_decoder, read_fields
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +72,7 @@ _T_ORDER, _T_WINDOW, _T_AUG, _T_FILL = 1, 2, 3, 4
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StreamSpec:
-    root: str  # local folder holding metadata.json and the shards
+    root: str  # where metadata.json and the shards are: folder, file://, http(s):// or pipe:CMD
     split: str
     shards: tuple[tuple[str, int], ...]  # (file name, sample count) in metadata order
     image_size: int
@@ -92,8 +88,9 @@ class StreamSpec:
     captions: int  # captions (and embeddings) per image
     text_dim: int
     img_dtype: str = "float32"  # "float32": [-1, 1] as the trainer wants; "uint8": 0..255
-    url: str = ""  # where remote shards come from ("" = local)
     sha256: tuple[str, ...] = ()
+    cache_dir: str = ""  # remote shards: the node's cache folder ("" = shardcache.default_folder())
+    cache_gb: float = DEFAULT_GB  # remote shards: the cache's bound
 
     @property
     def num_samples(self) -> int:
@@ -105,7 +102,8 @@ class StreamSpec:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """Per-sample fields this stream reads (the other size's JPEG is never read)."""
+        """Per-sample fields this stream reads (the other size's image is never read; ``76.jpg``
+        also finds ``76.png``, see :func:`stackgan.data.tario.member_of`)."""
         return ("name.txt", f"{self.source_size}.jpg", "emb.npy", "txt.json", "cls")
 
 
@@ -161,6 +159,29 @@ class _Plan:
             out.append((int(order[i]), seq - int(starts[i])))
         return out
 
+    def shards_from(self, k: int, count: int) -> list[int]:
+        """Up to ``count`` distinct shards that batches k, k+1, ... of this rank may read, in
+        the order they are first needed (a window may draw from every shard it overlaps)."""
+        epoch, pos = self.batch_positions(k)
+        p, w = int(pos[0]), self.spec.window
+        lo_rank = self.spec.rank * self.per_rank
+        out: list[int] = []
+        for _ in range(4 * len(self.counts) + 8):
+            t, q = epoch * self.passes + p // self.n, p % self.n
+            lo, hi = q // w * w, min(q // w * w + w, self.n)  # the window of position q
+            order, starts = self._order(t)
+            first = int(np.searchsorted(starts, lo, side="right")) - 1
+            last = int(np.searchsorted(starts, hi - 1, side="right")) - 1
+            for s in order[first:last + 1].tolist():
+                if s not in out:
+                    out.append(s)
+                    if len(out) == count:
+                        return out
+            p += hi - q
+            if p >= lo_rank + self.per_rank:  # past this rank's slice: the next epoch's
+                epoch, p = epoch + 1, lo_rank
+        return out
+
     def batch_positions(self, k: int) -> tuple[int, np.ndarray]:
         """Epoch of batch k of this rank and the epoch-level positions of its samples."""
         epoch, j = divmod(k, self.bpe)
@@ -169,241 +190,72 @@ class _Plan:
 
 
 # --------------------------------------------------------------------------------------
-# Stage 3: reading raw fields through a per-shard index of member offsets
+# Stage 3: reading raw fields (tar index and reads: tario; local or cached remote files: shardcache)
 # --------------------------------------------------------------------------------------
-@dataclass
-class _ShardIndex:
-    path: str
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = field(default_factory=list)
-    problem: str = ""  # why samples are missing ("" when the shard is whole)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """webdataset's grouping rule: key = path up to the first dot of the last component."""
-    d, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
-class _Exotic(Exception):
-    """A header the fast scanner leaves to the tarfile module (long names, pax, huge files)."""
-
-
-_ZERO_BLOCK = bytes(512)
-_Members = list[tuple[str, int, int]]  # (name, data offset, size) of each regular member
-
-
-def _octal(field: bytes) -> int:
-    try:
-        return int(field.split(b"\0", 1)[0].strip(), 8)
-    except ValueError:
-        return -1
-
-
-def _scan_fast(path: str, size: int) -> tuple[_Members, str]:
-    """Members from the ustar headers alone, and what is wrong with the file ("" if nothing).
-
-    About 5x faster than ``tarfile`` (a TarInfo per member, a checksum per header in Python):
-    indexing the shards is a start-up cost of every loader worker. Checksums are verified
-    for all headers at once; the members before the first bad header are kept."""
-    members, headers, problem = [], [], ""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        off = 0
-        while off < size:
-            hdr = os.pread(fd, 512, off)
-            if len(hdr) < 512:
-                problem = f"truncated tar: partial header at byte {off}"
-                break
-            if hdr == _ZERO_BLOCK:
-                break  # end-of-archive marker
-            flag = hdr[156:157]
-            if flag not in b"0\x0075" or hdr[124] & 0x80:
-                raise _Exotic
-            headers.append(hdr)
-            try:
-                msize = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-                name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
-                if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                    name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-            except (ValueError, UnicodeDecodeError) as e:
-                problem = f"corrupt tar: unreadable header at byte {off} ({e})"
-                break
-            data = off + 512
-            if data + msize > size:
-                problem = f"truncated tar: member {name!r} runs past the end of the file"
-                break
-            if flag != b"5":  # not a directory
-                members.append((name, data, msize))
-            off = data + (msize + 511) // 512 * 512
-    finally:
-        os.close(fd)
-    if headers:  # checksum: byte sum of the header with its 8 checksum bytes read as spaces
-        blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(-1, 512).astype(np.int64)
-        sums = blocks.sum(1) - blocks[:, 148:156].sum(1) + 8 * 32
-        bad = np.flatnonzero(sums != np.asarray([_octal(h[148:156]) for h in headers]))
-        if len(bad):
-            first = int(bad[0])  # members are listed in header order, directories excepted
-            kept = sum(1 for h in headers[:first] if h[156:157] != b"5")
-            return members[:kept], f"corrupt tar: bad checksum in header #{first}"
-    return members, problem
-
-
-def _scan_tarfile(path: str, size: int) -> tuple[_Members, str]:
-    """The same through the tarfile module (any tar dialect)."""
-    members: _Members = []
-    with open(path, "rb") as f:
-        tf = tarfile.open(fileobj=f, mode="r:")
-        while True:
-            try:
-                ti = tf.next()
-            except (tarfile.TarError, OSError) as e:
-                return members, f"truncated or corrupt tar ({e})"
-            if ti is None:
-                return members, ""
-            tf.members = []  # do not keep every TarInfo
-            if ti.offset_data + ti.size > size:
-                return members, f"truncated tar: member {ti.name!r} runs past the end of the file"
-            if ti.isreg():
-                members.append((ti.name, ti.offset_data, ti.size))
-
-
-def _index_tar(path: str, expected: int) -> _ShardIndex:
-    """Offsets of every member, grouped by sample; notes truncation and count mismatches."""
-    idx = _ShardIndex(path)
-    try:
-        size = os.path.getsize(path)
-        try:
-            members, problem = _scan_fast(path, size)
-        except _Exotic:
-            members, problem = _scan_tarfile(path, size)
-    except (tarfile.TarError, OSError) as e:
-        members, problem = [], f"cannot read as a tar file ({e})"
-    for name, off, n in members:
-        key, ext = _split_name(name)
-        if not idx.samples or idx.samples[-1][0] != key:
-            idx.samples.append((key, {}))
-        idx.samples[-1][1][ext] = (off, n)
-    if problem:
-        idx.problem = f"{problem}; {len(idx.samples)} samples before it"
-    elif len(idx.samples) != expected:
-        idx.problem = (f"holds {len(idx.samples)} samples, metadata.json says {expected} "
-                       "(truncated or replaced?)")
-    return idx
-
-
 class _Reader:
-    """Raw sample fields by (shard, index); one per process (indexes and fds are not shared)."""
+    """Raw sample fields by (shard, index); one per process (indexes, fds and pins are not shared).
+
+    Local shards stay open (up to 64 fds). A remote shard is pinned in the cache only while a
+    batch reads it (:meth:`pinned`), so that the cache can evict it afterwards; its index is
+    kept (the bytes are verified by sha256, so a refetched copy has the same offsets)."""
 
     def __init__(self, spec: StreamSpec):
         self.spec = spec
-        self.indexes: dict[int, _ShardIndex] = {}
-        self.fds: OrderedDict[int, int] = OrderedDict()
-        self._where = [f"{spec.url}/{n}" if spec.url else str(Path(spec.root) / n) for n, _ in spec.shards]
+        self.store = parse_store(spec.root)
+        self.files = ShardFiles(self.store, spec.cache_dir or None, spec.cache_gb)
+        self.indexes: dict[int, TarIndex] = {}
+        self.failed: dict[int, str] = {}  # shards that could not be opened or fetched: why
+        self.fds: OrderedDict[int, Pin] = OrderedDict()  # local shards only
+        self._where = [self.store.where(n) for n, _ in spec.shards]
+        self.prefetch: Prefetcher | None = None
+        if self.store.remote:
+            self.prefetch = Prefetcher(self.files, [(n, h) for (n, _), h in zip(spec.shards, spec.sha256)])
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        for pin in self.fds.values():
+            pin.close()
         self.fds.clear()
+        if self.prefetch is not None:
+            self.prefetch.close()
 
     def where(self, shard: int) -> str:
         """The shard as the user knows it (local path or URL), for messages."""
         return self._where[shard]
 
-    def index(self, shard: int) -> _ShardIndex:
-        if shard not in self.indexes:
-            try:
-                path = str(_local_shard(self.spec, shard))
-            except ShardError as e:
-                self.indexes[shard] = _ShardIndex(self.where(shard), problem=str(e))
-            else:
-                self.indexes[shard] = _index_tar(path, self.spec.shards[shard][1])
-        return self.indexes[shard]
-
-    def _fd(self, shard: int, path: str) -> int:
+    @contextlib.contextmanager
+    def pinned(self, shard: int) -> Iterator[int]:
+        """An fd of the shard, held open (and, if remote, unevictable) for the ``with`` block."""
         if shard in self.fds:
             self.fds.move_to_end(shard)
-        else:
-            self.fds[shard] = os.open(path, os.O_RDONLY)
-            if len(self.fds) > 64:
-                os.close(self.fds.popitem(last=False)[1])
-        return self.fds[shard]
+            yield self.fds[shard].fd
+            return
+        if shard in self.failed:
+            raise ShardError(self.failed[shard])
+        try:
+            pin = self.files.open(self.spec.shards[shard][0], self.spec.sha256[shard])
+        except ShardError as e:  # remembered: a skipped shard is not fetched again every batch
+            self.failed[shard] = str(e)
+            raise
+        if self.store.remote:
+            with pin:
+                yield pin.fd
+            return
+        self.fds[shard] = pin
+        if len(self.fds) > 64:
+            self.fds.popitem(last=False)[1].close()
+        yield pin.fd
 
-    def read(self, shard: int, i: int) -> dict[str, bytes]:
-        idx = self.index(shard)
+    def index(self, shard: int, fd: int) -> TarIndex:
+        if shard not in self.indexes:
+            self.indexes[shard] = index_tar(fd, self.where(shard), self.spec.shards[shard][1])
+        return self.indexes[shard]
+
+    def read(self, shard: int, i: int, fd: int) -> dict[str, bytes]:
+        idx = self.index(shard, fd)
         if idx.problem and (self.spec.on_corrupt == "raise" or i >= len(idx.samples)):
             raise ShardError(f"{self.where(shard)}: {idx.problem}")
-        key, members = idx.samples[i]
-        missing = [f for f in self.spec.fields if f not in members]
-        if missing:
-            raise ShardError(f"{self.where(shard)}: sample {key!r} lacks {', '.join(missing)}")
-        out = {"__key__": key.encode()}
-        try:
-            fd = self._fd(shard, idx.path)
-            for f in self.spec.fields:
-                off, size = members[f]
-                out[f] = os.pread(fd, size, off)
-                if len(out[f]) != size:
-                    raise ShardError(f"{self.where(shard)}: sample {key!r}: {f} truncated")
-        except OSError as e:
-            raise ShardError(f"{self.where(shard)}: sample {key!r}: {e}") from e
-        return out
+        return read_fields(fd, idx, i, self.spec.fields)
 
-
-# --------------------------------------------------------------------------------------
-# Remote shards: fetched once into a local cache, verified against metadata sha256
-# --------------------------------------------------------------------------------------
-def _is_remote(shard_dir: str) -> bool:
-    return shard_dir.startswith("pipe:") or ("://" in shard_dir and not shard_dir.startswith("file://"))
-
-
-def _fetch(url: str, dest: Path, sha256: str = "") -> Path:
-    """Copy ``url`` to ``dest`` atomically (temp + rename), checking sha256 when given."""
-    from webdataset.gopen import gopen
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    h = hashlib.sha256()
-    try:
-        with gopen(url, "rb") as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-    except Exception as e:  # noqa: BLE001 -- any transport error names the URL
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{url}: cannot fetch ({e})") from e
-    if sha256 and h.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{url}: sha256 {h.hexdigest()[:12]}... does not match "
-                         f"metadata.json ({sha256[:12]}...)")
-    tmp.replace(dest)
-    return dest
-
-
-def _local_shard(spec: StreamSpec, shard: int) -> Path:
-    name = spec.shards[shard][0]
-    path = Path(spec.root) / name
-    if spec.url:  # cached under its sha256, so that a re-prepared remote set is fetched anew
-        sha = spec.sha256[shard]
-        path = path.with_name(f"{sha[:16]}.{path.name}") if sha else path
-        if not path.is_file():
-            _fetch(f"{spec.url}/{name}", path, sha)
-    if not path.is_file():
-        raise ShardError(f"{path}: shard listed in metadata.json is missing")
-    return path
-
-
-def _open_metadata(shard_dir: str, cache_dir: str | None) -> tuple[ShardMeta, str]:
-    if shard_dir.startswith("file://"):
-        shard_dir = url2pathname(urlparse(shard_dir).path)
-    if not _is_remote(shard_dir):
-        return load_metadata(shard_dir), ""
-    url = shard_dir.rstrip("/")
-    base = Path(cache_dir or os.environ.get("STACKGAN_SHARD_CACHE")
-                or Path(tempfile.gettempdir()) / "stackgan-shards")
-    root = base / hashlib.sha1(url.encode()).hexdigest()[:16]
-    _fetch(f"{url}/metadata.json", root / "metadata.json")
-    return load_metadata(root), url
 
 
 # --------------------------------------------------------------------------------------
@@ -418,66 +270,11 @@ class _Sample:
     name: str
 
 
-try:  # libjpeg-turbo without PIL's per-image Python parsing: 2-3x faster on 76x76 crops
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-
-    def _decode_jpeg(data: bytes) -> np.ndarray:
-        try:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_jpeg(buf, mode=ImageReadMode.RGB).numpy()
-        except RuntimeError as e:
-            raise ValueError(f"JPEG decode failed ({str(e).splitlines()[0]})") from None
-except ImportError:  # pragma: no cover -- torchvision missing or broken
-    def _decode_jpeg(data: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB")).transpose(2, 0, 1)
-
-
-@contextlib.contextmanager
-def _quiet_decoder():
-    """torchvision 0.29 warns on every decode that its decoders move to torchcodec (the PIL
-    fallback takes over once they are gone): silence that one warning around a batch."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities",
-                                category=DeprecationWarning)
-        yield
-
-
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
-
-
-def _load_npy(buf: bytes) -> np.ndarray:
-    """np.load for in-memory .npy, parsing each distinct header once (np.load compiles it)."""
-    if buf[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy file")
-    width = 2 if buf[6] == 1 else 4  # header-length field: 2 bytes in format 1.0, 4 after
-    hlen, start = int.from_bytes(buf[8:8 + width], "little"), 8 + width
-    header = buf[:start + hlen]
-    if header not in _NPY_HEADERS:
-        f = io.BytesIO(header)
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        if dtype.hasobject:
-            raise ValueError("object arrays are not allowed")
-        _NPY_HEADERS[header] = (dtype, shape, fortran, start + hlen)
-    dtype, shape, fortran, offset = _NPY_HEADERS[header]
-    count = int(np.prod(shape))
-    if len(buf) - offset != count * dtype.itemsize:
-        raise ValueError(f"truncated: {len(buf) - offset} data bytes for {dtype} {shape}")
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-
-
 def _decode(raw: dict[str, bytes], spec: StreamSpec, where: str) -> _Sample:
     key = raw["__key__"].decode()
     try:
-        img = _decode_jpeg(raw[f"{spec.source_size}.jpg"])
-        if img.shape != (3, spec.source_size, spec.source_size):
-            raise ValueError(f"{spec.source_size}.jpg is {img.shape[2]}x{img.shape[1]}")
-        emb = _load_npy(raw["emb.npy"])
+        img = decode_image(raw[f"{spec.source_size}.jpg"], spec.source_size)
+        emb = load_npy(raw["emb.npy"])
         if emb.shape != (spec.captions, spec.text_dim) or emb.dtype.kind != "f":
             raise ValueError(f"emb.npy is {emb.dtype} {emb.shape}, "
                              f"expected float ({spec.captions}, {spec.text_dim})")
@@ -496,31 +293,43 @@ def _decode(raw: dict[str, bytes], spec: StreamSpec, where: str) -> _Sample:
 # Stages 1-7 for one batch
 # --------------------------------------------------------------------------------------
 class _BatchMaker:
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, stride: int = 1):
         self.spec = spec
         self.plan = _Plan(spec)
         self.reader = _Reader(spec)
+        self.stride = stride  # this maker computes batches k, k + stride, ... (loader workers)
         self.warned: set[str] = set()
 
     def _load(self, epoch: int, pos: np.ndarray, notes: list[str]) -> list[_Sample | None]:
-        with _quiet_decoder():
+        with quiet_decoder():
             return self._load_all(epoch, pos, notes)
 
     def _load_all(self, epoch: int, pos: np.ndarray, notes: list[str]) -> list[_Sample | None]:
-        out: list[_Sample | None] = []
-        for shard, i in self.plan.refs(epoch, pos):  # 1. plan
+        refs = self.plan.refs(epoch, pos)  # 1. plan
+        out: list[_Sample | None] = [None] * len(refs)
+        by_shard: dict[int, list[tuple[int, int]]] = {}  # read shard by shard: one pinned at a time
+        for j, (shard, i) in enumerate(refs):
+            by_shard.setdefault(shard, []).append((j, i))
+        for shard, items in by_shard.items():
             try:
-                raw = self.reader.read(shard, i)  # 3. read
-                out.append(_decode(raw, self.spec, self.reader.where(shard)))  # 4. decode
-            except ShardError as e:
-                if self.spec.on_corrupt == "raise":
-                    raise
-                out.append(None)
-                msg = str(e)  # a bad shard gives the same message for all its samples: one note
-                if msg not in self.warned:
-                    self.warned.add(msg)
-                    notes.append(msg)
+                with self.reader.pinned(shard) as fd:
+                    for j, i in items:
+                        try:
+                            raw = self.reader.read(shard, i, fd)  # 3. read
+                            out[j] = _decode(raw, self.spec, self.reader.where(shard))  # 4. decode
+                        except ShardError as e:
+                            self._unreadable(e, notes)
+            except ShardError as e:  # the shard itself: missing, unfetchable, sha256 mismatch
+                self._unreadable(e, notes)
         return out
+
+    def _unreadable(self, e: ShardError, notes: list[str]) -> None:
+        if self.spec.on_corrupt == "raise":
+            raise e
+        msg = str(e)  # a bad shard gives the same message for all its samples: one note
+        if msg not in self.warned:
+            self.warned.add(msg)
+            notes.append(msg)
 
     def _donors(self, epoch: int, pos: np.ndarray, notes: list[str]) -> list[_Sample]:
         """Readable samples from the nearest later batch of the epoch (any rank), wrapping."""
@@ -534,6 +343,9 @@ class _BatchMaker:
     def make(self, k: int) -> tuple[dict, int, list[str]]:
         spec, notes = self.spec, []
         epoch, pos = self.plan.batch_positions(k)  # 1-2. plan (workers pick k)
+        if self.reader.prefetch is not None:  # remote shards: fetch what comes next meanwhile
+            ahead = min(8, max(1, self.reader.files.capacity() // 4))
+            self.reader.prefetch.want(self.plan.shards_from(k, 1 + ahead))
         samples = self._load(epoch, pos, notes)  # 3-4. read, decode
         holes = [i for i, s in enumerate(samples) if s is None]
         if holes:  # 5. repair
@@ -625,7 +437,7 @@ class _Batches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        maker = _BatchMaker(self.spec)
+        maker = _BatchMaker(self.spec, nw)
         try:
             for k in itertools.count(self.start + wid, nw):
                 yield maker.make(k)
@@ -678,7 +490,8 @@ class TrainStream:
     ``shuffle_buffer`` is the shuffle window in samples (1 = no shuffle, 0 = the whole split,
     i.e. a full reshuffle every epoch as StackGAN does): no samples are held, so a large
     window costs no memory. ``on_corrupt="skip"`` replaces unreadable samples (counted in ``skipped``,
-    logged once each). Extras: ``cache_dir`` for shards given as URLs; ``start_method`` of
+    logged once each). Extras: ``cache_dir`` and ``cache_gb``, the node's bounded cache of shards
+    given as a URL (:mod:`stackgan.data.shardcache`); ``start_method`` of
     the loader workers ("fork" unless the platform lacks it); ``img_dtype="uint8"`` hands
     0..255 images to be normalised on the GPU with :func:`to_unit_range`.
     """
@@ -686,13 +499,15 @@ class TrainStream:
     def __init__(self, shard_dir: str, split: str, image_size: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
                  emb_mode: str = "one", emb_k: int = 4, on_corrupt: str = "raise",
-                 pin_memory: bool = False, cache_dir: str | None = None, start_method: str | None = "fork",
-                 img_dtype: str = "float32"):
-        self.meta, url = _open_metadata(str(shard_dir), cache_dir)
+                 pin_memory: bool = False, cache_dir: str | None = None, cache_gb: float = DEFAULT_GB,
+                 start_method: str | None = "fork", img_dtype: str = "float32"):
+        self.meta = load_metadata(shard_dir)
         src = _check_args(self.meta, split, image_size, batch_size, rank, world_size, num_workers,
                           emb_mode, emb_k, on_corrupt)
         if img_dtype not in IMG_DTYPES:
             raise ValueError(f"img_dtype must be one of {IMG_DTYPES}, got {img_dtype!r}")
+        if not cache_gb > 0:
+            raise ValueError(f"cache_gb must be > 0, got {cache_gb}")
         shards = self.meta.splits[split].shards
         total = self.meta.splits[split].num_samples
         self.spec = StreamSpec(
@@ -702,10 +517,12 @@ class TrainStream:
             emb_mode=emb_mode,
             emb_k=emb_k if emb_mode == "mean" else 1, on_corrupt=on_corrupt,
             captions=self.meta.captions_per_image, text_dim=self.meta.text_dim,
-            img_dtype=img_dtype, url=url, sha256=tuple(s.sha256 for s in shards),
+            img_dtype=img_dtype, sha256=tuple(s.sha256 for s in shards), cache_dir=str(cache_dir or ""),
+            cache_gb=float(cache_gb),
         )
-        if not url:  # local shards: a missing file is found now, before any training
-            missing = [s.name for s in shards if not (self.meta.root / s.name).is_file()]
+        store = parse_store(self.spec.root)
+        if not store.remote:  # local shards: a missing file is found now, before any training
+            missing = [s.name for s in shards if not store.path(s.name).is_file()]
             if missing:
                 msg = (f"{self.meta.root}: {len(missing)} shard(s) listed in metadata.json "
                        f"are missing: {missing[:5]}")
@@ -726,7 +543,7 @@ class TrainStream:
     def signature(self) -> dict:
         """Everything that fixes the batch sequence (store it next to ``position`` in a checkpoint)."""
         d = asdict(self.spec)
-        for k in ("root", "url", "on_corrupt", "sha256", "img_dtype"):
+        for k in ("root", "on_corrupt", "sha256", "img_dtype", "cache_dir", "cache_gb"):
             d.pop(k)
         d["shards"] = [list(s) for s in d["shards"]]
         return d
@@ -768,31 +585,35 @@ class TrainStream:
             yield batch
 
 
-def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int) -> dict:
+def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int, *, cache_dir: str | None = None,
+                       cache_gb: float = DEFAULT_GB) -> dict:
     """``n`` samples spread evenly over a split (metadata shard order, so over its species):
     centre crop, no flip, caption 0.
 
     For sample grids and evaluation: always the same images and captions. Returns fewer than
     ``n`` when the split is smaller.
     """
-    meta, url = _open_metadata(str(shard_dir), None)
+    meta = load_metadata(shard_dir)
     src = _check_args(meta, split, image_size, 1, 0, 1, 0, "one", 1, "raise")
     shards = meta.splits[split].shards
     spec = StreamSpec(
         root=str(meta.root), split=split, shards=tuple((s.name, s.num_samples) for s in shards),
         image_size=image_size, source_size=src, batch_size=1, seed=0, rank=0, world_size=1, window=1,
         emb_mode="one", emb_k=1, on_corrupt="raise", captions=meta.captions_per_image,
-        text_dim=meta.text_dim, url=url, sha256=tuple(s.sha256 for s in shards),
+        text_dim=meta.text_dim, sha256=tuple(s.sha256 for s in shards), cache_dir=str(cache_dir or ""),
+        cache_gb=float(cache_gb),
     )
     total = sum(count for _, count in spec.shards)
     wanted = list(range(total)) if n >= total else [i * total // n for i in range(n)]  # spread over species
     reader, samples, first = _Reader(spec), [], 0
     try:
-        with _quiet_decoder():
+        with quiet_decoder():
             for shard, (_, count) in enumerate(spec.shards):
-                for g in wanted:
-                    if first <= g < first + count:
-                        samples.append(_decode(reader.read(shard, g - first), spec, reader.where(shard)))
+                mine = [g - first for g in wanted if first <= g < first + count]
+                if mine:
+                    with reader.pinned(shard) as fd:
+                        where = reader.where(shard)
+                        samples += [_decode(reader.read(shard, i, fd), spec, where) for i in mine]
                 first += count
     finally:
         reader.close()

@@ -2,14 +2,14 @@
 
 Training streams shards endlessly and shuffled; evaluation instead needs every sample of a
 split exactly once, in a fixed order, so that each rank can take a disjoint slice and the
-result does not depend on the number of ranks. Shards are read with ``tarfile`` in
-webdataset's layout (members sharing a ``__key__`` prefix, see :mod:`stackgan.data.meta`).
+result does not depend on the number of ranks. Shards are read by the training stream's
+reader (:mod:`stackgan.data.tario`, webdataset's layout, see :mod:`stackgan.data.meta`), from a
+folder or, through the shard cache, from a URL.
 """
 from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,63 +17,46 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from stackgan.data import tario
 from stackgan.data.meta import ShardError, ShardMeta
+from stackgan.data.shardcache import ShardFiles
+from stackgan.data.storage import parse as parse_store
+from stackgan.data.tario import index_tar, quiet_decoder, read_fields
 from stackgan.images import CROP_OF
 from stackgan.images import from_hwc_uint8 as to_tensor  # noqa: F401 -- the metrics import it from here
-
-
-def _split_name(member: str) -> tuple[str, str]:
-    """``dir/s0000123.76.jpg`` -> (``dir/s0000123``, ``76.jpg``): webdataset's key rule."""
-    head, _, base = member.rpartition("/")
-    key, dot, ext = base.partition(".")
-    return (f"{head}/{key}" if head else key), ext
 
 
 def iter_split(meta: ShardMeta, split: str, fields: tuple[str, ...]) -> Iterator[dict[str, bytes]]:
     """Raw samples of ``split`` in shard order: dicts ``{"__key__", "__shard__", field: bytes}``.
 
-    Only the members named in ``fields`` (e.g. ``"emb.npy"``, ``"76.jpg"``) are read.
+    Only the members named in ``fields`` (e.g. ``"emb.npy"``, ``"76.jpg"``; an image field
+    also finds the image of that size stored as PNG) are read, through the training stream's
+    tar reader; remote shards come through the shard cache (``$STACKGAN_SHARD_CACHE`` or
+    ``$TMPDIR/stackgan-shards``, its default bound).
     A sample missing one of them is an error that names the shard and the key.
     """
-    wanted = set(fields)
-    for url in meta.urls(split):
-        try:
-            tar = tarfile.open(url, "r")
-        except (OSError, tarfile.TarError) as e:
-            raise ShardError(f"{url}: cannot open shard ({e})") from e
-        with tar:
-            cur: dict[str, bytes] | None = None
-            try:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    key, ext = _split_name(m.name)
-                    if cur is None or cur["__key__"] != key:
-                        if cur is not None:
-                            yield _complete(cur, wanted, url)
-                        cur = {"__key__": key, "__shard__": url}
-                    if ext in wanted:
-                        f = tar.extractfile(m)
-                        cur[ext] = f.read() if f is not None else b""
-            except (OSError, tarfile.TarError, EOFError) as e:
-                raise ShardError(f"{url}: corrupt shard ({e})") from e
-            if cur is not None:
-                yield _complete(cur, wanted, url)
-
-
-def _complete(sample: dict, wanted: set[str], url: str) -> dict:
-    missing = wanted - sample.keys()
-    if missing:
-        raise ShardError(f"{url}: sample {sample['__key__']!r} has no {sorted(missing)}")
-    return sample
+    if split not in meta.splits:
+        raise ShardError(f"{meta.root}/metadata.json has no split {split!r} (has {sorted(meta.splits)})")
+    files = ShardFiles(parse_store(meta.root))
+    for info, where in zip(meta.splits[split].shards, meta.urls(split)):
+        with files.open(info.name, info.sha256) as pin:
+            idx = index_tar(pin.fd, where)
+            if idx.problem:
+                raise ShardError(f"{where}: corrupt shard ({idx.problem})")
+            rows = [read_fields(pin.fd, idx, i, fields) for i in range(len(idx.samples))]
+        for raw in rows:  # yielded once the shard is released: a slow consumer pins nothing
+            raw["__key__"] = raw["__key__"].decode()
+            raw["__shard__"] = where
+            yield raw
 
 
 def decode_image(data: bytes, size: int, crop: int | None = None) -> np.ndarray:
-    """JPEG bytes -> (crop, crop, 3) uint8, centre-cropped (the eval counterpart of random crops)."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(img)
+    """Image bytes -> (crop, crop, 3) uint8, centre-cropped (the eval counterpart of random crops).
+    Decoded by the training stream's decoder (:func:`stackgan.data.tario.decode_image`)."""
+    with quiet_decoder():
+        arr = tario.decode_image(data).transpose(1, 2, 0)
+    if arr.shape[:2] != (size, size):
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((size, size), Image.BICUBIC))
     if crop is not None and crop < size:
         o = (size - crop) // 2
         arr = arr[o : o + crop, o : o + crop]
