@@ -93,6 +93,7 @@ class StreamSpec:
     img_dtype: str = "float32"  # "float32": [-1, 1] as the trainer wants; "uint8": 0..255
     url: str = ""  # where remote shards come from ("" = local)
     sha256: tuple[str, ...] = ()
+    image_ext: str = "jpg"  # metadata's image_format: the image field is f"{source_size}.{image_ext}"
 
     @property
     def num_samples(self) -> int:
@@ -105,7 +106,7 @@ class StreamSpec:
     @property
     def fields(self) -> tuple[str, ...]:
         """Per-sample fields this stream reads (the other size's JPEG is never read)."""
-        return ("name.txt", f"{self.source_size}.jpg", "emb.npy", "txt.json", "cls")
+        return ("name.txt", f"{self.source_size}.{self.image_ext}", "emb.npy", "txt.json", "cls")
 
 
 def _rng(spec: StreamSpec, tag: int, *ints: int) -> np.random.Generator:
@@ -418,13 +419,13 @@ class _Sample:
 
 
 try:  # libjpeg-turbo without PIL's per-image Python parsing: 2-3x faster on 76x76 crops
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_image  # JPEG, PNG, WebP by their magic bytes
 
 
     def _decode_jpeg(data: bytes) -> np.ndarray:
         try:
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_jpeg(buf, mode=ImageReadMode.RGB).numpy()
+            return decode_image(buf, mode=ImageReadMode.RGB).numpy()
         except RuntimeError as e:
             raise ValueError(f"JPEG decode failed ({str(e).splitlines()[0]})") from None
 except ImportError:  # pragma: no cover -- torchvision missing or broken
@@ -473,9 +474,9 @@ def _load_npy(buf: bytes) -> np.ndarray:
 def _decode(raw: dict[str, bytes], spec: StreamSpec, where: str) -> _Sample:
     key = raw["__key__"].decode()
     try:
-        img = _decode_jpeg(raw[f"{spec.source_size}.jpg"])
+        img = _decode_jpeg(raw[f"{spec.source_size}.{spec.image_ext}"])
         if img.shape != (3, spec.source_size, spec.source_size):
-            raise ValueError(f"{spec.source_size}.jpg is {img.shape[2]}x{img.shape[1]}")
+            raise ValueError(f"{spec.source_size}.{spec.image_ext} is {img.shape[2]}x{img.shape[1]}")
         emb = _load_npy(raw["emb.npy"])
         if emb.shape != (spec.captions, spec.text_dim) or emb.dtype.kind != "f":
             raise ValueError(f"emb.npy is {emb.dtype} {emb.shape}, "
@@ -702,6 +703,7 @@ class TrainStream:
             emb_k=emb_k if emb_mode == "mean" else 1, on_corrupt=on_corrupt,
             captions=self.meta.captions_per_image, text_dim=self.meta.text_dim,
             img_dtype=img_dtype, url=url, sha256=tuple(s.sha256 for s in shards),
+            image_ext=self.meta.image_format,
         )
         if not url:  # local shards: a missing file is found now, before any training
             missing = [s.name for s in shards if not (self.meta.root / s.name).is_file()]
@@ -781,7 +783,7 @@ def load_fixed_samples(shard_dir: str, split: str, n: int, image_size: int) -> d
         root=str(meta.root), split=split, shards=tuple((s.name, s.num_samples) for s in shards),
         image_size=image_size, source_size=src, batch_size=1, seed=0, rank=0, world_size=1, window=1,
         emb_mode="one", emb_k=1, on_corrupt="raise", captions=meta.captions_per_image,
-        text_dim=meta.text_dim, url=url, sha256=tuple(s.sha256 for s in shards),
+        text_dim=meta.text_dim, url=url, sha256=tuple(s.sha256 for s in shards), image_ext=meta.image_format,
     )
     total = sum(count for _, count in spec.shards)
     wanted = list(range(total)) if n >= total else [i * total // n for i in range(n)]  # spread over species
