@@ -18,6 +18,8 @@ from stackgan.data import prepare as prep
 from stackgan.data.cub import DataError
 from stackgan.data.meta import load_metadata
 from stackgan.data.sources import replicas
+from stackgan.data.stream import TrainStream
+from stackgan.metrics.evalset import load_split
 from stackgan.text import get_encoder
 
 from .conftest import run_cmd
@@ -36,13 +38,14 @@ def samples(out: Path, split: str) -> list[dict]:
         with tarfile.open(url) as tar:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
-                by.setdefault(key, {})[ext] = tar.extractfile(m).read()
+                by.setdefault(key, {"__key__": key})[ext] = tar.extractfile(m).read()
         got += by.values()
     return got
 
 
 def stored(s: dict, size: int) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(s[f"{size}.webp"])).convert("RGB"), np.float32)
+    (name,) = [k for k in s if k.split(".")[0] == str(size) and k != "__key__"]  # 76.jpg by default, 76.webp if asked
+    return np.asarray(Image.open(io.BytesIO(s[name])).convert("RGB"), np.float32)
 
 
 def reference(img: Image.Image, fit: str, size: int) -> np.ndarray:
@@ -92,7 +95,7 @@ def test_flowers_round_trip_and_training(tmp_path):
                       "--quiet"]) == 0  # auto-detected as flowers
     meta = load_metadata(out)
     assert meta.source["kind"] == "flowers" and meta.encoder == "char-CNN-RNN" and meta.text_dim == 16
-    assert meta.lacks == ["attributes"] and meta.image_format == "webp" and meta.captions_per_image == 10
+    assert meta.lacks == ["attributes"] and meta.image_format == "jpg" and meta.captions_per_image == 10
     for split in ("train", "test"):
         keys = rep["splits"][split]
         assert meta.splits[split].classes == sorted({rep["items"][k]["cls"] for k in keys})
@@ -195,20 +198,35 @@ def test_webdataset_pad_and_pipe_url(tmp_path):
     rep = replicas.write_webdataset(tmp_path / "wds", shards=1, per_shard=6)
     out = tmp_path / "pad"
     url = f"pipe:cat {rep['root']}/{{00000..00000}}.tar"
-    prep.prepare(prep.PrepareOptions(root=url, out=out, fit="pad", progress=False, workers=1))
+    prep.prepare(prep.PrepareOptions(root=url, out=out, fit="pad", progress=False, workers=1,
+                                     image_format="webp"))
     meta = load_metadata(out)
+    assert meta.image_format == "webp"
     assert meta.source["kind"] == "webdataset" and meta.skipped == {"empty_caption": 1, "undecodable": 1}
     got = [s for split in meta.splits for s in samples(out, split)]
     assert len(got) == len(rep["items"]) == 4
     for s in got:  # keys are named after the URL's file name, as for local shards
         check_crops(s, Image.open(io.BytesIO(rep["items"][s["name.txt"].decode()]["image"])), "pad", "center")
+    # the readers take the WebP field by the metadata's name: the training stream and the evaluation set
+    by_name = {s["name.txt"].decode(): s for s in got}
+    it = TrainStream(str(out), "train", 64, batch_size=2, seed=0).iterate(0)
+    batch = next(it)
+    it.close()
+    for key, img in zip(batch["key"], batch["img"]):
+        assert img.shape == (3, 64, 64) and key in by_name
+    ev = load_split(meta, "train", image=76, crop=False)
+    by_key = {s["__key__"]: s for s in samples(out, "train")}
+    assert len(ev.keys) == len(by_key)
+    for key, img in zip(ev.keys, ev.img):
+        assert np.array_equal(img.astype(np.float32), stored(by_key[key], 76))
 
 
 def test_webdataset_missing_shard_is_named(tmp_path):
     rep = replicas.write_webdataset(tmp_path / "wds", shards=2, per_shard=2, faults=False)
     pattern = f"{rep['root']}/{{00000..00002}}.tar"  # 00002.tar does not exist
     with pytest.raises(DataError, match=r"00002\.tar"):
-        prep.prepare(prep.PrepareOptions(source="webdataset", root=pattern, out=tmp_path / "o", progress=False))
+        prep.prepare(prep.PrepareOptions(source="webdataset", root=pattern, out=tmp_path / "o",
+                                         progress=False))
 
 
 # ------------------------------------------------------------------------------------------

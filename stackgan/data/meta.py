@@ -10,10 +10,11 @@ One sample in a shard (webdataset convention: files sharing a ``__key__``):
 
     ``__key__``   ``s0000123`` (running index, unique within the split)
     ``name.txt``  the StackGAN key, e.g. ``002.Laysan_Albatross/Laysan_Albatross_0002_1027``
-    ``76.webp``   crop resized to 76x76 (stage I random-crops 64 from it); the extension is
-                  ``metadata.json``'s ``image_format`` (``webp`` lossless by default, ``jpg`` in
-                  folders prepared before it existed): read it by :meth:`ShardMeta.image_field`
-    ``304.webp``  crop resized to 304x304 (stage II random-crops 256)
+    ``76.jpg``    crop resized to 76x76 (stage I random-crops 64 from it); the extension is
+                  ``metadata.json``'s ``image_format`` (``jpg`` by default, ``webp`` for lossless
+                  crops; absent in folders made before it: ``jpg``): read the name from
+                  :meth:`ShardMeta.image_field`
+    ``304.jpg``   crop resized to 304x304 (stage II random-crops 256)
     ``emb.npy``   float32 (C, text_dim) caption embeddings (C = captions_per_image, 10 for CUB)
     ``txt.json``  list of the C captions
     ``cls``       class id (CUB's 1-based id, ASCII); a source without classes (``"classes"``
@@ -65,7 +66,7 @@ class ShardMeta:
     class_names: dict[int, str]
     attributes: list[str]  # attribute names (CUB attributes.txt order), may be empty
     source: dict = field(default_factory=dict)  # where the data came from (free form)
-    image_format: str = "jpg"  # extension of the image fields ("jpg", "webp", "png")
+    image_format: str = "jpg"  # extension of the image fields (one of IMAGE_FORMATS)
     lacks: list[str] = field(default_factory=list)  # of LACKABLE: what the source does not have
     skipped: dict[str, int] = field(default_factory=dict)  # source samples left out, by reason
 

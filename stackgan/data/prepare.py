@@ -3,7 +3,8 @@
 Why: StackGAN's original loader decodes and crops every JPEG from a folder on every step;
 on a cluster that is slow and hard on shared filesystems. Here the StackGAN bbox crop (or,
 for sources without boxes, the whole image made square: :mod:`stackgan.data.sources`) is
-done once, resized to 76 and 304, stored losslessly (WebP; ``--image-format``) and packed
+done once, resized to 76 and 304, stored as JPEG q100 without chroma subsampling (within half
+a grey level of the crop; lossless WebP with ``--image-format webp``) and packed
 with the caption embeddings, the captions and the class id into tar shards (format:
 :mod:`stackgan.data.meta`).
 
@@ -47,7 +48,8 @@ from .sources import webdataset as wds_src
 from ..text import CHAR_CNN_RNN
 
 PREP_VERSION = 1  # bump when the bytes written for the same inputs change
-DEFAULT_IMAGE_FORMAT = "webp"  # lossless; why, with the measurements: docs/data.md "Crop format"
+DEFAULT_IMAGE_FORMAT = "jpg"  # at quality 100, 4:4:4; why, with the measurements: docs/data.md "Crop format"
+WRITE_FORMATS = ("jpg", "webp")  # PNG is readable but not written: lossless WebP beat it on every measure
 DEFAULT_CUB_OUT = Path("shards/cub")
 DEFAULT_EMBEDDED_OUT = Path("shards/birds-embedded")
 STATE_DIR = ".prepare"
@@ -63,7 +65,7 @@ class PrepareOptions:
     shard_size: int = 500  # at most this many samples per shard (sizes balanced within a split)
     workers: int = 1  # processes writing shards (<= 1: in this process)
     sizes: tuple[int, ...] = (76, 304)
-    jpeg_quality: int = 90  # with image_format="jpg" (>= 95: 4:4:4 chroma, no subsampling)
+    jpeg_quality: int = 100  # with image_format="jpg" (>= 95: 4:4:4 chroma, no subsampling)
     image_format: str = DEFAULT_IMAGE_FORMAT  # one of IMAGE_FORMATS
     source: str | None = None  # one of sources.SOURCES; None: auto-detected from root / cub_root
     root: str | None = None  # the source's root (folder, tar, pattern or URL) for non-CUB sources
@@ -188,7 +190,7 @@ def _check_disjoint(layout: cub.CubLayout) -> None:
 # One shard
 # --------------------------------------------------------------------------------------
 def encode_image(img, fmt: str, quality: int = 90) -> bytes:
-    """A crop's stored bytes: lossless WebP (fastest effort), PNG (fast zlib level) or JPEG."""
+    """A crop's stored bytes: JPEG, lossless WebP (fastest effort) or PNG (fast zlib level; benchmarks)."""
     buf = io.BytesIO()
     if fmt == "webp":
         img.save(buf, "WEBP", lossless=True, quality=0, method=0)
@@ -403,8 +405,8 @@ def plan(opts: PrepareOptions):
         raise DataError(f"--splits: {bad or 'none given'}; choose from {list(cub.SPLITS)}")
     if not opts.sizes or any(not 8 <= int(s) <= 4096 for s in opts.sizes):
         raise DataError(f"--sizes: {list(opts.sizes)}; each must be in 8..4096")
-    if opts.image_format not in IMAGE_FORMATS:
-        raise DataError(f"--image-format must be one of {list(IMAGE_FORMATS)}, got {opts.image_format!r}")
+    if opts.image_format not in WRITE_FORMATS:
+        raise DataError(f"--image-format must be one of {list(WRITE_FORMATS)}, got {opts.image_format!r}")
     if opts.fit not in ("center", "pad"):
         raise DataError(f"--fit must be 'center' or 'pad', got {opts.fit!r}")
     kind = detect_source(opts)
@@ -757,11 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many samples per shard; a split's shards are balanced "
                         "(default %(default)s)")
     o.add_argument("--sizes", type=int, nargs="+", default=[76, 304], help="crop sizes (default 76 304)")
-    o.add_argument("--image-format", choices=list(IMAGE_FORMATS), default=DEFAULT_IMAGE_FORMAT,
-                   help="stored crops: webp (lossless), png, or jpg (lossy; see --jpeg-quality) "
+    o.add_argument("--image-format", choices=list(WRITE_FORMATS), default=DEFAULT_IMAGE_FORMAT,
+                   help="stored crops: jpg (see --jpeg-quality) or webp (lossless) "
                         "(default %(default)s; why: docs/data.md)")
-    o.add_argument("--jpeg-quality", type=int, default=90,
-                   help="with --image-format jpg (default %(default)s)")
+    o.add_argument("--jpeg-quality", type=int, default=100,
+                   help="with --image-format jpg; >= 95 keeps full chroma (default %(default)s: within "
+                        "half a grey level of the crop; 90 = shards made before)")
     o.add_argument("--reembed", action="store_true",
                    help="re-embed the captions with the sentence encoder (so the model can take free text)")
     o.add_argument("--encoder", default="all-MiniLM-L6-v2",

@@ -132,8 +132,8 @@ def write_webdataset(root: Path, shards: int = 2, per_shard: int = 5, seed: int 
                 img.save(buf, "PNG" if ext == "png" else "JPEG", quality=95)
                 data = buf.getvalue()
                 cap = webdataset_caption(rng, n)
-                meta = {"caption": cap, "url": f"https://example.com/{key}.jpg", "key": key, "status": "success",
-                        "width": w, "height": h}
+                meta = {"caption": cap, "url": f"https://example.com/{key}.jpg", "key": key,
+                        "status": "success", "width": w, "height": h}
                 if faults and n == 3:
                     data = b"\xff\xd8\xff\xe0 not really a jpeg" + bytes(100)
                     truth["bad_image"].append(key)
