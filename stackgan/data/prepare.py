@@ -203,6 +203,11 @@ def encode_image(img, fmt: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def _jpeg(img, quality: int) -> bytes:
+    """JPEG bytes as shards store them (stackgan.metrics.redraw draws birds through this)."""
+    return encode_image(img, "jpg", quality)
+
+
 def _source_image(s: _Sample):
     """The sample's source image, decoded, RGB."""
     from PIL import Image
