@@ -108,7 +108,9 @@ def webdataset_caption(rng: np.random.Generator, i: int) -> str:
     things = ["car", "dog", "house", "tree", "boat", "cat", "chair", "bird", "flower", "lamp"]
     a, b, c = (colours[int(rng.integers(0, 8))], things[int(rng.integers(0, 10))],
                colours[int(rng.integers(0, 8))])
-    return f"a {a} {b} in front of a {c} wall, photo number {i % 997}"
+    tail = ["", " on a sunny day", " with people walking by and a few parked bicycles",
+            ", seen from above in the late afternoon light with long shadows on the ground"]
+    return f"a {a} {b} in front of a {c} wall{tail[int(rng.integers(0, 4))]}, photo number {i % 997}"
 
 
 def write_webdataset(root: Path, shards: int = 2, per_shard: int = 5, seed: int = 0,
