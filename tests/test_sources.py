@@ -16,10 +16,11 @@ from PIL import Image
 
 from stackgan.data import prepare as prep
 from stackgan.data.cub import DataError
-from stackgan.data.meta import load_metadata
+from stackgan.data.meta import ShardError, load_metadata
 from stackgan.data.sources import replicas
 from stackgan.data.stream import TrainStream
 from stackgan.metrics.evalset import load_split
+from stackgan.run import class_index
 from stackgan.text import get_encoder
 
 from .conftest import run_cmd
@@ -44,7 +45,7 @@ def samples(out: Path, split: str) -> list[dict]:
 
 
 def stored(s: dict, size: int) -> np.ndarray:
-    (name,) = [k for k in s if k.split(".")[0] == str(size) and k != "__key__"]  # 76.jpg by default, 76.webp if asked
+    (name,) = [k for k in s if k.split(".")[0] == str(size)]  # 76.jpg by default, 76.webp if asked
     return np.asarray(Image.open(io.BytesIO(s[name])).convert("RGB"), np.float32)
 
 
@@ -155,6 +156,8 @@ def test_coco_with_stackgan_pickles(tmp_path):
     prep.prepare(prep.PrepareOptions(root=str(rep["root"]), out=out, progress=False, workers=1))
     meta = load_metadata(out)
     assert meta.encoder == "char-CNN-RNN" and meta.text_dim == 16 and meta.lacks == ["classes", "attributes"]
+    with pytest.raises(ShardError, match="lists no classes"):  # D's species head needs real classes
+        class_index(meta)
     for split in ("train", "test"):
         got = samples(out, split)
         assert [s["name.txt"].decode() for s in got] == rep["splits"][split]  # the pickle's order
