@@ -205,6 +205,10 @@ def test_webdataset_pad_and_pipe_url(tmp_path):
                                      image_format="webp"))
     meta = load_metadata(out)
     assert meta.image_format == "webp"
+    summary = prep.inspect(out)
+    assert "crops webp, lacks ['classes', 'attributes', 'char-CNN-RNN']" in summary
+    assert "WEBP 304x304" in summary
+    assert "skipped {'empty_caption': 1, 'undecodable': 1}" in summary
     assert meta.source["kind"] == "webdataset" and meta.skipped == {"empty_caption": 1, "undecodable": 1}
     got = [s for split in meta.splits for s in samples(out, split)]
     assert len(got) == len(rep["items"]) == 4

@@ -697,7 +697,8 @@ def inspect(root: str | Path, split: str | None = None) -> str:
     meta = load_metadata(root)
     lines = [f"{meta.root}: encoder {meta.encoder} ({meta.text_dim}-d), image sizes {meta.image_sizes}, "
              f"{len(meta.class_names)} classes, {len(meta.attributes)} attributes, "
-             f"source {meta.source.get('kind')}"]
+             f"source {meta.source.get('kind')}, crops {meta.image_format}, lacks {meta.lacks or 'nothing'}"
+             + (f", skipped {meta.skipped}" if meta.skipped else "")]
     for s, info in meta.splits.items():
         lines.append(f"  {s}: {info.num_samples} samples in {len(info.shards)} shards, "
                      f"classes {info.classes[:10]}"
