@@ -10,12 +10,21 @@ One sample in a shard (webdataset convention: files sharing a ``__key__``):
 
     ``__key__``   ``s0000123`` (running index, unique within the split)
     ``name.txt``  the StackGAN key, e.g. ``002.Laysan_Albatross/Laysan_Albatross_0002_1027``
-    ``76.jpg``    bbox crop resized to 76x76 (stage I random-crops 64 from it)
-    ``304.jpg``   bbox crop resized to 304x304 (stage II random-crops 256)
-    ``emb.npy``   float32 (10, text_dim) caption embeddings
-    ``txt.json``  list of the 10 captions
-    ``cls``       class id (CUB's 1-based id, ASCII)
+    ``76.jpg``    crop resized to 76x76 (stage I random-crops 64 from it); the extension is
+                  ``metadata.json``'s ``image_format`` (``jpg`` by default, ``webp`` for lossless
+                  crops; absent in folders made before it: ``jpg``): read the name from
+                  :meth:`ShardMeta.image_field`
+    ``304.jpg``   crop resized to 304x304 (stage II random-crops 256)
+    ``emb.npy``   float32 (C, text_dim) caption embeddings (C = captions_per_image, 10 for CUB)
+    ``txt.json``  list of the C captions
+    ``cls``       class id (CUB's 1-based id, ASCII); a source without classes (``"classes"``
+                  in ``lacks``) stores a per-image id instead, unique across splits, so that a
+                  wrong pair "of another class" is any other image
     ``attr.npy``  uint8 (num_attributes,) attribute labels, when the source has them
+
+``lacks`` lists what the source does not have (``classes``, ``attributes``,
+``char-CNN-RNN`` embeddings) so that what needs them refuses; ``skipped`` counts the source
+samples left out (undecodable image, empty caption, ...).
 """
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ from ..files import atomic_json
 from .storage import ShardError, parse  # ShardError lives with the opener and is re-exported here
 
 FORMAT = "stackgan-shards/1"
+IMAGE_FORMATS = ("webp", "png", "jpg")  # image field extensions a shard folder may use
+LACKABLE = ("classes", "attributes", "char-CNN-RNN")
 
 
 @dataclass
@@ -54,6 +65,13 @@ class ShardMeta:
     class_names: dict[int, str]
     attributes: list[str]  # attribute names (CUB attributes.txt order), may be empty
     source: dict = field(default_factory=dict)  # where the data came from (free form)
+    image_format: str = "jpg"  # extension of the image fields (one of IMAGE_FORMATS)
+    lacks: list[str] = field(default_factory=list)  # of LACKABLE: what the source does not have
+    skipped: dict[str, int] = field(default_factory=dict)  # source samples left out, by reason
+
+    def image_field(self, size: int) -> str:
+        """The member name of a sample's image at ``size`` px, e.g. ``76.webp``."""
+        return f"{size}.{self.image_format}"
 
     def urls(self, split: str) -> list[str]:
         """Where a split's shards are, in order: local paths, or URLs / commands of a remote set."""
@@ -79,6 +97,9 @@ class ShardMeta:
             "class_names": {str(k): v for k, v in self.class_names.items()},
             "attributes": self.attributes,
             "source": self.source,
+            "image_format": self.image_format,
+            "lacks": self.lacks,
+            "skipped": self.skipped,
         }
 
 
@@ -121,6 +142,9 @@ def load_metadata(root: str | Path) -> ShardMeta:
             class_names={int(k): v for k, v in d["class_names"].items()},
             attributes=list(d.get("attributes") or []),
             source=dict(d.get("source") or {}),
+            image_format=str(d.get("image_format") or "jpg"),  # folders written before it: JPEG
+            lacks=[str(x) for x in d.get("lacks") or []],
+            skipped={str(k): int(v) for k, v in (d.get("skipped") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(f"{path}: missing or malformed field ({e!r})") from e

@@ -214,8 +214,8 @@ class _JpegSet:
     def __init__(self, meta: ShardMeta, split: str):
         self.jpegs: list[bytes] = []
         cls = []
-        for s in iter_split(meta, split, (f"{STORED}.jpg", "cls")):
-            self.jpegs.append(s[f"{STORED}.jpg"])
+        for s in iter_split(meta, split, (meta.image_field(STORED), "cls")):
+            self.jpegs.append(s[meta.image_field(STORED)])
             cls.append(int(s["cls"].decode().strip()))
         self.classes = sorted(set(cls))
         index = {c: i for i, c in enumerate(self.classes)}
@@ -356,12 +356,12 @@ def real_crops(meta: ShardMeta, split: str, batch_size: int, *, limit: int = 0) 
     take = min(limit, n) if limit else n
     rank, world = rank_world()
     batch: list[np.ndarray] = []
-    for i, s in enumerate(iter_split(meta, split, (f"{STORED}.jpg",))):
+    for i, s in enumerate(iter_split(meta, split, (meta.image_field(STORED),))):
         k = i // every  # the k-th sample taken
         if k >= take:
             break
         if i % every == 0 and k % world == rank:
-            batch.append(decode_image(s[f"{STORED}.jpg"], STORED, CROP_OF[STORED]))
+            batch.append(decode_image(s[meta.image_field(STORED)], STORED, CROP_OF[STORED]))
         if len(batch) == batch_size:
             yield to_tensor(np.stack(batch))
             batch = []

@@ -108,7 +108,7 @@ def load_split(
     if attributes:
         fields.append("attr.npy")
     if image is not None:
-        fields.append(f"{image}.jpg")
+        fields.append(meta.image_field(image))
     keys, caps, embs, clss, attrs, imgs = [], [], [], [], [], []
     for s in iter_split(meta, split, tuple(fields)):
         if select is not None and not select(s["__key__"]):
@@ -134,7 +134,7 @@ def load_split(
         if at is not None:
             attrs.append(at.astype(np.uint8, copy=False))
         if image is not None:
-            imgs.append(decode_image(s[f"{image}.jpg"], image, CROP_OF.get(image) if crop else None))
+            imgs.append(decode_image(s[meta.image_field(image)], image, CROP_OF.get(image) if crop else None))
     if not keys:
         where = " in the selection" if select else ""
         raise ShardError(f"{meta.root}: split {split!r} has no samples{where}")
@@ -157,8 +157,8 @@ def iter_images(
     for sets too big to hold at 304px. ``limit`` > 0 stops after that many samples in all."""
     if image not in meta.image_sizes:
         raise ShardError(f"{meta.root}: no {image}px images (has {meta.image_sizes})")
-    for i, s in enumerate(iter_split(meta, split, (f"{image}.jpg",))):
+    for i, s in enumerate(iter_split(meta, split, (meta.image_field(image),))):
         if limit and i >= limit:
             return
         if i % world == rank:
-            yield decode_image(s[f"{image}.jpg"], image, CROP_OF.get(image))
+            yield decode_image(s[meta.image_field(image)], image, CROP_OF.get(image))
