@@ -290,7 +290,7 @@ class DeepSpeedGAN:
         return None if norm is None else float(norm)
 
     def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
-                        *, keep_last: int) -> Path:
+                        *, keep_last: int, keep_every: int = 0) -> Path:
         """:func:`stackgan.checkpoint.save` with both engines' files inside the same atomic folder.
 
         Every rank writes its ZeRO partitions (``engine.save_checkpoint`` is collective) into
@@ -302,7 +302,8 @@ class DeepSpeedGAN:
                 engine.save_checkpoint(str(tmp / ENGINES_DIR), tag=tag, save_latest=False)
 
         return ckpt.save(run_dir, step, state_fn, extra_rng, rank=self.process_index,
-                         barrier=self.wait_for_everyone, keep_last=keep_last, rank_files=engines)
+                         barrier=self.wait_for_everyone, keep_last=keep_last, keep_every=keep_every,
+                         rank_files=engines)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore both engines (weights, ZeRO optimizer partitions) from a checkpoint folder."""

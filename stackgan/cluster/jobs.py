@@ -5,6 +5,7 @@ time-out submitit calls :meth:`TrainJob.checkpoint`, which resubmits the same jo
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,6 +20,29 @@ from ..config import Config, ConfigError, load_config
 from .summary import write_summary
 
 EXIT_REQUEUE = 3  # as the trainer's: checkpointed, run me again
+ALLOW_INCOMPLETE = "STACKGAN_ALLOW_INCOMPLETE_STAGE1"  # =1: stage II may start from an unfinished stage I
+
+
+def check_stage1_finished(export: str | Path) -> None:
+    """Refuse a stage-I export whose run folder (``<run>/export/generator.pt``) did not reach its
+    planned steps: stopped by its time limit (``TIME_LIMIT``) or still training (checkpoints, no
+    ``COMPLETE``). An export outside a run folder (converted weights) is not checked; set
+    ``STACKGAN_ALLOW_INCOMPLETE_STAGE1=1`` to start stage II from an unfinished stage I anyway."""
+    run = Path(export).resolve().parent.parent
+    if os.environ.get(ALLOW_INCOMPLETE) == "1" or (run / "COMPLETE").is_file():
+        return
+    if (run / "TIME_LIMIT").is_file():
+        try:
+            info = json.loads((run / "TIME_LIMIT").read_text())
+            where = f" at step {info['step']} of {info['planned_steps']}"
+        except (ValueError, KeyError):
+            where = ""
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) was stopped by its time limit{where} and "
+                          f"is not complete; resume it to finish, or set {ALLOW_INCOMPLETE}=1 to start stage II "
+                          "from it anyway")
+    if (run / "checkpoints").is_dir():
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) has no COMPLETE marker (still training, "
+                          f"or stopped); let it finish, or set {ALLOW_INCOMPLETE}=1 to start stage II from it anyway")
 
 
 def check_train_config(config: str, overrides: list[str], *, need_stage1_export: bool = True) -> Config:
@@ -35,6 +59,7 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
         if not Path(cfg.model.stage1_export).is_file():
             raise ConfigError(f"model.stage1_export={cfg.model.stage1_export}: file not found "
                               "(stage I has not finished, or point it at <stage-I run>/export/generator.pt)")
+        check_stage1_finished(cfg.model.stage1_export)
     return cfg
 
 
@@ -107,10 +132,12 @@ class TrainJob:
         os.chdir(self.workdir)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        cfg = load_config(self.config, self.overrides)
+        if cfg.model.stage == 2:  # the chain's stage II: its stage I must have finished (or ALLOW_INCOMPLETE)
+            check_stage1_finished(cfg.model.stage1_export)
         _set_dist_env()
         from ..train import TrainInterrupted, train
 
-        cfg = load_config(self.config, self.overrides)
         try:
             res = train(cfg, resume="auto")
         except TrainInterrupted as e:

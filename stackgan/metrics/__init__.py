@@ -13,8 +13,8 @@ stage II ``stage2_consistency``, ``stage2_fd``, ``fd256``, ``sharpness`` (:mod:`
 one with ``@register("name")`` on a function ``fn(G, ctx) -> dict``. The built-in metric
 modules are imported on first use of :func:`compute`, :func:`get` or :func:`names`.
 """
-from .core import (EvalContext, MetricError, all_sum, append_jsonl, compute, generate, get, my_batches,
+from .core import (EvalContext, MetricError, all_sum, append_jsonl, check, compute, generate, get, my_batches,
                    names, rank_world, register)
 
-__all__ = ["EvalContext", "MetricError", "all_sum", "append_jsonl", "compute", "generate", "get",
+__all__ = ["EvalContext", "MetricError", "all_sum", "append_jsonl", "check", "compute", "generate", "get",
            "my_batches", "names", "rank_world", "register"]
