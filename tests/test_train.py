@@ -79,7 +79,9 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
 
     # resuming a run folder with other networks is refused clearly, and loses nothing
     p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32"))
-    assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and "model.gf_dim: 16 in the checkpoint, 32 now" in p.stderr, p.stderr[-2000:]
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32", "--resume", "force"))
+    assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]  # forced, but cannot fit
     assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000006", "step-00000009", "step-00000010"]
 
     s2 = tmp_path / "s2"
