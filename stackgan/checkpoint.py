@@ -152,7 +152,8 @@ def prune(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> list[Path
     that are multiples of ``keep_every`` > 0); returns what was removed."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    gone = [p for p in list_complete(run_dir)[:-keep_last] if not (keep_every > 0 and step_of(p) % keep_every == 0)]
+    older = list_complete(run_dir)[:-keep_last]
+    gone = [p for p in older if not (keep_every > 0 and step_of(p) % keep_every == 0)]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

@@ -172,11 +172,12 @@ class Monitor:
                               jsonl=run.run_dir / "metrics.jsonl")
         except Exception as e:  # noqa: BLE001 - any metric's failure: recorded, the run survives
             err = f"{type(e).__name__}: {e}"
-            run.log(f"WARNING: metrics {run.cfg.train.metrics} failed at step {run.step} ({err}); training goes on")
+            run.log(f"WARNING: metrics {run.cfg.train.metrics} failed at step {run.step} ({err}); "
+                    "training goes on")
             if run.main:
+                rec = {"metric": run.cfg.train.metrics, "step": run.step, "time": time.time(), "error": err}
                 with open(run.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"metric": run.cfg.train.metrics, "step": run.step, "time": time.time(),
-                                        "error": err}) + "\n")
+                    f.write(json.dumps(rec) + "\n")
             self.write({"step": run.step, "event": "metric_error", "error": err})
             return
         run.log(f"metrics at step {run.step}: " + "; ".join(

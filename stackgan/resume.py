@@ -54,7 +54,8 @@ def check_changes(changes: dict[str, tuple], where: Path, force: bool) -> None:
     """Refuse (:class:`ConfigError`) changes outside :data:`MAY_CHANGE` unless ``force``."""
     refused = {k: v for k, v in changes.items() if k not in MAY_CHANGE}
     if refused and not force:
-        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in sorted(refused.items()))
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now"
+                           for k, (a, b) in sorted(refused.items()))
         raise ConfigError(
             f"{where} was trained with another config; resuming would mix two experiments: {listed}. "
             "Use another train.run_dir (or --resume none) for a new run, or --resume force to continue "
@@ -74,6 +75,7 @@ def record_config(run_dir: Path, cfg: Config, step: int, changes: dict[str, tupl
     if changes == {}:
         return
     rec = {"step": step, "time": time.time(), "resumed_from": str(resumed_from) if resumed_from else None,
-           "changes": {k: list(v) for k, v in (changes or {}).items()}, "forced": forced, "config": to_dict(cfg)}
+           "changes": {k: list(v) for k, v in (changes or {}).items()}, "forced": forced,
+           "config": to_dict(cfg)}
     with open(run_dir / HISTORY, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -123,10 +123,12 @@ def check_inputs(cfg: Config) -> ShardMeta:
     return meta
 
 
-def eval_context(cfg: Config, meta: ShardMeta, device: torch.device | str, log: Callable[[str], None]) -> EvalContext:
+def eval_context(cfg: Config, meta: ShardMeta, device: torch.device | str,
+                 log: Callable[[str], None]) -> EvalContext:
     """What the metric snapshots need: the shards, the weights the config names, the sample counts."""
     return EvalContext(shards=cfg.data.shards, image_size=image_size(cfg.model.stage), z_dim=cfg.model.z_dim,
-                       text_encoder=meta.encoder, text_dim=meta.text_dim, device=device, judge=cfg.train.judge,
+                       text_encoder=meta.encoder, text_dim=meta.text_dim, device=device,
+                       judge=cfg.train.judge,
                        judge_samples=cfg.train.metrics_samples, num_samples=cfg.train.metrics_samples,
                        inception=cfg.train.inception, fid_inception=cfg.train.fid_inception, log=log)
 

@@ -131,7 +131,8 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                 mon.check_finite()
                 path = save_checkpoint(run)
                 name = signal.Signals(sig).name
-                mon.write({"step": run.step, "event": "checkpointed", "signal": name, "checkpoint": str(path)})
+                mon.write({"step": run.step, "event": "checkpointed", "signal": name,
+                           "checkpoint": str(path)})
                 run.log(f"signal {name}: checkpoint {path} saved at step {run.step}")
                 raise TrainInterrupted(sig, run.step)
             if over:  # a wall-clock budget for this launch: stop here (checkpoint, export, TIME_LIMIT)
@@ -175,7 +176,8 @@ def finish(run: Run, mon: Monitor, time_limited: bool = False) -> TrainResult:
     save_checkpoint(run)
     sync = sync_report(run)
     event = "time_limit" if time_limited else "finished"
-    mon.write({"step": run.step, "event": event, "planned_steps": run.n_steps, "world_size": run.world, **sync})
+    mon.write({"step": run.step, "event": event, "planned_steps": run.n_steps, "world_size": run.world,
+               **sync})
     if not sync["ranks_identical"]:
         run.log(f"WARNING: parameters differ across ranks: {sync['fingerprints']}")
     path = export(run)
@@ -223,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint in train.run_dir), none, a checkpoint/run folder, or "
-                        "force (as auto, and continue even when the config changed beyond steps, intervals, "
-                        "workers and tracker; recorded in config-history.jsonl)")
+                   help="auto (newest complete checkpoint in train.run_dir), none, a checkpoint/run "
+                        "folder, or force (as auto, and continue even when the config changed beyond "
+                        "steps, intervals, workers and tracker; recorded in config-history.jsonl)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=5e-4")
     p.epilog = "exit status: 0 done, 2 bad config/input, 3 checkpointed on a signal (requeue), 4 NaN/Inf loss"
     return p

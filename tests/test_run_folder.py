@@ -53,7 +53,8 @@ def test_resume_refuses_another_experiment_and_keeps_every_config(tiny_shards, t
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6  # the first config stays
 
     # --resume force: continues with the new value, and says so in the log and the history
-    p = run_cmd(train_args(tiny_shards, run, "train.steps=9", *first, f"optim.lr_g={lr * 2}", "--resume", "force"))
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=9", *first, f"optim.lr_g={lr * 2}",
+                           "--resume", "force"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(--resume force)" in p.stdout and "optim.lr_g" in p.stdout
     h = history(run)[-1]
@@ -81,19 +82,19 @@ def test_time_limit_is_not_complete_and_stage2_refuses_it(tiny_shards, tmp_path,
     assert export.is_file()
 
     # slurm/stage2.sh's check (python -m stackgan.cluster resolve) and the submitit chain's stage II job
+    s2 = [f"data.shards={tiny_shards}", f"train.run_dir={tmp_path / 's2'}", f"model.stage1_export={export}"]
     resolve = [sys.executable, "-m", "stackgan.cluster", "resolve", "--config", "configs/birds_stage2.yaml",
-               f"data.shards={tiny_shards}", f"train.run_dir={tmp_path / 's2'}", f"model.stage1_export={export}"]
+               *s2]
     p = run_cmd(resolve)
     assert p.returncode == 2 and "stopped by its time limit" in p.stderr, p.stderr
-    assert f"at step {marker['step']} of 100000" in p.stderr and "STACKGAN_ALLOW_INCOMPLETE_STAGE1=1" in p.stderr
+    assert f"at step {marker['step']} of 100000" in p.stderr
+    assert "STACKGAN_ALLOW_INCOMPLETE_STAGE1=1" in p.stderr
     p = run_cmd(resolve, env={"STACKGAN_ALLOW_INCOMPLETE_STAGE1": "1"})
     assert p.returncode == 0, p.stderr
     monkeypatch.chdir(ROOT)  # the job changes to its folder and sets these: restored after the test
     for var in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
         monkeypatch.setenv(var, os.environ.get(var, "1" if var == "OMP_NUM_THREADS" else "false"))
-    job = make_train_job("configs/birds_stage2.yaml", [f"data.shards={tiny_shards}", f"train.run_dir={tmp_path / 's2'}",
-                                                       f"model.stage1_export={export}", "train.steps=1"],
-                         need_stage1_export=False)
+    job = make_train_job("configs/birds_stage2.yaml", [*s2, "train.steps=1"], need_stage1_export=False)
     try:
         job()
         raise AssertionError("the chain's stage II started from a time-limited stage I")

@@ -123,7 +123,8 @@ def _stops(log_text: str) -> list[tuple[str, int]]:
             re.findall(r"signal (SIG\w+): checkpoint \S+ saved at step (\d+)", log_text)]
 
 
-def test_batch_shell_signal_and_requeue_with_two_loader_workers(slurm_cluster, tiny_shards, tmp_path):  # noqa: F811
+def test_batch_shell_signal_and_requeue_with_two_loader_workers(
+        slurm_cluster, tiny_shards, tmp_path):  # noqa: F811
     """``--signal=B:USR1`` reaches only the batch shell, which passes it on to the trainers; then
     ``scontrol requeue``. Each time: a checkpoint at the step the signal reached, status 3, the
     history says "checkpointed", and the resumed run neither loses nor repeats a step."""
@@ -135,8 +136,9 @@ def test_batch_shell_signal_and_requeue_with_two_loader_workers(slurm_cluster, t
         wait_until(lambda: max(train_steps(run), default=0) >= 5, 240, "step 5")
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
         wait_until(lambda: _stops(log.read_text()), 120, "the checkpoint on the batch shell's USR1")
-        wait_until(lambda: len(resumed_from(log.read_text())) == 1 and
-                   max(train_steps(run)) >= _stops(log.read_text())[0][1] + 3, 240, "the requeued job to train")
+        first = _stops(log.read_text())[0][1]
+        wait_until(lambda: len(resumed_from(log.read_text())) == 1 and max(train_steps(run)) >= first + 3,
+                   240, "the requeued job to train")
         subprocess.run(["scontrol", "requeue", job], check=True)
         final = wait_job(job, timeout=300)
         text = log.read_text()

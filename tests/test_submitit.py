@@ -161,7 +161,8 @@ def test_chain_with_a_failed_stage1_never_starts_stage2(slurm_cluster, tiny_shar
 
 
 @pytest.mark.slurm
-def test_chain_refuses_stage2_after_a_time_limited_stage1(slurm_cluster, tiny_shards, tmp_path, cluster_yaml):  # noqa: F811
+def test_chain_refuses_stage2_after_a_time_limited_stage1(
+        slurm_cluster, tiny_shards, tmp_path, cluster_yaml):  # noqa: F811
     """A stage I stopped by train.time_limit_min ends its job fine but is not COMPLETE: the
     chain's stage II refuses to start from it (STACKGAN_ALLOW_INCOMPLETE_STAGE1=1 would let it)."""
     s1, s2 = tmp_path / "s1", tmp_path / "s2"

@@ -37,12 +37,13 @@ def check_stage1_finished(export: str | Path) -> None:
             where = f" at step {info['step']} of {info['planned_steps']}"
         except (ValueError, KeyError):
             where = ""
-        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) was stopped by its time limit{where} and "
-                          f"is not complete; resume it to finish, or set {ALLOW_INCOMPLETE}=1 to start stage II "
-                          "from it anyway")
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) was stopped by its time "
+                          f"limit{where} and is not complete; resume it to finish, or set "
+                          f"{ALLOW_INCOMPLETE}=1 to start stage II from it anyway")
     if (run / "checkpoints").is_dir():
-        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) has no COMPLETE marker (still training, "
-                          f"or stopped); let it finish, or set {ALLOW_INCOMPLETE}=1 to start stage II from it anyway")
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) has no COMPLETE marker (still "
+                          f"training, or stopped); let it finish, or set {ALLOW_INCOMPLETE}=1 to start "
+                          "stage II from it anyway")
 
 
 def check_train_config(config: str, overrides: list[str], *, need_stage1_export: bool = True) -> Config:
