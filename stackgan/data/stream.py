@@ -770,6 +770,9 @@ class TrainStream:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            for w in getattr(it, "_workers", ()):  # one that did not join: torch's terminate() sends
+                if w.is_alive():  # SIGTERM, which our workers ignore
+                    w.kill()
 
     def iterate(self, start: int = 0) -> Iterator[dict]:
         """Batches ``start, start + 1, ...`` forever (``start`` = batches already consumed)."""
