@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder, or force (as auto, and continue even when the config changed beyond "
                         "steps, intervals, workers and tracker; recorded in config-history.jsonl)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=5e-4")
-    p.epilog = "exit status: 0 done, 2 bad config/input, 3 checkpointed on a signal (requeue), 4 NaN/Inf loss"
+    p.epilog = ("exit status: 0 done (COMPLETE) or stopped by train.time_limit_min (TIME_LIMIT), 2 bad "
+                "config/input, 3 checkpointed on a signal (requeue), 4 NaN/Inf loss")
     return p
 
 
