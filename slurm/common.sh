@@ -11,6 +11,8 @@
 #   STACKGAN_MAX_REQUEUES  give up after this many restarts of one job (default 100)
 #   STACKGAN_SRUN_WAIT     seconds the other tasks get after the first one ends (default 300)
 #   STACKGAN_MASTER_PORT   rendezvous port (default: 20000 + job id % 20000)
+#   STACKGAN_ALLOW_INCOMPLETE_STAGE1=1  stage II may start from a stage I that did not reach its
+#                          planned steps (stopped by train.time_limit_min); refused otherwise
 
 # Trainer exit statuses (STACKGAN_EXIT_*) and the rendezvous port and world sizes come from
 # stackgan/errors.py and stackgan/cluster/env.py (`python -m stackgan.cluster env`, in stackgan_setup);
@@ -82,21 +84,35 @@ stackgan_log_path() {
 # single device, cuda:0, whatever its local rank: LOCAL_RANK is then 0 (Accelerate picks
 # cuda:LOCAL_RANK); LOCAL_WORLD_SIZE still says how many processes share the node's CPUs.
 # The batch shell survives SIGTERM (preemption, scontrol requeue) until srun returns, so the
-# trainers can finish their checkpoint before the job ends.
+# trainers can finish their checkpoint before the job ends; a stop signal sent to the batch shell
+# alone (--signal=B:USR1@300, scancel --batch --signal=...) is passed on to the trainers by srun.
 stackgan_srun() {
-  local pid rc
+  local rc
+  STACKGAN_SRUN_PID='' STACKGAN_PENDING_SIGNAL=''
+  trap 'stackgan_forward TERM' TERM
+  trap 'stackgan_forward USR1' USR1
+  trap 'stackgan_forward USR2' USR2
   srun --kill-on-bad-exit=0 --wait="${STACKGAN_SRUN_WAIT:-300}" \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID
              if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != *,* ]]; then export LOCAL_RANK=0; fi
              exec "$@"' \
     stackgan-task "$@" &
-  pid=$!
-  trap 'stackgan_log "batch shell got SIGTERM: waiting for the trainers to checkpoint"' TERM
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
-  wait "$pid"
+  STACKGAN_SRUN_PID=$!
+  [[ -n $STACKGAN_PENDING_SIGNAL ]] && stackgan_forward "$STACKGAN_PENDING_SIGNAL"
+  while kill -0 "$STACKGAN_SRUN_PID" 2>/dev/null; do wait "$STACKGAN_SRUN_PID"; done
+  wait "$STACKGAN_SRUN_PID"
   rc=$?
-  trap - TERM
+  trap - TERM USR1 USR2
   return "$rc"
+}
+
+# stackgan_forward SIG: the batch shell's trap: srun passes SIG on to every task (the trainers
+# checkpoint and exit 3); when the whole job was signalled they already have it, and a second
+# one changes nothing.
+stackgan_forward() {
+  if [[ -z ${STACKGAN_SRUN_PID:-} ]]; then STACKGAN_PENDING_SIGNAL=$1; return; fi
+  stackgan_log "batch shell got SIG$1: passing it to the trainers, waiting for their checkpoint"
+  kill -s "$1" "$STACKGAN_SRUN_PID" 2>/dev/null || true
 }
 
 # stackgan_train_step CONFIG OVERRIDES...: the whole stage: resolve, launch, act on the status.
@@ -114,6 +130,12 @@ stackgan_train_step() {
       if [[ -f $RUN_DIR/COMPLETE ]]; then
         stackgan_history "finished"
         stackgan_log "finished: $RUN_DIR (export: $RUN_DIR/export/generator.safetensors)"
+        return 0
+      fi
+      if [[ -f $RUN_DIR/TIME_LIMIT ]]; then  # train.time_limit_min: this launch's budget is spent
+        stackgan_history "stopped by train.time_limit_min, not complete: $(<"$RUN_DIR/TIME_LIMIT")"
+        stackgan_log "stopped by train.time_limit_min before the planned steps: $RUN_DIR is not complete" \
+          "(resubmit to continue; stage II refuses it unless STACKGAN_ALLOW_INCOMPLETE_STAGE1=1)"
         return 0
       fi
       stackgan_history "exit 0 without COMPLETE"

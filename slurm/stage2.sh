@@ -5,7 +5,9 @@
 #   sbatch --dependency=afterok:<stage-I job id> slurm/stage2.sh ...  (start when stage I is done)
 #
 # Stage II loads the frozen stage-I generator named by model.stage1_export (the config's value,
-# or model.stage1_export=<stage-I run>/export/generator.safetensors); it is checked before any rank starts.
+# or model.stage1_export=<stage-I run>/export/generator.safetensors); it is checked before any rank starts,
+# and a stage I that did not reach its planned steps (stopped by train.time_limit_min: TIME_LIMIT
+# instead of COMPLETE in its run folder) is refused unless STACKGAN_ALLOW_INCOMPLETE_STAGE1=1.
 # Default config: configs/birds_stage2.yaml (the embedded set); the full run uses
 # --config configs/cub_stage2.yaml. key=value are trainer overrides (train.run_dir=...,
 # data.shards=..., optim.lr_g=...). Logs: slurm/logs/<job name>-<job id>.out; outputs in the

@@ -107,14 +107,15 @@ def to_host(obj: Any) -> Any:
 
 
 def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict, *,
-         rank: int, barrier: Callable[[], None], keep_last: int,
+         rank: int, barrier: Callable[[], None], keep_last: int, keep_every: int = 0,
          rank_files: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint ``step`` collectively; returns its final folder.
 
     ``state_fn`` is called on rank 0 only (it gathers the model/optimizer state);
     ``extra_rng`` holds per-rank generator states beyond the global ones; ``rank_files``
     (called on every rank with the temp folder) writes per-rank shards, e.g. DeepSpeed's
-    ZeRO optimizer partitions, so they are committed by the same rename.
+    ZeRO optimizer partitions, so they are committed by the same rename. Afterwards older
+    checkpoints are removed as :func:`prune` says.
     """
     root = ckpt_root(run_dir)
     name = f"step-{step:08d}"
@@ -136,17 +137,35 @@ def save(run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng
         if final.exists():  # a rerun of the same step (e.g. after a crash right after saving)
             shutil.rmtree(final)
         tmp.rename(final)
-        for old in list_complete(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, keep_last, keep_every)
     barrier()
     return final
 
 
+def step_of(path: Path) -> int:
+    m = _STEP_DIR.match(Path(path).name)
+    if not m:
+        raise CheckpointError(f"{path}: not a checkpoint folder (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
+def prune(run_dir: str | Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Remove complete checkpoints except the newest ``keep_last`` and the milestones (steps
+    that are multiples of ``keep_every`` > 0); returns what was removed."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    older = list_complete(run_dir)[:-keep_last]
+    gone = [p for p in older if not (keep_every > 0 and step_of(p) % keep_every == 0)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def resolve(run_dir: str | Path, resume: str) -> Path | None:
-    """``auto`` -> newest complete checkpoint (or None); ``none`` -> None; else a path."""
+    """``auto`` (or ``force``) -> newest complete checkpoint (or None); ``none`` -> None; else a path."""
     if resume in ("", "none", "no"):
         return None
-    if resume == "auto":
+    if resume in ("auto", "force"):
         return latest(run_dir)
     p = Path(resume)
     if p.is_dir() and (p / "state.pt").is_file() and (p / "meta.json").is_file():

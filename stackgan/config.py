@@ -110,10 +110,15 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (every batch has the same shape)
     log_every: int = 50  # status line, JSONL, TensorBoard scalars
     sample_every: int = 500  # fixed-noise sample grid, D(real/wrong/fake), grad norms, diversity score
-    ckpt_every: int = 1000  # the last 3 checkpoints are kept
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end or on a stop signal)
+    keep_last: int = 3  # the newest N complete checkpoints are kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (milestones); 0 = none
     metrics: str = ""  # metrics at snapshot time, e.g. "judge_consistency,judge_fd,diversity"; "" = off
     metrics_every: int = 0  # steps between metric snapshots (metrics.jsonl); 0 = at the end only
-    metrics_samples: int = 500  # generated images per split for the judge metrics
+    metrics_samples: int = 500  # generated images per split for the judge metrics, and for IS / FID
+    # snapshots (monitoring only: the papers' protocol, 30k, is `python -m stackgan.evaluate`)
+    inception: str = ""  # torchvision Inception-v3 state_dict for inception_score / fid (never downloaded)
+    fid_inception: str = ""  # FID-Inception weights for fid_inception; "" = the torch hub cache
     report_to: str = "tensorboard"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow,
     # comet_ml; all (every one installed) or none. The JSONL logs in the run folder are written in any case
     judge: str = ""  # attribute judge: "parts", "species" or a file; "" = parts on the embedded set, else species
@@ -155,7 +160,6 @@ REMOVED: dict[str, tuple[object, str]] = {
     "train.diag_every": (None, "diagnostics come with the sample grids (train.sample_every)"),
     "train.diversity_warn": (None, "the collapse warning fires below a diversity of 0.05"),
     "train.tqdm": (None, "a progress bar when stdout is a terminal"),
-    "train.keep_last": (None, "the last 3 checkpoints are kept"),
 }
 
 
@@ -326,7 +330,8 @@ def validate(cfg: Config) -> None:
         "model.z_dim": cfg.model.z_dim, "model.cond_dim": cfg.model.cond_dim,
         "model.gf_dim": cfg.model.gf_dim, "model.df_dim": cfg.model.df_dim,
         "train.log_every": cfg.train.log_every, "train.sample_every": cfg.train.sample_every,
-        "train.ckpt_every": cfg.train.ckpt_every, "optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d,
+        "train.ckpt_every": cfg.train.ckpt_every, "train.keep_last": cfg.train.keep_last,
+        "optim.lr_g": cfg.optim.lr_g, "optim.lr_d": cfg.optim.lr_d,
     }
     for k, v in positive.items():
         if not v > 0:
@@ -335,6 +340,7 @@ def validate(cfg: Config) -> None:
         "loss.contrastive_coef": cfg.loss.contrastive_coef, "loss.contrastive_bank": cfg.loss.contrastive_bank,
         "loss.class_coef": cfg.loss.class_coef, "loss.recon_coef": cfg.loss.recon_coef,
         "optim.grad_clip": cfg.optim.grad_clip, "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs,
+        "train.keep_every": cfg.train.keep_every, "train.metrics_every": cfg.train.metrics_every,
     }
     for k, v in non_negative.items():
         if v < 0:

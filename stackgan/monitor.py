@@ -22,7 +22,8 @@ import torch
 
 from .config import image_size
 from .errors import EXIT_NONFINITE, StackGANError
-from .run import SPLIT, Run
+from .metrics import compute
+from .run import SPLIT, Run, eval_context
 from .step import StepOut
 from .tracking import Trackers
 
@@ -169,18 +170,26 @@ class Monitor:
             self.trackers.log_image("samples", path, run.step)
 
     def snapshot_metrics(self) -> None:
-        """The configured metrics on the sampling generator, on every rank; rank 0 appends metrics.jsonl."""
-        from .metrics import EvalContext, compute
-
+        """The configured metrics on the sampling generator, on every rank; rank 0 appends
+        metrics.jsonl. A metric that fails (a bad weights file, a full disk) is logged and recorded
+        there with its error, and training goes on: a snapshot is monitoring, not the run's result."""
         run = self.run
         if self.eval_ctx is None:
-            self.eval_ctx = EvalContext(shards=run.cfg.data.shards, image_size=image_size(run.cfg.model.stage),
-                                        z_dim=run.cfg.model.z_dim, text_encoder=run.meta.encoder,
-                                        text_dim=run.meta.text_dim, device=run.device, judge=run.cfg.train.judge,
-                                        judge_samples=run.cfg.train.metrics_samples, log=run.log)
-        with run.acc.autocast():  # a DeepSpeed fp16 G without EMA holds fp16 weights
-            res = compute(run.cfg.train.metrics, run.sampler, self.eval_ctx, step=run.step,
-                          jsonl=run.run_dir / "metrics.jsonl")
+            self.eval_ctx = eval_context(run.cfg, run.meta, run.device, run.log)
+        try:
+            with run.acc.autocast():  # a DeepSpeed fp16 G without EMA holds fp16 weights
+                res = compute(run.cfg.train.metrics, run.sampler, self.eval_ctx, step=run.step,
+                              jsonl=run.run_dir / "metrics.jsonl")
+        except Exception as e:  # noqa: BLE001 - any metric's failure: recorded, the run survives
+            err = f"{type(e).__name__}: {e}"
+            run.log(f"WARNING: metrics {run.cfg.train.metrics} failed at step {run.step} ({err}); "
+                    "training goes on")
+            if run.main:
+                rec = {"metric": run.cfg.train.metrics, "step": run.step, "time": time.time(), "error": err}
+                with open(run.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            self.write({"step": run.step, "event": "metric_error", "error": err})
+            return
         run.log(f"metrics at step {run.step}: " + "; ".join(
             f"{name} " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if isinstance(v, float) and k != "seconds")
             for name, r in res.items()))

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .backends import GANBackend, make_backend
-from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
+from .config import Config, ConfigError, ModelConfig, changed_by_removal, image_size, to_dict
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .data.storage import parse as parse_store
 from .ema import EMA
@@ -29,9 +29,10 @@ from .export import export_path, load_stage1_for_stage2, save_export
 from .images import stored_size
 from .layout import apply_layout, layout_min_hw
 from .losses import CaptionBank
+from .metrics import EvalContext, MetricError, check as check_metric_names
+from .resume import MAY_CHANGE, check_changes, config_changes, describe_changes, record_config
 
 SPLIT = "train"  # the split the trainer streams; metrics score the test split's unseen species
-KEEP_LAST = 3  # complete checkpoints kept in <run_dir>/checkpoints
 CPU_NCHW_BELOW = 32  # CPU: layers on maps narrower than this stay NCHW (faster there; docs/performance.md)
 
 
@@ -104,7 +105,7 @@ class Run:
 # Checks before any expensive work
 # --------------------------------------------------------------------------------------
 def check_inputs(cfg: Config) -> ShardMeta:
-    """Shards exist and fit the config (image size, train split); metric names are known."""
+    """Shards exist and fit the config (image size, train split); the metrics can run."""
     meta = load_metadata(cfg.data.shards)
     if SPLIT not in meta.splits:
         raise ShardError(f"{cfg.data.shards} has no {SPLIT!r} split (has {sorted(meta.splits)})")
@@ -118,15 +119,31 @@ def check_inputs(cfg: Config) -> ShardMeta:
     if need not in meta.image_sizes:
         raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
     if cfg.train.metrics:
-        from .metrics import names as metric_names
-
-        unknown = [m for m in cfg.train.metrics.split(",") if m.strip() and m.strip() not in metric_names()]
-        if unknown:
-            raise ConfigError(f"train.metrics: unknown metric(s) {unknown}; known: {', '.join(metric_names())}")
+        check_metrics(cfg, meta)
     if cfg.model.stage == 2 and not cfg.model.stage1_export:
         raise ConfigError("model.stage=2 needs "
                           "model.stage1_export=<stage-I run>/export/generator.safetensors")
     return meta
+
+
+def eval_context(cfg: Config, meta: ShardMeta, device: torch.device | str,
+                 log: Callable[[str], None]) -> EvalContext:
+    """What the metric snapshots need: the shards, the weights the config names, the sample counts."""
+    return EvalContext(shards=cfg.data.shards, image_size=image_size(cfg.model.stage), z_dim=cfg.model.z_dim,
+                       text_encoder=meta.encoder, text_dim=meta.text_dim, device=device,
+                       judge=cfg.train.judge,
+                       judge_samples=cfg.train.metrics_samples, num_samples=cfg.train.metrics_samples,
+                       inception=cfg.train.inception, fid_inception=cfg.train.fid_inception, log=log)
+
+
+def check_metrics(cfg: Config, meta: ShardMeta) -> None:
+    """Every requirement of ``train.metrics`` (known names, weights files, attributes, the test
+    split), checked now rather than at the first snapshot, hours into the run."""
+    try:
+        check_metric_names(cfg.train.metrics, eval_context(cfg, meta, "cpu", print))
+    except MetricError as e:
+        raise ConfigError(f"train.metrics={cfg.train.metrics}: {e} (the weights are config keys: "
+                          "train.inception, train.fid_inception)") from None
 
 
 def class_index(meta: ShardMeta) -> torch.Tensor:
@@ -230,7 +247,6 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     run_dir = Path(cfg.train.run_dir)
     if main:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
     if acc.note:
         log(f"WARNING: {acc.note}")
         warnings.warn(acc.note)
@@ -250,9 +266,16 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
               z_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1),
               pair_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000),
               step=0, n_steps=n_steps, steps_per_epoch=spe, stage1_cfg=stage1_cfg, resumed_from=resume_path, log=log)
-    state = restore(run, resume_path) if resume_path is not None else None
+    state = restore(run, resume_path, force=resume == "force") if resume_path is not None else None
     if state is None:
         torch.manual_seed(cfg.train.seed * 7919 + rank)  # per-rank CA-net noise
+        if main:
+            record_config(run_dir, cfg, 0, None)
+    if main and run.step < n_steps:  # more steps to train: not complete (any more), nor stopped
+        for marker in ("COMPLETE", "TIME_LIMIT"):
+            if (run_dir / marker).is_file():
+                (run_dir / marker).unlink()
+                log(f"{marker} removed: training continues from step {run.step} to {n_steps}")
 
     if cfg.train.compile:
         run.G, run.D = torch.compile(run.G), torch.compile(run.D)
@@ -297,23 +320,32 @@ def _state(run: Run) -> dict:
 
 
 def save_checkpoint(run: Run) -> Path:
-    """Write checkpoint ``run.step`` on every rank (atomic; the newest 3 complete ones are kept)."""
+    """Write checkpoint ``run.step`` on every rank (atomic; ``train.keep_last`` / ``keep_every`` say
+    which older ones stay)."""
     extra = {"z": run.z_gen.get_state(), "pair": run.pair_gen.get_state()}
+    keep = {"keep_last": run.cfg.train.keep_last, "keep_every": run.cfg.train.keep_every}
     if run.bank is not None:  # per rank, like the RNG streams: each rank's bank holds its own batches
         extra["bank"] = run.bank.state_dict()
     # DeepSpeed: every rank also writes its engines' ZeRO partitions into the same atomic folder
-    return run.acc.save_checkpoint(run.run_dir, run.step, lambda: _state(run), extra, keep_last=KEEP_LAST)
+    return run.acc.save_checkpoint(run.run_dir, run.step, lambda: _state(run), extra, **keep)
 
 
-def restore(run: Run, path: Path) -> dict:
+def restore(run: Run, path: Path, force: bool = False) -> dict:
     """Load a checkpoint into the (not yet prepared) run: weights, optimisers, step, RNG streams
-    and the caption bank. Returns the state for what is restored after ``prepare`` (the EMA,
-    the backend's optimisers and grad scaler, or DeepSpeed's engines)."""
+    and the caption bank, after checking that the config may continue it (:mod:`stackgan.resume`;
+    ``force`` lets any change through, recorded). Returns the state for what is restored after
+    ``prepare`` (the EMA, the backend's optimisers and grad scaler, or DeepSpeed's engines)."""
     state, rng = ckpt.load(path, run.rank)
     run.acc.check_resume(state, run.world, path)
     removed = changed_by_removal(state.get("config") or {})
     if removed:
         raise ckpt.CheckpointError(f"{path} cannot continue with this version: " + "; ".join(removed))
+    changes = config_changes(state.get("config") or {}, run.cfg)
+    check_changes(changes, path, force)
+    forced = force and any(k not in MAY_CHANGE for k in changes)
+    if changes:
+        run.log(f"config changed since the checkpoint{' (--resume force)' if forced else ''}: "
+                f"{describe_changes(changes)}")
     try:
         run.G.load_state_dict(state["G"])
         run.D.load_state_dict(state["D"])
@@ -332,6 +364,8 @@ def restore(run: Run, path: Path) -> dict:
     else:
         run.log("WARNING: world size changed since the checkpoint; RNG streams are re-seeded")
         torch.manual_seed(run.cfg.train.seed * 7919 + run.step * 31 + run.rank)
+    if run.main:
+        record_config(run.run_dir, run.cfg, run.step, changes, forced=forced, resumed_from=path)
     run.log(f"resumed from {path} at step {run.step}")
     return state
 

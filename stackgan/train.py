@@ -10,7 +10,8 @@ iteration (the D loss, then the G loss) is :func:`stackgan.step.gan_step`, the l
 :mod:`stackgan.losses`, the log / sample grids / metric snapshots in :mod:`stackgan.monitor`.
 This module is the loop that ties them together. Every knob is in ``stackgan/config.py``.
 
-Exit status (what the job scripts act on): 0 finished, 2 bad config or input, 3 stopped by
+Exit status (what the job scripts act on): 0 finished (``<run>/COMPLETE``) or stopped by
+``train.time_limit_min`` (``<run>/TIME_LIMIT``: not complete), 2 bad config or input, 3 stopped by
 SIGTERM/SIGUSR1/SIGUSR2 after saving a checkpoint (requeue me), 4 NaN/Inf in a loss (the
 last good checkpoint is kept).
 """
@@ -120,18 +121,21 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
     batches = run.stream.iterate(start=run.step)  # its loader has its own generator: the global RNG is untouched
     run.G.train()
     run.D.train()
-    t_begin = time.time()
+    t_begin, over = time.time(), False
     try:
         while run.step < run.n_steps:
             sig, over = agree_to_stop(run, stop, t_begin, group)
             if sig:
                 mon.check_finite()
                 path = save_checkpoint(run)
-                run.log(f"signal {signal.Signals(sig).name}: checkpoint {path} saved at step {run.step}")
+                name = signal.Signals(sig).name
+                mon.write({"step": run.step, "event": "checkpointed", "signal": name,
+                           "checkpoint": str(path)})
+                run.log(f"signal {name}: checkpoint {path} saved at step {run.step}")
                 raise TrainInterrupted(sig, run.step)
-            if over:  # a wall-clock budget for this launch: finish here (checkpoint, export, COMPLETE)
-                run.log(f"time limit of {cfg.train.time_limit_min} min reached at step {run.step}")
-                run.n_steps = run.step
+            if over:  # a wall-clock budget for this launch: stop here (checkpoint, export, TIME_LIMIT)
+                run.log(f"time limit of {cfg.train.time_limit_min} min reached at step {run.step} "
+                        f"of {run.n_steps}")
                 break
 
             batch = make_batch(next(batches), cfg, run.device, run.z_gen, run.pair_gen, run.species)
@@ -145,31 +149,48 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
             if run.step % cfg.train.ckpt_every == 0 and run.step < run.n_steps:
                 mon.check_finite()
                 save_checkpoint(run)
-        return finish(run, mon)
+        batches.close()  # the loader workers end now, not when the garbage collector gets to them
+        return finish(run, mon, time_limited=over)
     except TrainInterrupted as e:
+        batches.close()
         stop.chain(e.signum)  # e.g. submitit's own checkpoint/requeue handler
         raise
     finally:
+        batches.close()
         stop.close()
         mon.close()
 
 
-def finish(run: Run, mon: Monitor) -> TrainResult:
-    """The last checkpoint, the rank-sync report, the export, the final metrics, COMPLETE."""
-    if run.step % run.cfg.train.sample_every:  # stopped early by the time limit: one last grid
-        mon.sample_grid()
+def finish(run: Run, mon: Monitor, time_limited: bool = False) -> TrainResult:
+    """The last checkpoint, the rank-sync report, the export, the final metrics, and the marker:
+    COMPLETE when the planned steps were trained, TIME_LIMIT when ``train.time_limit_min`` stopped
+    the run before (a stage II must not start from it by accident; see docs/training.md)."""
+    if time_limited:  # the record and grid of the steps since the last ones
+        if mon.counts:
+            mon.write_record()
+        if run.step % run.cfg.train.sample_every:
+            mon.sample_grid()
     mon.check_finite()
     save_checkpoint(run)
     sync = sync_report(run)
-    mon.write({"step": run.step, "event": "finished", "world_size": run.world, **sync})
+    event = "time_limit" if time_limited else "finished"
+    mon.write({"step": run.step, "event": event, "planned_steps": run.n_steps, "world_size": run.world,
+               **sync})
     if not sync["ranks_identical"]:
         run.log(f"WARNING: parameters differ across ranks: {sync['fingerprints']}")
     path = export(run)
     if run.cfg.train.metrics:
         mon.snapshot_metrics()
     if run.main:
-        (run.run_dir / "COMPLETE").write_text(json.dumps({"step": run.step, "time": time.time()}))
-    run.log(f"finished {run.step} steps; generator export {path}")
+        marker = {"step": run.step, "planned_steps": run.n_steps, "time": time.time()}
+        if time_limited:
+            marker["time_limit_min"] = run.cfg.train.time_limit_min
+        (run.run_dir / ("TIME_LIMIT" if time_limited else "COMPLETE")).write_text(json.dumps(marker))
+    if time_limited:
+        run.log(f"stopped by train.time_limit_min at step {run.step} of {run.n_steps} (not complete: resume "
+                f"to continue); generator export {path}")
+    else:
+        run.log(f"finished {run.step} steps; generator export {path}")
     if run.world > 1:
         run.acc.wait_for_everyone()  # nothing in flight when the process group is torn down
     return TrainResult(step=run.step, run_dir=run.run_dir, export=path)
@@ -202,9 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
     p.add_argument("--resume", default="auto",
-                   help="auto (newest complete checkpoint in train.run_dir), none, or a checkpoint/run folder")
+                   help="auto (newest complete checkpoint in train.run_dir), none, a checkpoint/run "
+                        "folder, or force (as auto, and continue even when the config changed beyond "
+                        "steps, intervals, workers and tracker; recorded in config-history.jsonl)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr_g=5e-4")
-    p.epilog = "exit status: 0 done, 2 bad config/input, 3 checkpointed on a signal (requeue), 4 NaN/Inf loss"
+    p.epilog = ("exit status: 0 done (COMPLETE) or stopped by train.time_limit_min (TIME_LIMIT), 2 bad "
+                "config/input, 3 checkpointed on a signal (requeue), 4 NaN/Inf loss")
     return p
 
 

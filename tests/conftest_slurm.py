@@ -18,11 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A stage-I run small enough for 2 shared CPU cores (steps are added per test).
-TINY = ["model.gf_dim=16", "model.df_dim=8", "data.batch_size=4", "data.num_workers=0",
+# A stage-I run small enough for 2 shared CPU cores (steps are added per test). The loader
+# workers are the configs' own (data.num_workers: 1 per rank): every real cluster run has some,
+# and Slurm's stop signals reach them too.
+TINY = ["model.gf_dim=16", "model.df_dim=8", "data.batch_size=4",
         "data.shuffle_buffer=16", "optim.ema_decay=0", "train.ckpt_every=5", "train.log_every=1", "train.sample_every=1000"]
 # Stage II on top of it: 256x256, so even narrower and only a few steps.
-TINY2 = ["model.gf_dim=16", "model.df_dim=4", "model.r_num=1", "data.batch_size=2", "data.num_workers=0",
+TINY2 = ["model.gf_dim=16", "model.df_dim=4", "model.r_num=1", "data.batch_size=2",
          "data.shuffle_buffer=8", "optim.ema_decay=0", "train.ckpt_every=5", "train.log_every=1", "train.sample_every=1000"]
 
 

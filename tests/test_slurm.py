@@ -1,10 +1,13 @@
 """slurm/*.sh on a real 2-node Slurm cluster (tests/slurm/cluster.sh start; root, Debian 12).
 
-One stage-I job on 2 nodes (one task per node, a fake GPU each) is interrupted twice while it
-trains: first the way a time limit does it (USR1 to the tasks: the trainer checkpoints and exits
-3, the batch script requeues the job), then with `scontrol requeue` (SIGTERM, Slurm requeues).
-The tests check that it finished with both ranks, left its outputs and logs where
-docs/clusters.md says, and lost or repeated no step.
+One stage-I job on 2 nodes (one task per node, a fake GPU each, the config's loader worker per
+task) is interrupted twice while it trains: first the way a time limit does it (USR1 to the
+tasks: the trainer checkpoints and exits 3, the batch script requeues the job), then with
+`scontrol requeue` (SIGTERM to every process of the job, loader workers included; Slurm
+requeues). The tests check that it finished with both ranks, left its outputs and logs where
+docs/clusters.md says, and lost or repeated no step. A second job, with 2 loader workers per
+task, takes the batch-shell path (``--signal=B:USR1``) and then a requeue, each checkpointed at
+the step the signal reached.
 """
 from __future__ import annotations
 
@@ -108,9 +111,52 @@ def test_requeued_run_resumes_without_losing_or_repeating_steps(interrupted_run)
     # a checkpoint on USR1 is taken at the step where the trainer stopped
     assert resumes[0] == r["usr1_step"]
     assert f"resumed from {run}/checkpoints/step-{resumes[0]:08d} at step {resumes[0]}" in text
-    # and on SIGTERM too, unless Slurm's KillWait (10 s here) ran out first: then it is the periodic one
-    repeated = check_resumed_sequence(train_steps(run), STEPS, ckpt_every=5, resumes=resumes)
-    assert repeated <= 5, repeated
+    # and on SIGTERM too, which also reached the config's loader worker of each rank
+    assert "data: 1 loader worker(s) per process" in text and "DataLoader worker" not in text
+    assert [sig for sig, _ in _stops(text)] == ["SIGUSR1", "SIGTERM"] and resumes[1] == _stops(text)[1][1]
+    assert check_resumed_sequence(train_steps(run), STEPS, ckpt_every=5, resumes=resumes) == 0
+
+
+def _stops(log_text: str) -> list[tuple[str, int]]:
+    """(signal, step) of every checkpoint the trainers took on a stop signal, in order."""
+    return [(sig, int(step)) for sig, step in
+            re.findall(r"signal (SIG\w+): checkpoint \S+ saved at step (\d+)", log_text)]
+
+
+def test_batch_shell_signal_and_requeue_with_two_loader_workers(
+        slurm_cluster, tiny_shards, tmp_path):  # noqa: F811
+    """``--signal=B:USR1`` reaches only the batch shell, which passes it on to the trainers; then
+    ``scontrol requeue``. Each time: a checkpoint at the step the signal reached, status 3, the
+    history says "checkpointed", and the resumed run neither loses nor repeats a step."""
+    run = tmp_path / "w2"
+    job = sbatch([*SBATCH_2NODES, "slurm/stage1.sh", f"data.shards={tiny_shards}", f"train.run_dir={run}",
+                  f"train.steps={STEPS}", *TINY, "data.num_workers=2"])
+    log = slurm_log("stackgan-s1", job)
+    try:
+        wait_until(lambda: max(train_steps(run), default=0) >= 5, 240, "step 5")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        wait_until(lambda: _stops(log.read_text()), 120, "the checkpoint on the batch shell's USR1")
+        first = _stops(log.read_text())[0][1]
+        wait_until(lambda: len(resumed_from(log.read_text())) == 1 and max(train_steps(run)) >= first + 3,
+                   240, "the requeued job to train")
+        subprocess.run(["scontrol", "requeue", job], check=True)
+        final = wait_job(job, timeout=300)
+        text = log.read_text()
+    finally:
+        subprocess.run(["scancel", job])
+        log.unlink(missing_ok=True)
+    assert final["state"] == "COMPLETED", f"{final}\n{text[-3000:]}"
+    assert "batch shell got SIGUSR1: passing it to the trainers" in text
+    assert "data: 2 loader worker(s) per process" in text and "DataLoader worker" not in text, text[-3000:]
+    assert "ERROR" not in text and text.count("exiting with status 3") == 4, text[-3000:]  # 2 ranks x 2 stops
+    stops = _stops(text)
+    assert [sig for sig, _ in stops] == ["SIGUSR1", "SIGTERM"], stops
+    resumes = resumed_from(text)
+    assert resumes == [step for _, step in stops], (resumes, stops)
+    assert check_resumed_sequence(train_steps(run), STEPS, ckpt_every=5, resumes=resumes) == 0
+    hist = _history(run)
+    assert "checkpointed; requeue" in hist and "checkpointed; job is" in hist, hist
+    assert hist.splitlines()[-1].endswith("finished") and (run / "COMPLETE").is_file()
 
 
 def test_stage2_script_refuses_a_missing_stage1_export_before_starting(slurm_cluster, tiny_shards, tmp_path):  # noqa: F811

@@ -161,6 +161,24 @@ def test_chain_with_a_failed_stage1_never_starts_stage2(slurm_cluster, tiny_shar
 
 
 @pytest.mark.slurm
+def test_chain_refuses_stage2_after_a_time_limited_stage1(
+        slurm_cluster, tiny_shards, tmp_path, cluster_yaml):  # noqa: F811
+    """A stage I stopped by train.time_limit_min ends its job fine but is not COMPLETE: the
+    chain's stage II refuses to start from it (STACKGAN_ALLOW_INCOMPLETE_STAGE1=1 would let it)."""
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    p = launcher("train_chain.py", "--cluster", str(cluster_yaml), "--cluster-set", "train.nodes=1", "--wait",
+                 "--set", f"data.shards={tiny_shards}", *TINY,
+                 "--stage1-set", f"train.run_dir={s1}", "train.steps=100000", "train.time_limit_min=0.05",
+                 "--stage2-set", f"train.run_dir={s2}", "train.steps=3", timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    rows = {line.split()[0]: line for line in p.stdout.splitlines() if line.startswith("stage")}
+    assert " COMPLETED " in rows["stage1"] and " FAILED " in rows["stage2"], p.stdout
+    assert "stopped by its time limit" in rows["stage2"], p.stdout
+    assert (s1 / "TIME_LIMIT").is_file() and not (s1 / "COMPLETE").exists()
+    assert not (s2 / "checkpoints").exists()  # stage II never trained
+
+
+@pytest.mark.slurm
 def test_sweep_runs_a_job_array_and_writes_the_summary(slurm_cluster, tiny_shards, tmp_path, cluster_yaml):  # noqa: F811
     sweep = tmp_path / "sweep"
     p = launcher("sweep.py", "--cluster", str(cluster_yaml), "--cluster-set", "train.nodes=1", "--wait",

@@ -80,7 +80,9 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
 
     # resuming a run folder with other networks is refused clearly, and loses nothing
     p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32"))
-    assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and "model.gf_dim: 16 in the checkpoint, 32 now" in p.stderr, p.stderr[-2000:]
+    p = run_cmd(train_args(tiny_shards, s1, "train.steps=12", "model.gf_dim=32", "--resume", "force"))
+    assert p.returncode == 2 and "other networks" in p.stderr, p.stderr[-2000:]  # forced, but cannot fit
     assert [c.name for c in ckpt.list_complete(s1)] == ["step-00000006", "step-00000009", "step-00000010"]
 
     s2 = tmp_path / "s2"
@@ -141,6 +143,35 @@ def test_sigterm_saves_and_exits_for_requeue(tiny_shards, tmp_path):
     logged = max(r["step"] for r in log_records(run) if "loss_d" in r)
     assert state["step"] >= logged and state["step"] < 100000
     assert (path / "rng-rank0.pt").is_file()
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(tiny_shards, tmp_path):
+    """What Slurm does on preemption, requeue, scancel and the time limit: the stop signal goes to
+    every process of the job, the trainer's loader workers included. The trainer (not a dead
+    worker) decides: checkpoint at the step it reached, status 3, and the resumed run neither
+    loses nor repeats a step."""
+    run = tmp_path / "group"
+    common = ["train.ckpt_every=100000", "train.log_every=1", "data.num_workers=2"]
+    proc = subprocess.Popen(train_args(tiny_shards, run, "train.steps=100000", *common), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while len([r for r in (log_records(run) if (run / "log.jsonl").exists() else []) if "loss_d" in r]) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and both loader workers
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "DataLoader worker" not in err and "signal SIGTERM: checkpoint" in out, err[-3000:]
+    with pytest.raises(ProcessLookupError):  # no worker outlived the trainer
+        os.killpg(proc.pid, 0)
+    stopped = [r for r in log_records(run) if r.get("event") == "checkpointed"]
+    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+    step = stopped[0]["step"]
+    assert ckpt.step_of(ckpt.latest(run)) == step and max(r["step"] for r in log_records(run)) == step
+    p = run_cmd(train_args(tiny_shards, run, f"train.steps={step + 3}", *common))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"at step {step}" in p.stdout
+    assert [r["step"] for r in log_records(run) if "loss_d" in r] == list(range(1, step + 4))
 
 
 def test_bad_input_exits_2_before_training(tiny_shards, tmp_path):

@@ -145,6 +145,6 @@ class AccelerateGAN:
             self._acc.scaler.load_state_dict(state["scaler"])
 
     def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
-                        *, keep_last: int) -> Path:
+                        *, keep_last: int, keep_every: int = 0) -> Path:
         return ckpt.save(run_dir, step, state_fn, extra_rng, rank=self.process_index,
-                         barrier=self.wait_for_everyone, keep_last=keep_last)
+                         barrier=self.wait_for_everyone, keep_last=keep_last, keep_every=keep_every)

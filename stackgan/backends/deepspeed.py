@@ -311,7 +311,7 @@ class DeepSpeedGAN:
                 f"with that many (this run has {world_size}), or start a new run folder from its weights")
 
     def save_checkpoint(self, run_dir: str | Path, step: int, state_fn: Callable[[], dict], extra_rng: dict,
-                        *, keep_last: int) -> Path:
+                        *, keep_last: int, keep_every: int = 0) -> Path:
         """:func:`stackgan.checkpoint.save` with both engines' files inside the same atomic folder.
 
         Every rank writes its ZeRO partitions (``engine.save_checkpoint`` is collective) into
@@ -323,7 +323,8 @@ class DeepSpeedGAN:
                 engine.save_checkpoint(str(tmp / ENGINES_DIR), tag=tag, save_latest=False)
 
         return ckpt.save(run_dir, step, state_fn, extra_rng, rank=self.process_index,
-                         barrier=self.wait_for_everyone, keep_last=keep_last, rank_files=engines)
+                         barrier=self.wait_for_everyone, keep_last=keep_last, keep_every=keep_every,
+                         rank_files=engines)
 
     def load_checkpoint(self, path: Path, state: dict | None = None) -> None:
         """Restore both engines (weights, ZeRO optimizer partitions) from a checkpoint folder."""

@@ -5,6 +5,7 @@ time-out submitit calls :meth:`TrainJob.checkpoint`, which resubmits the same jo
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -15,11 +16,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, load_config
+from ..data.meta import ShardError, load_metadata
 from ..errors import EXIT_REQUEUE  # checkpointed, run me again
 from ..files import config_path
 from .env import master_port
-from ..data.meta import ShardError, load_metadata
 from .summary import write_summary
+
+ALLOW_INCOMPLETE = "STACKGAN_ALLOW_INCOMPLETE_STAGE1"  # =1: stage II may start from an unfinished stage I
+
+
+def check_stage1_finished(export: str | Path) -> None:
+    """Refuse a stage-I export whose run folder (``<run>/export/generator.safetensors``) did not reach its
+    planned steps: stopped by its time limit (``TIME_LIMIT``) or still training (checkpoints, no
+    ``COMPLETE``). An export outside a run folder (converted weights) is not checked; set
+    ``STACKGAN_ALLOW_INCOMPLETE_STAGE1=1`` to start stage II from an unfinished stage I anyway."""
+    run = Path(export).resolve().parent.parent
+    if os.environ.get(ALLOW_INCOMPLETE) == "1" or (run / "COMPLETE").is_file():
+        return
+    if (run / "TIME_LIMIT").is_file():
+        try:
+            info = json.loads((run / "TIME_LIMIT").read_text())
+            where = f" at step {info['step']} of {info['planned_steps']}"
+        except (ValueError, KeyError):
+            where = ""
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) was stopped by its time "
+                          f"limit{where} and is not complete; resume it to finish, or set "
+                          f"{ALLOW_INCOMPLETE}=1 to start stage II from it anyway")
+    if (run / "checkpoints").is_dir():
+        raise ConfigError(f"model.stage1_export={export}: stage I ({run}) has no COMPLETE marker (still "
+                          f"training, or stopped); let it finish, or set {ALLOW_INCOMPLETE}=1 to start "
+                          "stage II from it anyway")
 
 
 def check_train_config(config: str, overrides: list[str], *, need_stage1_export: bool = True) -> Config:
@@ -39,11 +65,12 @@ def check_train_config(config: str, overrides: list[str], *, need_stage1_export:
         from ..export import ExportError, resolve_export  # imports torch (~3 s): only stage II needs it
 
         try:
-            resolve_export(cfg.model.stage1_export)
+            export = resolve_export(cfg.model.stage1_export)
         except ExportError as e:
             raise ConfigError(f"model.stage1_export={cfg.model.stage1_export}: file not found ({e}); stage I "
                               "has not finished, or point it at <stage-I run>/export/generator.safetensors"
                               ) from None
+        check_stage1_finished(export)
     return cfg
 
 
@@ -116,10 +143,12 @@ class TrainJob:
         os.chdir(self.workdir)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        cfg = load_config(self.config, self.overrides)
+        if cfg.model.stage == 2:  # the chain's stage II: its stage I must have finished (or ALLOW_INCOMPLETE)
+            check_stage1_finished(cfg.model.stage1_export)
         _set_dist_env()
         from ..train import TrainInterrupted, train
 
-        cfg = load_config(self.config, self.overrides)
         try:
             res = train(cfg, resume="auto")
         except TrainInterrupted as e:

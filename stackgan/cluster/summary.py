@@ -31,6 +31,8 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
     if (run / "COMPLETE").is_file():
         status = "complete"
+    elif (run / "TIME_LIMIT").is_file():
+        status = "time limit (not complete)"
     elif ckpts:
         status = f"stopped ({ckpts[-1].name})"
     elif recs:

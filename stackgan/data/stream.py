@@ -42,6 +42,8 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -423,8 +425,29 @@ def to_device(x, device: torch.device | str):
     return x.to(device, non_blocking=True)
 
 
+# Signals that ask the trainer to checkpoint and stop. Slurm sends them to every process of a
+# job (preemption, requeue, time limit): a loader worker must outlive them, or the trainer
+# fails on "DataLoader worker is killed" instead of checkpointing; it ends when the trainer
+# closes the stream.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one thread per loader worker: more is slower under load
+    for s in STOP_SIGNALS:  # blocked since the fork (see _start_workers); ignored from now on
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` (which starts the workers) with the stop signals blocked, so that a worker
+    cannot die of one before :func:`_worker_init` ignores them; the trainer gets any that arrive
+    meanwhile as soon as they are unblocked again."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -558,7 +581,7 @@ class TrainStream:
             prefetch_factor=2, multiprocessing_context=self.start_method,
             generator=torch.Generator(),  # the loader's worker seed must not advance the global RNG
         )
-        it = iter(loader)
+        it = _start_workers(loader)
         try:
             yield from it
         finally:  # stop the workers now: an error's traceback keeps `it` alive, and shutting
@@ -566,6 +589,9 @@ class TrainStream:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            for w in getattr(it, "_workers", ()):  # one that did not join: torch's terminate() sends
+                if w.is_alive():  # SIGTERM, which our workers ignore
+                    w.kill()
 
     def iterate(self, start: int = 0) -> Iterator[dict]:
         """Batches ``start, start + 1, ...`` forever (``start`` = batches already consumed)."""

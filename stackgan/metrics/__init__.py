@@ -19,8 +19,8 @@ folder: :mod:`.core` (registry, context, generation), :mod:`.scores`, :mod:`.inc
 :mod:`.stage2` (registered metrics), :mod:`.judges`, :mod:`.detail`, :mod:`.fid_inception`
 (measuring nets), :mod:`.evalset`, :mod:`.captions`, :mod:`.redraw`, :mod:`.stats` (their parts).
 """
-from .core import (EvalContext, GenerationPasses, MetricError, all_sum, append_jsonl, compute, generate, get,
+from .core import (EvalContext, GenerationPasses, MetricError, all_sum, append_jsonl, check, compute, generate, get,
                    my_batches, names, rank_world, register, requirement, resolve_device)
 
-__all__ = ["EvalContext", "GenerationPasses", "MetricError", "all_sum", "append_jsonl", "compute", "generate",
+__all__ = ["EvalContext", "GenerationPasses", "MetricError", "all_sum", "append_jsonl", "check", "compute", "generate",
            "get", "my_batches", "names", "rank_world", "register", "requirement", "resolve_device"]

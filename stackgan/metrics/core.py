@@ -394,6 +394,18 @@ def _clean(v):
     return v
 
 
+def check(metrics: str | list[str] | tuple[str, ...], ctx: EvalContext) -> list[str]:
+    """Refuse (:class:`MetricError`) what :func:`compute` would refuse, without generating
+    anything: a trainer checks its snapshot metrics before step 0. Returns the metric names."""
+    _load_builtin()
+    todo = _names(metrics)
+    unknown = [n for n in todo if n not in _REGISTRY]
+    if unknown:
+        raise MetricError(f"unknown metric(s) {unknown}; known: {', '.join(sorted(_REGISTRY))}")
+    ctx.check({r for n in todo for r in _REGISTRY[n].requires})
+    return todo
+
+
 def compute(
     metrics: str | list[str] | tuple[str, ...],
     G: nn.Module,
@@ -407,13 +419,8 @@ def compute(
     ``{name: {key: value}}``. Rank 0 appends one JSON line per metric to ``jsonl``
     (``{"metric", "step", "time", **values, **extra}``). G is put in eval mode for the
     call and its mode restored; no gradients are recorded."""
-    _load_builtin()
-    todo = _names(metrics)
-    entries = [(_n, _REGISTRY.get(_n)) for _n in todo]
-    unknown = [n for n, e in entries if e is None]
-    if unknown:
-        raise MetricError(f"unknown metric(s) {unknown}; known: {', '.join(sorted(_REGISTRY))}")
-    ctx.check({r for _, e in entries for r in e.requires})
+    todo = check(metrics, ctx)
+    entries = [(_n, _REGISTRY[_n]) for _n in todo]
     ctx.cache[GenerationPasses] = GenerationPasses(tuple(todo))  # this call's shared passes (depend on G)
     was_training = G.training
     G.eval()
