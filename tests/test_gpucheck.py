@@ -58,12 +58,12 @@ def json_roundtrip(state: dict) -> dict:
 
 
 def test_bench_figures_and_targets():
-    report = {"matmul_peak_gflops": {"bf16": 1000.0},
+    report = {"peak_gflops": {"bf16": {"gflops": 1000.0, "kernel": "matmul"}},
               "cases": [{"name": "official-s1-b64", "precision": "bf16",
                          "runners": {"ours": {"img_per_s": 900.0, "gflops_per_s": 450.0,
-                                              "frac_matmul": 0.45}}},
+                                              "frac_peak": 0.45}}},
                         {"name": "official-s2-b16", "precision": "bf16",
-                         "runners": {"ours": {"img_per_s": 80.0, "gflops_per_s": 300.0, "frac_matmul": 0.3}}},
+                         "runners": {"ours": {"img_per_s": 80.0, "gflops_per_s": 300.0, "frac_peak": 0.3}}},
                         {"label": "x", "error": "boom"}],
               "errors": [{"label": "stage2 fp16", "error": "CUDA out of memory"}]}
     fig = gc.bench_figures(report, "cuda")
