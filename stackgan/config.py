@@ -39,6 +39,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     stage: Literal[1, 2] = 1
+    family: Literal["pytorch", "tf"] = "pytorch"  # pytorch = the StackGAN-Pytorch (COCO) networks; tf = the
+    # TensorFlow birds networks of the paper: residual blocks in stage I's G and in both Ds, 1x1 joint conv in D's
+    # logit head, log-sigma CA-Net, no unconditional head in stage II's D (needs d_cond=text, ca_act=leaky)
     z_dim: int = 100  # noise dimension (Z_DIM)
     cond_dim: int = 128  # conditioning-augmentation output (EMBEDDING_DIM / ef_dim)
     gf_dim: int = 128  # generator base filters (GF_DIM)
@@ -119,6 +122,8 @@ class Config:
 # "retired" ones were measured no better (docs/quality.md, "Retired options", with the commit where
 # each last lived); the others became constants or part of another option. A checkpoint saved with
 # one of them set otherwise cannot continue as it was trained, and is refused (``changed_by_removal``).
+# model.d_uncond was a *stage-I* option (an unconditional head on stage I's D, commit ca0a87d) and stays
+# retired; whether stage II's D has its unconditional head is a property of the network, model.family.
 LAST_COMMIT = "7f4e420"
 _RETIRED = "retired"
 REMOVED: dict[str, tuple[object, str]] = {
