@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError
+from .config import Config, ConfigError, process_batch
 
 ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
 SUPPORTED_ZERO = (1, 2)
@@ -140,7 +140,7 @@ def _plugin(cfg: Config, precision: str):
         if key in conf:
             raise ConfigError(f"DeepSpeed config: remove the {key!r} section (the trainer builds Adam "
                               "and its learning-rate schedule from optim.*)")
-    conf["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    conf["train_micro_batch_size_per_gpu"] = process_batch(cfg.data, int(os.environ.get("WORLD_SIZE", "1")))
     conf["gradient_accumulation_steps"] = 1
     conf["gradient_clipping"] = float(cfg.optim.grad_clip)  # 0 = off (not accelerate's 'auto' = 1.0)
     _precision_sections(conf, precision)

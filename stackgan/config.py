@@ -29,7 +29,10 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     shards: str = "shards/birds-embedded"  # folder with metadata.json and *.tar shards (the train split is streamed)
-    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    batch_size: int = 64  # the global batch the recipe was tuned for (all processes together); see batch_rule
+    batch_rule: Literal["keep_global", "linear", "sqrt"] = "keep_global"  # on K processes: keep_global = each
+    # takes batch_size / K (refused unless divisible); linear / sqrt = each takes batch_size (the global batch
+    # grows K-fold) and the learning rates grow K-fold / sqrt(K)-fold. Epochs count global batches
     num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine
     shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
     emb_k: int = 1  # caption embeddings averaged per image: 1 = one of the 10 (official PyTorch), 4 = official TF
@@ -345,6 +348,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.steps or train.epochs")
+
+
+def process_batch(data: DataConfig, world: int) -> int:
+    """The batch of one of ``world`` processes under ``data.batch_rule`` (a ConfigError when
+    ``keep_global`` cannot split the global batch evenly)."""
+    if world < 1:
+        raise ValueError(f"process_batch: world must be >= 1, got {world}")
+    if data.batch_rule != "keep_global":
+        return data.batch_size
+    if data.batch_size % world:
+        up = -(-data.batch_size // world) * world
+        raise ConfigError(f"data.batch_size={data.batch_size} (the global batch; data.batch_rule=keep_global)"
+                          f" does not split over {world} processes: use a multiple of {world} (e.g. {up}), or"
+                          f" data.batch_rule=linear|sqrt (each process takes {data.batch_size}, learning"
+                          " rates scaled)")
+    return data.batch_size // world
+
+
+def lr_scale(data: DataConfig, world: int) -> float:
+    """Factor on both learning rates for the global batch run on ``world`` processes: 1 when the
+    recipe's global batch is kept, K or sqrt(K) when K processes each take the whole batch."""
+    k = process_batch(data, world) * world / data.batch_size
+    return {"keep_global": 1.0, "linear": k, "sqrt": math.sqrt(k)}[data.batch_rule]
 
 
 def to_dict(cfg: Config) -> dict:

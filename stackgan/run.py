@@ -22,7 +22,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .backends import check_resume, launched_with_deepspeed
-from .config import Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, to_dict
+from .config import (Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, lr_scale,
+                     process_batch, to_dict)
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .ema import EMA
 from .export import load_stage1_for_stage2, save_export
@@ -92,8 +93,9 @@ class Run:
         return self.ema.module if self.ema is not None else self.G_inner
 
     def set_lr(self) -> None:
-        """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``."""
-        scale = lr_factor(self.cfg, self.step, self.steps_per_epoch)
+        """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``, times
+        the ``data.batch_rule`` factor for this number of processes."""
+        scale = lr_factor(self.cfg, self.step, self.steps_per_epoch) * lr_scale(self.cfg.data, self.world)
         for opt, lr in ((self.opt_g, self.cfg.optim.lr_g), (self.opt_d, self.cfg.optim.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
@@ -137,7 +139,8 @@ def class_index(meta: ShardMeta) -> torch.Tensor:
 
 
 def steps_per_epoch(meta: ShardMeta, cfg: Config, world_size: int) -> int:
-    return max(1, meta.splits[SPLIT].num_samples // (cfg.data.batch_size * world_size))
+    """Global batches per epoch (the tail that does not fill one is dropped, as StackGAN does)."""
+    return max(1, meta.splits[SPLIT].num_samples // (process_batch(cfg.data, world_size) * world_size))
 
 
 def total_steps(cfg: Config, spe: int) -> int:
@@ -258,10 +261,13 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     if note:
         log(f"WARNING: {note}")
         warnings.warn(note)
-    spe = steps_per_epoch(meta, cfg, acc.num_processes)
+    world, batch = acc.num_processes, process_batch(cfg.data, acc.num_processes)
+    spe = steps_per_epoch(meta, cfg, world)
     n_steps = total_steps(cfg, spe)
-    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | precision {precision} | "
-        f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
+    log(f"stage {cfg.model.stage} | {world} process(es) on {acc.device} | precision {precision} | "
+        f"{n_steps} steps ({spe} per epoch) | run {run_dir}")
+    log(f"batch: global {batch * world} = {world} x {batch} (recipe's {cfg.data.batch_size}, data.batch_rule="
+        f"{cfg.data.batch_rule}: learning rates x {lr_scale(cfg.data, world):g})")
 
     G, D = build_models(cfg, meta, stage1, acc.device)
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_options(cfg))
@@ -295,7 +301,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     workers = loader_workers(cfg.data.num_workers, acc.device)
     log(f"data: {workers} loader worker(s) per process")
     run.stream = TrainStream(
-        cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
+        cfg.data.shards, SPLIT, image_size(cfg.model.stage), batch, seed=cfg.train.seed, rank=rank,
         world_size=acc.num_processes, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
         emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
         pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
