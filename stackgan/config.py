@@ -283,8 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def update_from_yaml(obj: Any, path: str | Path, what: str = "config file") -> None:
-    """Apply a YAML mapping of sections to a config dataclass; errors name the file and key."""
+def update_from_yaml(obj: Any, path: str | Path, what: str = "config file", _seen: tuple = ()) -> None:
+    """Apply a YAML mapping of sections to a config dataclass; errors name the file and key.
+    A top-level ``include: other.yaml`` (relative to this file) is applied first, so an old
+    config name can stay a one-line alias of the preset that replaced it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
@@ -294,6 +296,13 @@ def update_from_yaml(obj: Any, path: str | Path, what: str = "config file") -> N
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
+    if "include" in data:
+        inc = data.pop("include")
+        if not isinstance(inc, str):
+            raise ConfigError(f"{p}: include must be a file name, got {inc!r}")
+        if p.resolve() in _seen:
+            raise ConfigError(f"{p}: includes itself (through {' -> '.join(str(s) for s in _seen)})")
+        update_from_yaml(obj, p.parent / inc, what=f"{p}: included file", _seen=(*_seen, p.resolve()))
     try:
         apply_updates(obj, data)
     except ConfigError as e:
@@ -344,6 +353,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
         raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
+    if cfg.model.family == "tf" and (cfg.model.d_cond != "text" or cfg.model.ca_act != "leaky" or cfg.model.g_film):
+        raise ConfigError("model.family=tf is the TensorFlow birds network: it needs model.d_cond=text, "
+                          "model.ca_act=leaky and model.g_film=false")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
