@@ -25,7 +25,7 @@ from .backends import check_resume, launched_with_deepspeed
 from .config import (Config, ConfigError, ModelConfig, changed_by_removal, dump_config, image_size, lr_scale,
                      process_batch, to_dict)
 from .data.meta import ShardError, ShardMeta, load_metadata
-from .ema import EMA
+from .ema import EMA, STANDING_BATCHES
 from .export import load_stage1_for_stage2, save_export
 from .layout import apply_layout, layout_min_hw
 from .losses import CaptionBank
@@ -89,8 +89,9 @@ class Run:
 
     @property
     def sampler(self) -> nn.Module:
-        """The generator to sample and score: the EMA copy where there is one."""
-        return self.ema.module if self.ema is not None else self.G_inner
+        """The generator to sample and score: the EMA copy where there is one (with BatchNorm
+        statistics recomputed for its own weights)."""
+        return self.ema.sampler() if self.ema is not None else self.G_inner
 
     def set_lr(self) -> None:
         """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``, times
@@ -237,6 +238,23 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
     return G, D
 
 
+def standing_inputs(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (embedding, noise) batches the EMA generator's BatchNorm statistics are computed over:
+    the first :data:`STANDING_BATCHES` global batches of the run's train stream, the same on every
+    rank and in every launch, with noise from the run seed."""
+    from .data.stream import TrainStream
+
+    stream = TrainStream(
+        cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed,
+        num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer, emb_mode="one" if cfg.data.emb_k == 1 else "mean",
+        emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt, img_dtype="uint8")
+    it = stream.iterate()
+    embs = [next(it)["emb"] for _ in range(STANDING_BATCHES)]
+    it.close()
+    gen = torch.Generator().manual_seed(cfg.train.seed + 4242)
+    return [(e, torch.randn(e.shape[0], cfg.model.z_dim, generator=gen)) for e in embs]
+
+
 def build_run(cfg: Config, resume: str = "auto") -> Run:
     """Everything before the first step; see the module docstring for the order."""
     from .data.stream import TrainStream
@@ -306,6 +324,8 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
         pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
     )
+    if run.ema is not None:
+        run.ema.set_standing_inputs(standing_inputs(cfg))
     if state is not None and state.get("stream") not in (None, run.stream.signature()):
         log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
             "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")
