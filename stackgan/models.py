@@ -17,6 +17,13 @@ Stage-II G/D), with three changes that the distributed mixed-precision trainer n
   4x4 stride-2 transposed conv** with the same weights (:class:`UpsampleConv3x3`): the
   same function, 16 instead of 36 multiply-adds per input pixel.
 
+``model.family=tf`` builds the TensorFlow birds networks of the paper instead (hanzhanggit/StackGAN):
+:class:`TFStage1G` (bottleneck residual blocks at 4x4 and 8x8), discriminators whose encoders end
+in a bottleneck residual block and whose logit head joins code and text with a 1x1 conv, D's own
+text embedding, the log-sigma CA-Net, and no unconditional head in stage II's D. Stage II's
+generator is the same network in both codes. Parameter counts of both families are checked
+against the official codes in ``tests/test_presets.py``.
+
 Conventions kept from the official code: the generator input is ``cat(noise, c_code)``;
 CA-Net applies a ReLU to the whole ``fc`` output, so ``mu >= 0`` and ``logvar >= 0``
 (std >= 1) -- a quirk of the original kept for fidelity; the discriminator is conditioned
