@@ -41,6 +41,8 @@ def test_every_config_states_its_rule():
         cfg = load_config(path)
         assert cfg.data.batch_rule == "keep_global", path
         text = path.read_text()
+        if text.startswith("include:"):  # an old name of another preset
+            continue
         assert "global" in text.split("batch_size:", 1)[1].split("\n", 1)[0], f"{path}: batch_size comment"
 
 
