@@ -4,7 +4,8 @@
 #   sbatch slurm/stage1.sh [--config FILE] [key=value ...]        (run from the project folder)
 #
 # Default config: configs/birds_stage1.yaml (the embedded set); the full run uses
-# --config configs/cub_stage1.yaml. key=value are trainer overrides (train.run_dir=...,
+# --config configs/cub_stage1.yaml (the StackGAN-Pytorch network; the paper's TF birds network:
+# configs/cub_tf_stage1.yaml). key=value are trainer overrides (train.run_dir=...,
 # data.shards=..., optim.lr_g=...). Logs: slurm/logs/<job name>-<job id>.out; outputs in the
 # run folder (train.run_dir), which also gets slurm-history.log (one line per start/requeue/end).
 # On a time-limit warning (USR1, 5 min before the end), preemption or `scontrol requeue` the

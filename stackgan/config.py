@@ -39,7 +39,10 @@ class DataConfig:
     cache_dir: str = ""  # remote shards: node-local cache folder; "" = $STACKGAN_SHARD_CACHE or
     # $TMPDIR/stackgan-shards
     cache_gb: float = 20.0  # remote shards: the cache's bound (least recently used shards are evicted)
-    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    batch_size: int = 64  # the global batch the recipe was tuned for (all processes together); see batch_rule
+    batch_rule: Literal["keep_global", "linear", "sqrt"] = "keep_global"  # on K processes: keep_global = each
+    # takes batch_size / K (refused unless divisible); linear / sqrt = each takes batch_size (the global batch
+    # grows K-fold) and the learning rates grow K-fold / sqrt(K)-fold. Epochs count global batches
     num_workers: int = -1  # loader worker processes per training process; -1 = sized to the machine
     shuffle_buffer: int = 0  # shuffle window in samples (no memory cost); 0 = whole split, 1 = none
     emb_k: int = 1  # caption embeddings averaged per image: 1 = one of the 10 (official PyTorch), 4 = official TF
@@ -49,6 +52,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     stage: Literal[1, 2] = 1
+    family: Literal["pytorch", "tf"] = "pytorch"  # pytorch = the StackGAN-Pytorch (COCO) networks; tf = the
+    # TensorFlow birds networks of the paper: residual blocks in stage I's G and in both Ds, 1x1 joint conv in D's
+    # logit head, log-sigma CA-Net, no unconditional head in stage II's D (needs d_cond=text, ca_act=leaky)
     z_dim: int = 100  # noise dimension (Z_DIM)
     cond_dim: int = 128  # conditioning-augmentation output (EMBEDDING_DIM / ef_dim)
     gf_dim: int = 128  # generator base filters (GF_DIM)
@@ -137,6 +143,8 @@ class Config:
 # "retired" ones were measured no better (docs/quality.md, "Retired options", with the commit where
 # each last lived); the others became constants or part of another option. A checkpoint saved with
 # one of them set otherwise cannot continue as it was trained, and is refused (``changed_by_removal``).
+# model.d_uncond was a *stage-I* option (an unconditional head on stage I's D, commit ca0a87d) and stays
+# retired; whether stage II's D has its unconditional head is a property of the network, model.family.
 LAST_COMMIT = "7f4e420"
 _RETIRED = "retired"
 REMOVED: dict[str, tuple[object, str]] = {
@@ -293,8 +301,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def update_from_yaml(obj: Any, path: str | Path, what: str = "config file") -> None:
-    """Apply a YAML mapping of sections to a config dataclass; errors name the file and key."""
+def update_from_yaml(obj: Any, path: str | Path, what: str = "config file", _seen: tuple = ()) -> None:
+    """Apply a YAML mapping of sections to a config dataclass; errors name the file and key.
+    A top-level ``include: other.yaml`` (relative to this file) is applied first, so an old
+    config name can stay a one-line alias of the preset that replaced it."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
@@ -304,6 +314,13 @@ def update_from_yaml(obj: Any, path: str | Path, what: str = "config file") -> N
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
+    if "include" in data:
+        inc = data.pop("include")
+        if not isinstance(inc, str):
+            raise ConfigError(f"{p}: include must be a file name, got {inc!r}")
+        if p.resolve() in _seen:
+            raise ConfigError(f"{p}: includes itself (through {' -> '.join(str(s) for s in _seen)})")
+        update_from_yaml(obj, p.parent / inc, what=f"{p}: included file", _seen=(*_seen, p.resolve()))
     try:
         apply_updates(obj, data)
     except ConfigError as e:
@@ -358,6 +375,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.contrastive_bank > 0 and not (cfg.loss.contrastive_coef > 0 and cfg.model.d_cond == "text"):
         raise ConfigError(f"loss.contrastive_bank={cfg.loss.contrastive_bank} needs loss.contrastive_coef > 0 and "
                           f"model.d_cond=text (D encodes the stored captions' raw text embeddings)")
+    if cfg.model.family == "tf" and (cfg.model.d_cond != "text" or cfg.model.ca_act != "leaky" or cfg.model.g_film):
+        raise ConfigError("model.family=tf is the TensorFlow birds network: it needs model.d_cond=text, "
+                          "model.ca_act=leaky and model.g_film=false")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     trackers = [n.strip() for n in cfg.train.report_to.split(",")]
@@ -367,6 +387,29 @@ def validate(cfg: Config) -> None:
                           f"{', '.join(REPORT_TO[:4])}, or all, or none")
     if cfg.train.steps == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.steps or train.epochs")
+
+
+def process_batch(data: DataConfig, world: int) -> int:
+    """The batch of one of ``world`` processes under ``data.batch_rule`` (a ConfigError when
+    ``keep_global`` cannot split the global batch evenly)."""
+    if world < 1:
+        raise ValueError(f"process_batch: world must be >= 1, got {world}")
+    if data.batch_rule != "keep_global":
+        return data.batch_size
+    if data.batch_size % world:
+        up = -(-data.batch_size // world) * world
+        raise ConfigError(f"data.batch_size={data.batch_size} (the global batch; data.batch_rule=keep_global)"
+                          f" does not split over {world} processes: use a multiple of {world} (e.g. {up}), or"
+                          f" data.batch_rule=linear|sqrt (each process takes {data.batch_size}, learning"
+                          " rates scaled)")
+    return data.batch_size // world
+
+
+def lr_scale(data: DataConfig, world: int) -> float:
+    """Factor on both learning rates for the global batch run on ``world`` processes: 1 when the
+    recipe's global batch is kept, K or sqrt(K) when K processes each take the whole batch."""
+    k = process_batch(data, world) * world / data.batch_size
+    return {"keep_global": 1.0, "linear": k, "sqrt": math.sqrt(k)}[data.batch_rule]
 
 
 def to_dict(cfg: Config) -> dict:

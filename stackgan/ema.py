@@ -12,6 +12,14 @@ copied from the live generator, such a mix of old weights and new statistics sam
 Buffers (BatchNorm running statistics) and frozen parameters (the Stage-I generator inside
 a Stage-II generator) are copied, never averaged, so they stay bit-identical.
 
+Copied BatchNorm statistics belong to the live generator's weights, not to the average. Given
+inputs (:meth:`EMA.set_standing_inputs`: a fixed list of (embedding, noise) batches), the
+averaged generator that :meth:`EMA.sampler` hands out carries **standing statistics**: every
+BatchNorm's running mean and variance recomputed for the averaged weights, as the equal-weight
+mean over those batches (BigGAN's "standing statistics"). Recomputed once per update, under a
+fixed seed and without touching the caller's RNG, so exports, sample grids and metrics (and a
+stage II whose frozen stage I is such an export) are a function of the weights alone.
+
 The copy lives where its generator lives: an update from a generator on another device
 first moves the copy there (once). A trainer that builds the EMA before
 ``accelerate.prepare`` moves G to the GPU would otherwise read all of G back to the host
@@ -22,11 +30,14 @@ An update is a few fused (``_foreach``) kernels and never waits for the device.
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["EMA", "unwrap"]
+__all__ = ["EMA", "STANDING_BATCHES", "recompute_bn_stats", "unwrap"]
+
+STANDING_BATCHES = 16  # batches the standing statistics average over (BigGAN used 16 or more)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -49,6 +60,34 @@ def _without_hooks(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]], seed: int = 0) -> int:
+    """Reset the running statistics of ``model``'s BatchNorm layers that train (a Stage-II
+    generator keeps its frozen stage I in eval mode: those stay) and recompute them as the
+    equal-weight mean of the batch statistics over ``inputs`` (each ``model(*batch)``). The
+    CA-Net noise comes from ``seed``; the caller's RNG state is restored. Returns the number of
+    layers recomputed; the model's train/eval mode is kept."""
+    was_training = model.training
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+    dev = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for batch in inputs:
+                model(*(t.to(dev) for t in batch))
+    finally:
+        for m, mom in zip(layers, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(layers)
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.999, start: int = 0, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
@@ -61,6 +100,22 @@ class EMA:
         self.model = _without_hooks(copy.deepcopy(unwrap(model))).float()
         self.model.requires_grad_(False)
         self.model.eval()
+        self.standing_inputs: list[tuple[torch.Tensor, ...]] = []
+        self._standing_fresh = False
+
+    def set_standing_inputs(self, inputs: Iterable[tuple[torch.Tensor, ...]]) -> None:
+        """The fixed batches (``model(*batch)``) the standing statistics are computed over."""
+        self.standing_inputs = [tuple(t.detach().cpu() for t in b) for b in inputs]
+        self._standing_fresh = False
+
+    def sampler(self) -> nn.Module:
+        """The averaged generator, in eval mode, with BatchNorm statistics of its own weights
+        when standing inputs are set (recomputed only after an update or a load)."""
+        if self.standing_inputs and not self._standing_fresh:
+            recompute_bn_stats(self.model, self.standing_inputs)
+            self.model.eval()
+            self._standing_fresh = True
+        return self.model
 
     @property
     def module(self) -> nn.Module:
@@ -116,6 +171,7 @@ class EMA:
             torch._foreach_lerp_(avg_e, avg_s, 1.0 - self.decay_at(step))
         if copy_e:
             torch._foreach_copy_(copy_e, copy_s)
+        self._standing_fresh = False
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "start": self.start, "warmup": self.warmup, "model": self.model.state_dict()}
@@ -127,3 +183,4 @@ class EMA:
         self.decay, self.start = float(state["decay"]), int(state["start"])
         self.warmup = bool(state.get("warmup", False))  # checkpoints from before the option: none
         self.model.load_state_dict(state["model"])
+        self._standing_fresh = False

@@ -22,6 +22,13 @@ up-blocks as ``upsample1..4`` (here one ``upsample`` Sequential, ``upsample.0..3
 its stage-I generator as ``STAGE1_G`` (here ``stage1``); with the default options every other key,
 the discriminators' included, is the same. ``python -m stackgan.convert --from-official`` maps them.
 
+``model.family=tf`` builds the TensorFlow birds networks of the paper instead (hanzhanggit/StackGAN):
+:class:`TFStage1G` (bottleneck residual blocks at 4x4 and 8x8), discriminators whose encoders end
+in a bottleneck residual block and whose logit head joins code and text with a 1x1 conv, D's own
+text embedding, the log-sigma CA-Net, and no unconditional head in stage II's D. Stage II's
+generator is the same network in both codes. Parameter counts of both families are checked
+against the official codes in ``tests/test_presets.py``.
+
 Conventions kept from the official code: the generator input is ``cat(noise, c_code)``;
 CA-Net applies a ReLU to the whole ``fc`` output, so ``mu >= 0`` and ``logvar >= 0``
 (std >= 1) -- a quirk of the original kept for fidelity; the discriminator is conditioned
@@ -58,6 +65,8 @@ __all__ = [
     "Stage1G",
     "Stage2D",
     "Stage2G",
+    "TFStage1G",
+    "FAMILIES",
     "build_discriminator",
     "build_generator",
     "count_parameters",
@@ -205,11 +214,17 @@ class CANet(nn.Module):
 
     ``eps`` comes from ``torch.randn_like`` (the global RNG of the tensor's device), so a
     caller that seeds that RNG controls it.
+
+    ``log_sigma`` (the TensorFlow birds network): the second half of ``fc`` is log(sigma), not
+    log(variance), and eps is a normal truncated at 2 (``tf.truncated_normal``). ``logvar`` is
+    still what is returned (2 log sigma), so the KL term is the TF code's mean over elements.
     """
 
-    def __init__(self, text_dim: int, cond_dim: int, emb_scale: float = 1.0, act: str = "relu"):
+    def __init__(self, text_dim: int, cond_dim: int, emb_scale: float = 1.0, act: str = "relu",
+                 log_sigma: bool = False):
         super().__init__()
         self.text_dim, self.cond_dim, self.emb_scale = text_dim, cond_dim, float(emb_scale)
+        self.log_sigma = log_sigma
         self.fc = nn.Linear(text_dim, cond_dim * 2, bias=True)
         # "relu": official PyTorch (mu, logvar >= 0; the KL term can drive every unit to 0 and
         # cut the text off); "leaky": official TensorFlow StackGAN (leaky ReLU, slope 0.2)
@@ -223,6 +238,11 @@ class CANet(nn.Module):
         # unit variance per coordinate (see ModelConfig.emb_scale)
         x = self.relu(self.fc(emb * self.emb_scale if self.emb_scale != 1.0 else emb))
         mu, logvar = x[:, : self.cond_dim], x[:, self.cond_dim :]
+        if self.log_sigma:
+            logvar = 2 * logvar
+            std = torch.exp(0.5 * logvar)
+            eps = nn.init.trunc_normal_(torch.empty_like(std), 0.0, 1.0, -2.0, 2.0)
+            return mu + eps * std, mu, logvar
         std = torch.exp(0.5 * logvar)
         return mu + torch.randn_like(std) * std, mu, logvar
 
@@ -271,6 +291,65 @@ class Stage1G(nn.Module):
         return self.img(h), mu, logvar
 
 
+class Bottleneck(nn.Module):
+    """The TensorFlow birds code's residual block: 1x1 conv to ``mid`` channels, two 3x3 convs
+    back to ``channels`` (each with BN, activations between), added to the input, then the
+    activation (ReLU in G, LeakyReLU 0.2 in D). Without BN (spectral norm) the convs get biases."""
+
+    def __init__(self, channels: int, mid: int, act: nn.Module, bn: bool = True):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if bn else (lambda c: nn.Identity())
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, mid, 1, bias=not bn), norm(mid), act,
+            conv3x3(mid, mid, bias=not bn), norm(mid), act,
+            conv3x3(mid, channels, bias=not bn), norm(channels),
+        )
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.block(x) + x)
+
+
+class TFStage1G(Stage1G):
+    """The stage-I generator of the TensorFlow birds code (``model.family=tf``):
+    FC (with bias) + BN to 4x4x(8 gf) without a ReLU, a bottleneck residual block at 4x4,
+    an up-block without ReLU to 8x8 (4 gf), a bottleneck residual block at 8x8, up-blocks to 16
+    (2 gf) and 32 (gf), and one upsampling 3x3 conv to the 64-px RGB image. Its input is
+    ``cat(c_code, noise)`` (the TF order) and its CA-Net has the TF leaky log-sigma form."""
+
+    def __init__(self, text_dim: int, z_dim: int = 100, cond_dim: int = 128, gf_dim: int = 128,
+                 emb_scale: float = 1.0):
+        nn.Module.__init__(self)
+        if gf_dim < 1:
+            raise ValueError(f"TFStage1G: gf_dim must be >= 1, got {gf_dim}")
+        for k, v in {"text_dim": text_dim, "z_dim": z_dim, "cond_dim": cond_dim}.items():
+            if v <= 0:
+                raise ValueError(f"TFStage1G: {k} must be > 0, got {v}")
+        self.text_dim, self.z_dim, self.cond_dim, self.gf_dim = text_dim, z_dim, cond_dim, gf_dim
+        ngf = self.ngf = gf_dim * 8
+        self.ca_net = CANet(text_dim, cond_dim, emb_scale, "leaky", log_sigma=True)
+        self.fc = nn.Sequential(nn.Linear(cond_dim + z_dim, ngf * 4 * 4), nn.BatchNorm1d(ngf * 4 * 4))
+        self.res4 = Bottleneck(ngf, gf_dim * 2, nn.ReLU(inplace=True))
+        up8 = up_block(ngf, gf_dim * 4)
+        up8[3] = nn.Identity()  # node2_0 has no ReLU before its residual sum
+        self.upsample = nn.Sequential(
+            up8,  # 8x8
+            Bottleneck(gf_dim * 4, gf_dim, nn.ReLU(inplace=True)),
+            up_block(gf_dim * 4, gf_dim * 2),  # 16x16
+            up_block(gf_dim * 2, gf_dim),  # 32x32
+        )
+        self.img = nn.Sequential(UpsampleConv3x3(gf_dim, 3, kernel_size=3, padding=1, bias=False), nn.Tanh())
+        self.film = None
+        init_weights(self)
+
+    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _check_input("Stage1G emb", emb, (None, self.text_dim))
+        _check_input("Stage1G z", z, (emb.shape[0], self.z_dim))
+        c, mu, logvar = self.ca_net(emb)
+        h = self.fc(torch.cat((c, z), 1)).view(-1, self.ngf, 4, 4)  # TF order: (c_code, noise)
+        return self.img(self.upsample(self.res4(h))), mu, logvar
+
+
 class Stage2G(nn.Module):
     """(emb, z) -> 256x256 image, refining a frozen Stage-I image of the same (emb, z).
 
@@ -291,7 +370,7 @@ class Stage2G(nn.Module):
 
     def __init__(self, stage1: Stage1G, text_dim: int, cond_dim: int = 128, gf_dim: int = 128,
                  r_num: int = 4, emb_scale: float = 1.0, ca_act: str = "relu", film: bool = False,
-                 upsample_skip: bool = False):
+                 upsample_skip: bool = False, ca_log_sigma: bool = False):
         super().__init__()
         if not isinstance(stage1, Stage1G):
             raise TypeError(f"Stage2G: stage1 must be a Stage1G, got {type(stage1).__name__}")
@@ -306,7 +385,7 @@ class Stage2G(nn.Module):
         self.text_dim, self.z_dim, self.cond_dim = text_dim, stage1.z_dim, cond_dim
         self.gf_dim, self.r_num, self.upsample_skip = gf_dim, r_num, upsample_skip
         ngf = gf_dim
-        self.ca_net = CANet(text_dim, cond_dim, emb_scale, ca_act)
+        self.ca_net = CANet(text_dim, cond_dim, emb_scale, ca_act, log_sigma=ca_log_sigma)
         self.encoder = nn.Sequential(
             conv3x3(3, ngf),
             nn.ReLU(inplace=True),
@@ -378,6 +457,7 @@ class Stage2G(nn.Module):
 # --------------------------------------------------------------------------------------
 # Discriminators
 # --------------------------------------------------------------------------------------
+FAMILIES = ("pytorch", "tf")  # model.family: the official PyTorch (COCO) or TensorFlow (birds) networks
 CODE_DIM = 128  # size of D's image and text codes for the contrastive loss (loss.contrastive_coef)
 
 
@@ -405,18 +485,20 @@ def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> 
 
 
 class DLogits(nn.Module):
-    """The official ``D_GET_LOGITS``: 4x4 image code (+ tiled condition) -> one logit."""
+    """The official ``D_GET_LOGITS``: 4x4 image code (+ tiled condition) -> one logit. The
+    TensorFlow code joins code and condition with a 1x1 conv (``k=1``) and its 4x4 logit conv
+    has no bias (``bias=False``)."""
 
-    def __init__(self, ndf: int, nef: int, bcondition: bool, sn: bool = False):
+    def __init__(self, ndf: int, nef: int, bcondition: bool, sn: bool = False, k: int = 3, bias: bool = True):
         super().__init__()
         self.nef, self.bcondition = nef, bcondition
         if bcondition:
             self.outlogits = nn.Sequential(
-                *_down(ndf * 8 + nef, ndf * 8, bn=not sn, k=3, s=1, p=1),
-                nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4),
+                *_down(ndf * 8 + nef, ndf * 8, bn=not sn, k=k, s=1, p=k // 2),
+                nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4, bias=bias),
             )
         else:
-            self.outlogits = nn.Sequential(nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4))
+            self.outlogits = nn.Sequential(nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4, bias=bias))
 
     def forward(self, h: Tensor, c: Tensor | None = None) -> Tensor:
         if self.bcondition:
@@ -432,11 +514,18 @@ class _Discriminator(nn.Module):
     classifier (``num_classes``; AC-GAN)."""
 
     image_size: int
-    uncond: bool  # stage II's unconditional (realism only) head
+    uncond: bool  # stage II's unconditional (realism only) head (the PyTorch code's; the TF code has none)
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False, text_dim: int = 0,
-                 emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0):
+                 emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0, family: str = "pytorch"):
         super().__init__()
+        if family not in FAMILIES:
+            raise ValueError(f"{type(self).__name__}: family must be one of {FAMILIES}, got {family!r}")
+        if family == "tf" and text_dim <= 0:
+            raise ValueError(f"{type(self).__name__}: the TF family's D embeds the text itself (needs text_dim)")
+        self.family = family
+        self.uncond = self.uncond and family == "pytorch"
+        tf = family == "tf"
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
         if code_dim < 0 or num_classes < 0:
@@ -448,8 +537,10 @@ class _Discriminator(nn.Module):
         self.text_proj = (nn.Sequential(nn.Linear(text_dim, cond_dim), nn.LeakyReLU(0.2, inplace=True))
                           if text_dim > 0 else None)
         self.in_dim = text_dim if text_dim > 0 else cond_dim
-        self.encode_img = nn.Sequential(*self._encoder(df_dim, not spectral_norm, spectral_norm))
-        self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm)
+        encoder = self._tf_encoder if tf else self._encoder
+        self.encode_img = nn.Sequential(*encoder(df_dim, not spectral_norm, spectral_norm))
+        self.get_cond_logits = DLogits(df_dim, cond_dim, bcondition=True, sn=spectral_norm, k=1 if tf else 3,
+                                       bias=not tf)
         self.get_uncond_logits = DLogits(df_dim, cond_dim, bcondition=False) if self.uncond else None
         self.img_code = nn.Linear(df_dim * 8, code_dim) if code_dim > 0 else None
         self.txt_code = nn.Linear(cond_dim, code_dim) if code_dim > 0 else None
@@ -461,6 +552,9 @@ class _Discriminator(nn.Module):
                     _sn(m)
 
     def _encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def _tf_encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         raise NotImplementedError
 
     def forward(self, img: Tensor, cond: Tensor, wrong_cond: Tensor | None = None) -> DOut:
@@ -511,9 +605,21 @@ class Stage1D(_Discriminator):
             *_down(ndf * 4, ndf * 8, bn),  # 4
         ]
 
+    def _tf_encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        # the TF code has no activation after the third conv, none after the fourth before the residual sum
+        return [
+            nn.Conv2d(3, ndf, 4, 2, 1, bias=sn),  # 32
+            nn.LeakyReLU(0.2, inplace=True),
+            *_down(ndf, ndf * 2, bn),  # 16
+            *_down(ndf * 2, ndf * 4, bn)[:-1],  # 8
+            *_down(ndf * 4, ndf * 8, bn)[:-1],  # 4
+            Bottleneck(ndf * 8, ndf * 2, nn.LeakyReLU(0.2, inplace=True), bn),
+        ]
+
 
 class Stage2D(_Discriminator):
-    """256x256 image + condition -> conditional and unconditional logits."""
+    """256x256 image + condition -> conditional and unconditional logits (the TF family: conditional
+    only)."""
 
     image_size = 256
     uncond = True
@@ -531,10 +637,33 @@ class Stage2D(_Discriminator):
             *_down(ndf * 16, ndf * 8, bn, k=3, s=1, p=1),
         ]
 
+    def _tf_encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
+        return [
+            nn.Conv2d(3, ndf, 4, 2, 1, bias=sn),  # 128
+            nn.LeakyReLU(0.2, inplace=True),
+            *_down(ndf, ndf * 2, bn),  # 64
+            *_down(ndf * 2, ndf * 4, bn),  # 32
+            *_down(ndf * 4, ndf * 8, bn),  # 16
+            *_down(ndf * 8, ndf * 16, bn),  # 8
+            *_down(ndf * 16, ndf * 32, bn),  # 4
+            *_down(ndf * 32, ndf * 16, bn, k=1, s=1, p=0),
+            *_down(ndf * 16, ndf * 8, bn, k=1, s=1, p=0)[:-1],  # no activation before the residual sum
+            Bottleneck(ndf * 8, ndf * 2, nn.LeakyReLU(0.2, inplace=True), bn),
+        ]
+
 
 # --------------------------------------------------------------------------------------
 # Factories (what the trainer, sampling and exports use)
 # --------------------------------------------------------------------------------------
+def _family(mcfg: ModelConfig) -> str:
+    if mcfg.family not in FAMILIES:
+        raise ValueError(f"model.family must be one of {FAMILIES}, got {mcfg.family!r}")
+    if mcfg.family == "tf" and (mcfg.d_cond != "text" or mcfg.ca_act != "leaky" or mcfg.g_film):
+        raise ValueError("model.family=tf is the TF birds network: it needs model.d_cond=text, model.ca_act=leaky "
+                         "and model.g_film=false")
+    return mcfg.family
+
+
 def _stage(mcfg: ModelConfig) -> int:
     if mcfg.stage not in (1, 2):
         raise ValueError(f"model.stage must be 1 or 2, got {mcfg.stage!r}")
@@ -550,9 +679,12 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     stage = _stage(mcfg)
     if text_dim <= 0:
         raise ValueError(f"build_generator: text_dim must be > 0 (resolve it from the shards), got {text_dim}")
+    tf = _family(mcfg) == "tf"
     if stage == 1:
         if stage1 is not None:
             raise ValueError("build_generator: stage1 is only used for model.stage=2")
+        if tf:
+            return TFStage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale)
         return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act, mcfg.g_film)
     if stage1 is None:
         raise ValueError("build_generator: model.stage=2 needs the stage-I generator (stage1=...)")
@@ -561,7 +693,7 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
     if stage1.z_dim != mcfg.z_dim:
         raise ValueError(f"model.z_dim={mcfg.z_dim} differs from the stage-I generator's z_dim {stage1.z_dim}")
     return Stage2G(stage1, text_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.r_num, emb_scale=mcfg.emb_scale,
-                   ca_act=mcfg.ca_act, film=mcfg.g_film, upsample_skip=mcfg.upsample_skip)
+                   ca_act=mcfg.ca_act, film=mcfg.g_film, upsample_skip=mcfg.upsample_skip, ca_log_sigma=tf)
 
 
 def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0, num_classes: int = 0) -> nn.Module:
@@ -574,4 +706,4 @@ def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0,
     if mcfg.d_cond == "text" and text_dim <= 0:
         raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
     return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim if mcfg.d_cond == "text" else 0,
-               emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes)
+               emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes, family=_family(mcfg))

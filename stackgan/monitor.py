@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .config import image_size
+from .config import image_size, process_batch
 from .errors import EXIT_NONFINITE, StackGANError
 from .metrics import compute
 from .run import SPLIT, Run, eval_context
@@ -124,7 +124,8 @@ class Monitor:
         now = time.time()
         n = run.step - self.step_last
         rec = {"step": run.step, "epoch": run.step / run.steps_per_epoch, "time": now,
-               "img_per_s": n * run.cfg.data.batch_size * run.world / max(now - self.t_last, 1e-9),
+               "img_per_s": n * process_batch(run.cfg.data, run.world) * run.world
+               / max(now - self.t_last, 1e-9),
                "world_size": run.world, "lr_g": run.opt_g.param_groups[0]["lr"], "lr_d": run.opt_d.param_groups[0]["lr"],
                "mem_mb": memory_mb(run.device)}
         rec.update({k: float(v / self.counts[k]) for k, v in self.sums.items()})  # some terms come from some steps

@@ -21,10 +21,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .backends import GANBackend, make_backend
-from .config import Config, ConfigError, ModelConfig, changed_by_removal, image_size, to_dict
+from .config import (Config, ConfigError, ModelConfig, changed_by_removal, image_size, lr_scale, process_batch,
+                     to_dict)
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .data.storage import parse as parse_store
-from .ema import EMA
+from .ema import EMA, STANDING_BATCHES
 from .export import export_path, load_stage1_for_stage2, save_export
 from .images import stored_size
 from .layout import apply_layout, layout_min_hw
@@ -90,12 +91,14 @@ class Run:
 
     @property
     def sampler(self) -> nn.Module:
-        """The generator to sample and score: the EMA copy where there is one."""
-        return self.ema.module if self.ema is not None else self.G_inner
+        """The generator to sample and score: the EMA copy where there is one (with BatchNorm
+        statistics recomputed for its own weights)."""
+        return self.ema.sampler() if self.ema is not None else self.G_inner
 
     def set_lr(self) -> None:
-        """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``."""
-        scale = lr_factor(self.cfg, self.step, self.steps_per_epoch)
+        """StackGAN's schedule: both learning rates halve every ``optim.lr_decay_epochs``, times
+        the ``data.batch_rule`` factor for this number of processes."""
+        scale = lr_factor(self.cfg, self.step, self.steps_per_epoch) * lr_scale(self.cfg.data, self.world)
         for opt, lr in ((self.opt_g, self.cfg.optim.lr_g), (self.opt_d, self.cfg.optim.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
@@ -157,7 +160,8 @@ def class_index(meta: ShardMeta) -> torch.Tensor:
 
 
 def steps_per_epoch(meta: ShardMeta, cfg: Config, world_size: int) -> int:
-    return max(1, meta.splits[SPLIT].num_samples // (cfg.data.batch_size * world_size))
+    """Global batches per epoch (the tail that does not fill one is dropped, as StackGAN does)."""
+    return max(1, meta.splits[SPLIT].num_samples // (process_batch(cfg.data, world_size) * world_size))
 
 
 def total_steps(cfg: Config, spe: int) -> int:
@@ -227,6 +231,24 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
     return G, D
 
 
+def standing_inputs(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (embedding, noise) batches the EMA generator's BatchNorm statistics are computed over:
+    the first :data:`STANDING_BATCHES` global batches of the run's train stream, the same on every
+    rank and in every launch, with noise from the run seed."""
+    from .data.stream import TrainStream
+
+    stream = TrainStream(
+        cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed,
+        num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer, emb_mode="one" if cfg.data.emb_k == 1 else "mean",
+        emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt, img_dtype="uint8",
+        cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
+    it = stream.iterate()
+    embs = [next(it)["emb"] for _ in range(STANDING_BATCHES)]
+    it.close()
+    gen = torch.Generator().manual_seed(cfg.train.seed + 4242)
+    return [(e, torch.randn(e.shape[0], cfg.model.z_dim, generator=gen)) for e in embs]
+
+
 def build_run(cfg: Config, resume: str = "auto") -> Run:
     """Everything before the first step; see the module docstring for the order."""
     from .data.stream import TrainStream
@@ -250,11 +272,14 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     if acc.note:
         log(f"WARNING: {acc.note}")
         warnings.warn(acc.note)
-    spe = steps_per_epoch(meta, cfg, acc.num_processes)
+    world, batch = acc.num_processes, process_batch(cfg.data, acc.num_processes)
+    spe = steps_per_epoch(meta, cfg, world)
     n_steps = total_steps(cfg, spe)
-    log(f"stage {cfg.model.stage} | {acc.num_processes} process(es) on {acc.device} | "
-        f"precision {acc.precision} (source: {acc.precision_source}) | "
-        f"{n_steps} steps ({spe} per epoch, global batch {cfg.data.batch_size * acc.num_processes}) | run {run_dir}")
+    log(f"stage {cfg.model.stage} | {world} process(es) on {acc.device} | "
+        f"precision {acc.precision} (source: {acc.precision_source}) | {n_steps} steps ({spe} per epoch) | "
+        f"run {run_dir}")
+    log(f"batch: global {batch * world} = {world} x {batch} (recipe's {cfg.data.batch_size}, data.batch_rule="
+        f"{cfg.data.batch_rule}: learning rates x {lr_scale(cfg.data, world):g})")
 
     G, D = build_models(cfg, meta, stage1, acc.device, channels_last=acc.keeps_channels_last)
     opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.optim.lr_g, **adam_options(cfg))
@@ -292,12 +317,14 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     workers = loader_workers(cfg.data.num_workers, acc.device)
     log(f"data: {workers} loader worker(s) per process")
     run.stream = TrainStream(
-        cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
+        cfg.data.shards, SPLIT, image_size(cfg.model.stage), batch, seed=cfg.train.seed, rank=rank,
         world_size=acc.num_processes, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
         emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
         pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
         cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb,
     )
+    if run.ema is not None:
+        run.ema.set_standing_inputs(standing_inputs(cfg))
     if state is not None and state.get("stream") not in (None, run.stream.signature()):
         log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
             "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")

@@ -64,6 +64,23 @@ def test_bad_yaml_key_names_file_and_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_include_starts_from_another_file(tmp_path):
+    """``include:`` applies the named file (relative to the including one) first; the rest of the
+    file and the overrides go on top; an error names the included file; a cycle is refused."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"gf_dim": 32, "df_dim": 16}}))
+    (tmp_path / "sub" / "alias.yaml").write_text("include: ../base.yaml\nmodel:\n  df_dim: 8\n")
+    cfg = load_config(tmp_path / "sub" / "alias.yaml", ["model.z_dim=7"])
+    assert (cfg.model.gf_dim, cfg.model.df_dim, cfg.model.z_dim) == (32, 8, 7)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"gfdim": 32}}))
+    with pytest.raises(ConfigError, match=r"base.yaml: unknown config key 'model.gfdim'"):
+        load_config(tmp_path / "sub" / "alias.yaml")
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+
+
 def test_roundtrip_and_dump(tmp_path):
     cfg = load_config(CONFIGS[0], ["optim.lr_g=1e-3"])
     dump_config(cfg, tmp_path / "config.yaml")

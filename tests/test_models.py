@@ -506,3 +506,19 @@ def test_stage2_upsample_skip_starts_at_the_bicubic_baseline():
         g2(emb, None, low=torch.zeros(3, 3, 32, 32))
     plain = build_generator(tiny_cfg(2), 7, g1)  # the official stage II: a new image from its 16x16 code
     assert isinstance(plain.img[1], torch.nn.Tanh) and not plain.upsample_skip
+
+
+def test_ca_net_log_sigma_is_the_tf_form():
+    """The TF CA-Net (family tf): the second half of the leaky FC output is log(sigma), so
+    logvar = 2 s, and eps is a normal truncated at 2 (std 0.8796), as tf.truncated_normal."""
+    from stackgan.models import CANet
+
+    torch.manual_seed(0)
+    ca = CANet(16, 4, act="leaky", log_sigma=True)
+    emb = torch.randn(20000, 16)
+    c, mu, logvar = ca(emb)
+    s = F.leaky_relu(ca.fc(emb), 0.2)[:, 4:]
+    torch.testing.assert_close(logvar, 2 * s)
+    eps = (c - mu) / s.exp()
+    assert eps.abs().max() <= 2.0 + 1e-5
+    assert abs(eps.std().item() - 0.8796) < 0.01

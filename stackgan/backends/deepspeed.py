@@ -52,7 +52,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..amp import Update
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, process_batch
 from .base import check_backend
 
 ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
@@ -142,7 +142,7 @@ def _plugin(cfg: Config, precision: str):
         if key in conf:
             raise ConfigError(f"DeepSpeed config: remove the {key!r} section (the trainer builds Adam "
                               "and its learning-rate schedule from optim.*)")
-    conf["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    conf["train_micro_batch_size_per_gpu"] = process_batch(cfg.data, int(os.environ.get("WORLD_SIZE", "1")))
     conf["gradient_accumulation_steps"] = 1
     conf["gradient_clipping"] = float(cfg.optim.grad_clip)  # 0 = off (not accelerate's 'auto' = 1.0)
     _precision_sections(conf, precision)

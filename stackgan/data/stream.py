@@ -14,9 +14,12 @@ The stream, stage by stage (see :meth:`_BatchMaker.make`):
    when the split is smaller than one global batch): the shard order is permuted from the
    run seed *before* the node split, the samples of the shards in that order form one
    sequence, the sequence is shuffled within windows of ``shuffle_buffer`` samples, the
-   tail that does not fill a global batch is dropped, and rank ``r`` takes the ``r``-th
-   contiguous slice. So each epoch is an exact partition of the split (minus the dropped
-   remainder, which changes every epoch) across the ranks.
+   tail that does not fill a global batch is dropped, and global batch ``j`` is the ``j``-th
+   run of ``batch_size * world_size`` positions, of which rank ``r`` takes the ``r``-th slice.
+   So each epoch is an exact partition of the split (minus the dropped remainder, which
+   changes every epoch) across the ranks, and K processes see at step ``j`` the samples (and,
+   augmentation being seeded by position, the crops) that one process with the whole global
+   batch sees.
 2. **worker split**: loader worker ``w`` of ``n`` computes batches ``start + w, start + w + n,
    ...``, which is the order in which ``torch.utils.data.DataLoader`` collects them.
 3. **read**: raw fields of one sample by offset (``os.pread``) from an index of the tar's
@@ -187,7 +190,7 @@ class _Plan:
     def batch_positions(self, k: int) -> tuple[int, np.ndarray]:
         """Epoch of batch k of this rank and the epoch-level positions of its samples."""
         epoch, j = divmod(k, self.bpe)
-        first = self.spec.rank * self.per_rank + j * self.spec.batch_size
+        first = (j * self.spec.world_size + self.spec.rank) * self.spec.batch_size  # rank r's part of batch j
         return epoch, np.arange(first, first + self.spec.batch_size)
 
 
