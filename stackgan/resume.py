@@ -27,7 +27,7 @@ MAY_CHANGE = frozenset({
     "train.keep_last", "train.keep_every",
     "train.report_to",  # the experiment tracker
     "train.run_dir",  # the folder may have moved
-    "data.num_workers",
+    "data.num_workers", "data.cache_dir", "data.cache_gb",  # where remote shards are cached, not which
 })
 HISTORY = "config-history.jsonl"
 
