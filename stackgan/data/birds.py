@@ -468,7 +468,7 @@ def _py2_array(a: np.ndarray) -> bytes:
             + b"T" + struct.pack("<I", len(raw)) + raw + b"tb")
 
 
-def _pickle2(obj, path: Path) -> None:
+def write_py2_pickle(obj, path: Path) -> None:
     """Write ``obj`` the way StackGAN's Python-2 pickles are written (protocol 2, byte
     strings, arrays via ``numpy.core.multiarray``): read with ``encoding="latin1"`` like the
     real files, by numpy 1.x and 2.x alike, and fast to load (no per-byte re-encoding)."""
@@ -513,9 +513,9 @@ def _write_layout(root: Path, species: list[Species], records: list[dict], param
         (birds / split).mkdir(parents=True, exist_ok=True)
         emb = np.stack([np.stack([vectors[c] for c in r["captions"]]) for r in rs]).astype(np.float32) \
             if rs else np.zeros((0, CAPTIONS_PER_IMAGE, enc.dim), np.float32)
-        _pickle2([r["key"] for r in rs], birds / split / "filenames.pickle")
-        _pickle2([r["class_id"] for r in rs], birds / split / "class_info.pickle")
-        _pickle2(emb, birds / split / "char-CNN-RNN-embeddings.pickle")
+        write_py2_pickle([r["key"] for r in rs], birds / split / "filenames.pickle")
+        write_py2_pickle([r["class_id"] for r in rs], birds / split / "class_info.pickle")
+        write_py2_pickle(emb, birds / split / "char-CNN-RNN-embeddings.pickle")
     (birds / "encoder.json").write_text(json.dumps({"name": enc.name, "dim": enc.dim}, indent=1) + "\n")
     (birds / "generator.json").write_text(json.dumps(params.to_json(), indent=1) + "\n")
 

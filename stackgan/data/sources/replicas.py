@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..birds import _pickle2
+from ..birds import write_py2_pickle
 
 FLOWER_CLASSES = {1: "train", 2: "train", 3: "test", 4: "train"}  # class -> StackGAN split
 
@@ -53,9 +53,9 @@ def write_flowers(root: Path, per_class: int = 3, dim: int = 16, seed: int = 0) 
         (root / split).mkdir()
         emb = rng.standard_normal((len(keys), 10, dim)).astype(np.float32)
         truth["emb"][split] = emb
-        _pickle2(keys, root / split / "filenames.pickle")
-        _pickle2([truth["items"][k]["cls"] for k in keys], root / split / "class_info.pickle")
-        _pickle2(emb, root / split / "char-CNN-RNN-embeddings.pickle")
+        write_py2_pickle(keys, root / split / "filenames.pickle")
+        write_py2_pickle([truth["items"][k]["cls"] for k in keys], root / split / "class_info.pickle")
+        write_py2_pickle(emb, root / split / "char-CNN-RNN-embeddings.pickle")
     return truth
 
 
@@ -91,8 +91,8 @@ def write_coco(root: Path, per_split: int = 4, pickles: bool = False, dim: int =
             order = [keys[j] for j in rng.permutation(len(keys))]
             emb = rng.standard_normal((len(order), 5, dim)).astype(np.float32)
             (root / split).mkdir()
-            _pickle2(order, root / split / "filenames.pickle")
-            _pickle2(emb, root / split / "char-CNN-RNN-embeddings.pickle")
+            write_py2_pickle(order, root / split / "filenames.pickle")
+            write_py2_pickle(emb, root / split / "char-CNN-RNN-embeddings.pickle")
             truth["splits"][split], truth["emb"][split] = order, emb
     return truth
 
