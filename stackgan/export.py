@@ -35,6 +35,7 @@ from torch import nn
 from .config import ConfigError, ModelConfig, apply_updates, drop_removed, image_size
 from .errors import StackGANError
 from .files import atomic_path, atomic_write
+from .models import build_generator
 
 FORMAT = "stackgan-export/2"
 LEGACY_FORMAT = "stackgan-export/1"  # one torch.save pickle (<run>/export/generator.pt)
@@ -185,8 +186,6 @@ def export_info(payload: dict, path: str | Path = "") -> ExportInfo:
 
 def build_from_export(payload: dict) -> nn.Module:
     """Rebuild the generator module from an export payload and load its weights."""
-    from .models import build_generator
-
     try:
         mcfg = model_config(payload["model"])
         stage1 = None

@@ -21,7 +21,10 @@ import time
 import torch
 
 from .config import image_size, process_batch
+from .data.stream import load_fixed_samples
+from .diversity import diversity_score
 from .errors import EXIT_NONFINITE, StackGANError
+from .grid import save_grid
 from .metrics import compute
 from .run import SPLIT, Run, eval_context
 from .step import StepOut
@@ -48,9 +51,6 @@ class Monitor:
     sample inputs. Rank 0 writes; every rank calls (metrics run on all ranks)."""
 
     def __init__(self, run: Run):
-        from .data.stream import load_fixed_samples
-        from .grid import save_grid
-
         self.run = run
         self.sums: dict[str, torch.Tensor] = {}  # per-key sums since the last record, on the device
         self.counts: dict[str, int] = {}
@@ -141,8 +141,6 @@ class Monitor:
 
     def diagnostics(self, out: StepOut) -> None:
         """Gradient norms of this step and the diversity of the fixed captions' samples."""
-        from .diversity import diversity_score
-
         div = diversity_score(self.run.sampler, self.fixed_emb, 4, torch.Generator().manual_seed(99))
         self.write({"step": self.run.step, "grad_norm_d": float(out.grad_norm_d), "grad_norm_g": float(out.grad_norm_g),
                     "diversity": div})
@@ -152,8 +150,6 @@ class Monitor:
 
     def sample_grid(self) -> None:
         """One row per fixed caption, 4 fixed noise vectors each (rank 0)."""
-        from .grid import save_grid
-
         run = self.run
         if not run.main:
             return

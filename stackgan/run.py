@@ -25,12 +25,14 @@ from .config import (Config, ConfigError, ModelConfig, changed_by_removal, image
                      to_dict)
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .data.storage import parse as parse_store
+from .data.stream import TrainStream
 from .ema import EMA, STANDING_BATCHES
 from .export import export_path, load_stage1_for_stage2, save_export
 from .images import stored_size
 from .layout import apply_layout, layout_min_hw
 from .losses import CaptionBank
 from .metrics import EvalContext, MetricError, check as check_metric_names
+from .models import CODE_DIM, build_discriminator, build_generator
 from .resume import MAY_CHANGE, check_changes, config_changes, describe_changes, record_config
 
 SPLIT = "train"  # the split the trainer streams; metrics score the test split's unseen species
@@ -218,8 +220,6 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
                  channels_last: bool = True):
     """G and D with identical initial weights on every rank, in the trainer's memory layout
     (``channels_last``: whether the backend keeps it)."""
-    from .models import CODE_DIM, build_discriminator, build_generator
-
     torch.manual_seed(cfg.train.seed)
     G = build_generator(cfg.model, meta.text_dim, stage1=stage1)
     classes = len(meta.splits[SPLIT].classes) if cfg.loss.class_coef > 0 else 0
@@ -235,8 +235,6 @@ def standing_inputs(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (embedding, noise) batches the EMA generator's BatchNorm statistics are computed over:
     the first :data:`STANDING_BATCHES` global batches of the run's train stream, the same on every
     rank and in every launch, with noise from the run seed."""
-    from .data.stream import TrainStream
-
     stream = TrainStream(
         cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed,
         num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer, emb_mode="one" if cfg.data.emb_k == 1 else "mean",
@@ -251,8 +249,6 @@ def standing_inputs(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def build_run(cfg: Config, resume: str = "auto") -> Run:
     """Everything before the first step; see the module docstring for the order."""
-    from .data.stream import TrainStream
-
     meta = check_inputs(cfg)
     stage1, stage1_cfg = None, None
     if cfg.model.stage == 2:

@@ -41,6 +41,7 @@ from .files import atomic_json
 from .grid import save_grid, save_png
 from .images import to_uint8, upsample
 from .metrics.core import noise, resolve_device, run_generator, seed_of
+from .metrics.evalset import load_split
 from .text import PrecomputedEncoder, TextEncoder, TextEncoderError, get_encoder
 
 GRID_ROWS = 16  # prompts per grid file
@@ -107,8 +108,6 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
 def split_prompts(info: ExportInfo, shards: str, split: str, limit: int, caption_index: int,
                   asked: str | None = None) -> Prompts:
     """Captions and their stored embeddings from ``limit`` samples spread over a split."""
-    from .metrics.evalset import load_split
-
     meta = load_metadata(shards)
     if not _same(meta.encoder, info.text_encoder) or meta.text_dim != info.text_dim:
         raise SamplingError(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
+from .data.stream import to_device, to_unit_range
 from .losses import CaptionBank, class_loss, contrastive_loss, d_loss, g_loss, kl_loss, recon_loss, wrong_indices
 
 
@@ -48,8 +49,6 @@ def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Genera
     generators (on the CPU, so a resumed run draws the same numbers on any device). Host
     tensors cross pinned and non-blocking, so the host never waits for the GPU here;
     ``species`` (class id -> species index) lives on the device."""
-    from .data.stream import to_device, to_unit_range
-
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     real = to_unit_range(to_device(raw["img"], device), memory_format=layout)
     z = torch.randn(len(raw["cls"]), cfg.model.z_dim, generator=z_gen)

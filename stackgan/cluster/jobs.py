@@ -147,7 +147,7 @@ class TrainJob:
         if cfg.model.stage == 2:  # the chain's stage II: its stage I must have finished (or ALLOW_INCOMPLETE)
             check_stage1_finished(cfg.model.stage1_export)
         _set_dist_env()
-        from ..train import TrainInterrupted, train
+        from ..train import TrainInterrupted, train  # the trainer imports torch (~3 s): only the job needs it
 
         try:
             res = train(cfg, resume="auto")

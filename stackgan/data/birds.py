@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
 from ..errors import EXIT_BAD_INPUT
+from ..text import SENTENCE_ENCODER, get_encoder
+from .concurrency import folder_lock, parallel_map
 
 GENERATOR_VERSION = 2  # bump whenever the same parameters would give other bytes
 DEFAULT_DIR = Path("data/birds-embedded")
@@ -501,8 +503,6 @@ def _write_layout(root: Path, species: list[Species], records: list[dict], param
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(lines(r["captions"]))
 
-    from ..text import get_encoder
-
     enc = get_encoder(encoder_name)
     distinct = sorted({c for r in records for c in r["captions"]})
     t0 = time.time()
@@ -545,8 +545,6 @@ def generate(out: str | Path = DEFAULT_DIR, species: int = DEFAULT_SPECIES,
         raise ValueError(f"species and images_per_species must be >= 1, got {species}, {images_per_species}")
     if species > 999:
         raise ValueError(f"at most 999 species (class dirs are numbered 001..999), got {species}")
-    from .concurrency import folder_lock
-
     out = Path(out)
     with folder_lock(out.with_name(f".{out.name}.lock")):  # concurrent callers take turns
         return _generate(out, GeneratorParams(species, images_per_species, seed), workers, force, quiet)
@@ -587,8 +585,6 @@ def _generate(out: Path, params: GeneratorParams, workers: int | None, force: bo
 
         bar = tqdm(total=species * images_per_species, desc="drawing birds", unit="img", disable=quiet)
         if workers > 1 and species > 1:
-            from .concurrency import parallel_map
-
             for recs in parallel_map(_render_species, jobs, workers, ordered=True):
                 records += recs
                 bar.update(len(recs))
@@ -600,8 +596,6 @@ def _generate(out: Path, params: GeneratorParams, workers: int | None, force: bo
         bar.close()
         t_draw = time.time() - t0
         log(f"drew {len(records)} images in {t_draw:.1f}s")
-        from ..text import SENTENCE_ENCODER
-
         _write_layout(tmp, sps, records, params, test_classes_for(species, seed), SENTENCE_ENCODER, log)
         if out.exists():
             shutil.rmtree(out)

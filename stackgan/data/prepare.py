@@ -40,15 +40,15 @@ import numpy as np
 from ..errors import StackGANError, report
 from ..files import atomic_json, atomic_path
 from ..images import STORED_SIZES
+from ..text import CHAR_CNN_RNN, PrecomputedEncoder, get_encoder
 from . import birds, cub, sources
 from .concurrency import folder_lock, parallel_map
 from .cub import DataError
-from .meta import FORMAT, IMAGE_FORMATS, LACKABLE, ShardInfo, ShardMeta, SplitInfo, write_metadata
+from .meta import FORMAT, IMAGE_FORMATS, LACKABLE, ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
 from .sources import coco as coco_src
 from .sources import flowers as flowers_src
 from .sources import folder as folder_src
 from .sources import webdataset as wds_src
-from ..text import CHAR_CNN_RNN
 
 PREP_VERSION = 1  # bump when the bytes written for the same inputs change
 DEFAULT_IMAGE_FORMAT = "jpg"  # at quality 100, 4:4:4; why, with the measurements: docs/data.md "Crop format"
@@ -371,8 +371,6 @@ def embed_distinct(enc, distinct: list[str]) -> dict[str, np.ndarray]:
 def _reembed(captions: list[list[str]], encoder_name: str, cache_dir: Path,
              progress: bool) -> tuple[np.ndarray, str, int]:
     """Sentence-encoder embeddings for every caption, cached on disk for resumed runs."""
-    from ..text import get_encoder
-
     enc = get_encoder(encoder_name)
     h = hashlib.sha256(json.dumps([enc.name, captions]).encode()).hexdigest()[:20]
     cache = cache_dir / f"reembed-{h}.npy"
@@ -426,8 +424,6 @@ def plan(opts: PrepareOptions):
     if opts.cub_root is None and opts.root is not None:
         opts = replace(opts, cub_root=Path(opts.root))
     if opts.reembed:
-        from ..text import PrecomputedEncoder, get_encoder
-
         enc = get_encoder(opts.encoder)  # unknown names fail here, before any work
         if isinstance(enc, PrecomputedEncoder):
             enc.encode([])  # raises: a precomputed encoder cannot re-embed captions
@@ -687,8 +683,6 @@ def _run(opts: PrepareOptions, out: Path, tasks: list[_ShardTask], meta: ShardMe
 def inspect(root: str | Path, split: str | None = None) -> str:
     """A human-readable summary of a shard folder and of its first sample."""
     from PIL import Image
-
-    from .meta import load_metadata
 
     meta = load_metadata(root)
     lines = [f"{meta.root}: encoder {meta.encoder} ({meta.text_dim}-d), image sizes {meta.image_sizes}, "

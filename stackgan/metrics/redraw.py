@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from stackgan.errors import StackGANError
 from stackgan.data import birds, cub
+from stackgan.data.concurrency import parallel_map
 from stackgan.data.meta import ShardMeta
 from stackgan.data.prepare import jpeg_bytes
+from stackgan.errors import StackGANError
 
 from .evalset import center_crop, decode_image
 
@@ -124,8 +125,6 @@ def render_random(n: int, seed: int, stream: int = 0, quality: int = 90,
     jobs = [(lo, min(lo + chunk, n), seed, stream, quality) for lo in range(0, n, chunk)]
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
     if workers > 1 and len(jobs) > 1:
-        from stackgan.data.concurrency import parallel_map
-
         parts = list(parallel_map(_render_chunk, jobs, workers, ordered=True))
     else:
         parts = [_render_chunk(j) for j in jobs]

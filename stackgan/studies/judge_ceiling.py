@@ -38,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stackgan.errors import StackGANError
 from stackgan.data import birds
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
-
+from stackgan.errors import StackGANError
 from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import is_holdout, load_split, to_tensor
 from stackgan.metrics.judges import JudgeError, choose_judge, group_names, load_judge, share
