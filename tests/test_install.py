@@ -68,7 +68,7 @@ def test_installed_copy_prepares_and_trains_from_an_empty_folder(installed, tmp_
     _run([py, "-m", "stackgan.train", "--config", "configs/birds_stage1.yaml", "train.steps=3",
           "train.run_dir=runs/s1", *TINY], work, env)
     run = work / "runs" / "s1"
-    assert (run / "COMPLETE").is_file() and (run / "export" / "generator.pt").is_file()
+    assert (run / "COMPLETE").is_file() and (run / "export" / "generator.safetensors").is_file()
     assert [r["step"] for r in log_records(run) if "loss_d" in r][-1] == 3
 
 
