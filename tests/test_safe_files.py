@@ -210,12 +210,16 @@ def test_an_old_pt_export_that_would_run_code_is_refused(tmp_path):
 
 def test_slurm_stage2_check_takes_the_old_path_and_names_a_missing_export(tmp_path):
     """``python -m stackgan.cluster resolve`` is what slurm/stage2.sh runs before any rank starts."""
+    from stackgan.data.meta import ShardMeta, SplitInfo, write_metadata
     from stackgan.export import save_export
 
     (g1, s1), _ = _generators()
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "metadata.json").write_text("{}")  # the check only needs the shard folder to exist
+    # the check reads the shard set's metadata (no shard file is opened)
+    write_metadata(ShardMeta(root=shards, encoder="e", text_dim=16, image_sizes=[76, 304], captions_per_image=1,
+                             splits={"train": SplitInfo(num_samples=1, classes=[1])}, class_names={},
+                             attributes=[]))
     export = tmp_path / "s1" / "export"
     save_export(export / "generator.safetensors", g1, s1, text_encoder="e", text_dim=16, step=1, config={})
 
