@@ -78,7 +78,7 @@ def test_time_limit_is_not_complete_and_stage2_refuses_it(tiny_shards, tmp_path,
     assert marker["planned_steps"] == 100000 and 2 < marker["step"] < 100000
     assert ckpt.step_of(ckpt.latest(s1)) == marker["step"]
     assert [r for r in log_records(s1) if r.get("event") == "time_limit"][-1]["step"] == marker["step"]
-    export = s1 / "export" / "generator.pt"
+    export = s1 / "export" / "generator.safetensors"
     assert export.is_file()
 
     # slurm/stage2.sh's check (python -m stackgan.cluster resolve) and the submitit chain's stage II job
