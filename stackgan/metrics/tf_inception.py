@@ -157,7 +157,8 @@ def layout() -> tuple[list, list]:
                      ("mixed_17x17x768e", 192)):
         block(name, [("branch1x1", [(192, (1, 1))]),
                      ("branch7x7", [(c7, (1, 1)), (c7, (1, 7)), (192, (7, 1))]),
-                     ("branch7x7dbl", [(c7, (1, 1)), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7))]),
+                     ("branch7x7dbl", [(c7, (1, 1)), (c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)),
+                                       (192, (1, 7))]),
                      ("branch_pool", pool + [(192, (1, 1))])])
     block("mixed_17x17x1280a", [("branch3x3", [(192, (1, 1)), (320, (3, 3), 2, "VALID")]),
                                 ("branch7x7x3", [(192, (1, 1)), (192, (1, 7)), (192, (7, 1)),
@@ -253,8 +254,8 @@ def load_paper_inception(path: str | Path, device: str | torch.device = "cpu") -
     """The converted net at ``path`` (weights-only read; number of classes from the file)."""
     path = Path(path)
     if not path.is_file():
-        raise TFInceptionError(f"converted StackGAN Inception not found: {path} (make it with "
-                               "`python -m stackgan.metrics.tf_inception convert --ckpt model.ckpt-5000 --out ...`)")
+        raise TFInceptionError(f"converted StackGAN Inception not found: {path} (make it with `python -m "
+                               "stackgan.metrics.tf_inception convert --ckpt model.ckpt-5000 --out ...`)")
     sd = read_state_dict(path, TFInceptionError, "StackGAN Inception")
     w = sd.get("logits.weight")
     if w is None or w.ndim != 2 or w.shape[1] != 2048:
@@ -303,7 +304,8 @@ def state_dict_from_tf(shapes: dict[str, list[int] | tuple[int, ...]], get: Call
         (ignored if n.split("/")[0] not in scopes else unexpected).append(n)
     unexpected = [n for n in unexpected if not n.startswith("aux_logits/")]
     if unexpected:
-        raise TFInceptionError(f"{where}: variables the StackGAN Inception does not have: {sorted(unexpected)[:6]}")
+        raise TFInceptionError(
+            f"{where}: variables the StackGAN Inception does not have: {sorted(unexpected)[:6]}")
     sd, from_ema = {}, 0
     for n, shape in want.items():
         src = n + EMA if n + EMA in shapes else n
@@ -316,7 +318,8 @@ def state_dict_from_tf(shapes: dict[str, list[int] | tuple[int, ...]], get: Call
         elif n == "logits/logits/biases":
             sd["logits.bias"] = v
         elif n.endswith("/weights"):
-            sd[f"convs.{_key(n[: -len('/weights')])}.weight"] = v.permute(3, 2, 0, 1).contiguous()  # HWIO->OIHW
+            scope = _key(n[: -len("/weights")])
+            sd[f"convs.{scope}.weight"] = v.permute(3, 2, 0, 1).contiguous()  # HWIO -> OIHW
         else:
             scope, _, var = n.rpartition("/BatchNorm/")
             sd[f"convs.{_key(scope)}.{var}"] = v
@@ -391,8 +394,9 @@ def paper_preprocess(images: torch.Tensor) -> torch.Tensor:
 def check_paper_inception(ctx: EvalContext) -> None:
     """The paper's IS needs the converted StackGAN Inception file, and enough samples."""
     if not ctx.paper_inception:
-        raise MetricError("inception_score_paper needs the converted StackGAN Inception: pass --paper-inception "
-                          "PATH (python -m stackgan.metrics.tf_inception convert --ckpt model.ckpt-5000 --out PATH)")
+        raise MetricError("inception_score_paper needs the converted StackGAN Inception: pass "
+                          "--paper-inception PATH (python -m stackgan.metrics.tf_inception convert "
+                          "--ckpt model.ckpt-5000 --out PATH)")
     if not Path(ctx.paper_inception).is_file():
         raise MetricError(f"converted StackGAN Inception not found: {ctx.paper_inception}")
     if ctx.num_samples < ctx.is_splits:
@@ -425,7 +429,8 @@ def inception_score_paper_metric(G, ctx: EvalContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stackgan.metrics.tf_inception", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stackgan.metrics.tf_inception",
+                                description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="TF checkpoint (StackGAN-inception-model) -> PyTorch state_dict")
     c.add_argument("--ckpt", required=True, help="checkpoint prefix, e.g. .../birds_valid299/model.ckpt-5000")
