@@ -105,6 +105,38 @@ def test_layout_is_inception_v3_with_the_official_scopes():
         assert net(torch.zeros(1, 3, 299, 299)).shape == (1, 51)
 
 
+def _calibrate(net: T.TFInceptionV3, x: torch.Tensor) -> None:
+    """Every BatchNorm's moving mean/variance := its conv's statistics on ``x`` (as training
+    leaves them), so that a random-weight net's logits depend on the image (random statistics
+    wash the image out)."""
+    def pre(m, args):
+        c = m.spec
+        y = torch.nn.functional.conv2d(T.tf_pad(args[0], c.kh, c.kw, c.stride, c.padding), m.weight,
+                                       stride=c.stride)
+        m.moving_mean.copy_(y.mean((0, 2, 3)))
+        m.moving_variance.copy_(y.var((0, 2, 3)))
+
+    hooks = [m.register_forward_pre_hook(pre) for m in net.convs.values()]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+
+
+def _random_net(x: torch.Tensor, seed: int) -> T.TFInceptionV3:
+    """He-initialised convs, small betas, statistics of ``x``, a head of a trained net's scale."""
+    g = torch.Generator().manual_seed(seed)
+    net = T.TFInceptionV3(51)
+    with torch.no_grad():
+        for m in net.convs.values():
+            m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5, generator=g)
+            m.beta.normal_(0, 0.2, generator=g)
+        net.logits.weight.normal_(0, 10 * (2 / 2048) ** 0.5, generator=g)
+        net.logits.bias.normal_(0, 0.2, generator=g)
+    _calibrate(net, x)
+    return net.eval()
+
+
 def _random_sd(seed=0, classes=51):
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) for k, v in T.TFInceptionV3(classes).state_dict().items()}
@@ -240,6 +272,34 @@ def test_metric_is_registered_and_asks_for_the_converted_file(tmp_path):
         T.check_paper_inception(ctx)
 
 
+def test_inception_score_paper_through_the_registry(tmp_path_factory, tmp_path):
+    """The registered metric end to end: test captions, the converted net, 20 samples in 2 splits,
+    equal to the score of the same images computed here step by step."""
+    from tests.test_judge import DIM, ENCODER, eval_shards
+    from tests.test_metrics import Z_DIM, OracleG
+
+    ctx = core.EvalContext(shards=str(eval_shards(tmp_path_factory)), image_size=64, z_dim=Z_DIM,
+                           text_encoder=ENCODER, text_dim=DIM, num_samples=20, is_splits=2, batch_size=10,
+                           paper_inception=str(tmp_path / "inception51.pt"), log=lambda m: None)
+    from stackgan.metrics.inception import TAG
+    from stackgan.metrics.scores import split_data
+
+    data = split_data(ctx, "test")
+    perm = np.random.default_rng([ctx.seed, TAG]).permutation(len(data))
+    i = np.arange(20)
+    emb = data.emb[perm[i % len(data)], (i // len(data)) % data.emb.shape[1]]
+    x = T.paper_preprocess(torch.cat([img for _, _, img in core.generate(OracleG(), ctx, emb, TAG)]))
+    net = _random_net(x, seed=2)
+    torch.save(net.state_dict(), tmp_path / "inception51.pt")
+    with torch.no_grad():
+        want = T.paper_inception_score(T.paper_probs(net(x)), 2)
+    assert want[0] > 1.01, "the check is weak when the random net gives one distribution for all"
+
+    res = core.compute("inception_score_paper", OracleG(), ctx)["inception_score_paper"]
+    assert res["n"] == 20 and res["splits"] == 2 and "paper" in res["note"]
+    assert (res["mean"], res["std"]) == pytest.approx(want, abs=1e-5)  # batches of 10 vs 20: rounding
+
+
 # ---------------------------------------------------------------- against TensorFlow (opt-in)
 _TF = importlib.util.find_spec("tensorflow") is not None and os.environ.get("STACKGAN_TF_TESTS") == "1"
 
@@ -283,25 +343,13 @@ def _tf_inception_score(tf, logits, splits):
 
 
 def _standing_statistics(values: dict, x_nhwc: np.ndarray) -> None:
-    """Set every moving mean/variance to its conv's statistics on ``x`` (as training would), so
-    that a random-weight net's logits depend on the image (random statistics wash images out)."""
+    """Set every TF moving mean/variance in ``values`` to its conv's statistics on ``x``."""
     net = T.TFInceptionV3(51)
-    sd, _ = T.state_dict_from_tf({n: v.shape for n, v in values.items()}, values.__getitem__)
-    net.load_state_dict(sd)
-
-    def pre(m, args):
-        c = m.spec
-        y = torch.nn.functional.conv2d(T.tf_pad(args[0], c.kh, c.kw, c.stride, c.padding), m.weight,
-                                       stride=c.stride)
-        m.moving_mean.copy_(y.mean((0, 2, 3)))
-        m.moving_variance.copy_(y.var((0, 2, 3)))
-        values[f"{c.scope}/BatchNorm/moving_mean"] = m.moving_mean.numpy().copy()
-        values[f"{c.scope}/BatchNorm/moving_variance"] = m.moving_variance.numpy().copy()
-
+    net.load_state_dict(T.state_dict_from_tf({n: v.shape for n, v in values.items()}, values.__getitem__)[0])
+    _calibrate(net, torch.from_numpy(x_nhwc).permute(0, 3, 1, 2))
     for m in net.convs.values():
-        m.register_forward_pre_hook(pre)
-    with torch.no_grad():
-        net(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2))
+        values[f"{m.spec.scope}/BatchNorm/moving_mean"] = m.moving_mean.numpy().copy()
+        values[f"{m.spec.scope}/BatchNorm/moving_variance"] = m.moving_variance.numpy().copy()
 
 
 @pytest.mark.slow
