@@ -31,12 +31,16 @@ def test_same_pads_known_tf_values():
     assert T.same_pads(147, 3, 2) == (1, 1) and T.same_pads(148, 3, 2) == (0, 1)
 
 
+def _before(n, k, s):
+    """TF's SAME padding before an axis (tf.nn docs: pad_along = max((out - 1) s + k - n, 0), half before)."""
+    return max((-(-n // s) - 1) * s + k - n, 0) // 2
+
+
 def _windows(n, k, s, padding):
     """Per output index the in-range input indices of its window (TF's definition)."""
     if padding == "VALID":
         return [list(range(i * s, i * s + k)) for i in range((n - k) // s + 1)]
-    out = -(-n // s)
-    before = max((out - 1) * s + k - n, 0) // 2
+    out, before = -(-n // s), _before(n, k, s)
     return [[j for j in range(i * s - before, i * s - before + k) if 0 <= j < n] for i in range(out)]
 
 
@@ -73,8 +77,7 @@ def test_conv_bn_matches_a_direct_computation(kh, kw, stride, padding):
                        "moving_mean": torch.from_numpy(mean), "moving_variance": torch.from_numpy(var)})
     x = rng.normal(size=(1, 2, 6, 7))
     rows, cols = _windows(6, kh, stride, padding), _windows(7, kw, stride, padding)
-    th = T.same_pads(6, kh, stride)[0] if padding == "SAME" else 0
-    tw = T.same_pads(7, kw, stride)[0] if padding == "SAME" else 0
+    th, tw = (_before(6, kh, stride), _before(7, kw, stride)) if padding == "SAME" else (0, 0)
     want = np.zeros((1, 3, len(rows), len(cols)))
     for i in range(len(rows)):
         for j in range(len(cols)):
