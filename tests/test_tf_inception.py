@@ -15,6 +15,7 @@ import torch
 from stackgan.metrics import core
 from stackgan.metrics import tf_inception as T
 from stackgan.metrics.stats import ISSums
+from tests.conftest import run_cmd
 
 TF_CMD = ("pip install '.[paper-is]' && STACKGAN_TF_TESTS=1 python -m pytest tests/test_tf_inception.py "
           "-k tensorflow")
@@ -223,7 +224,23 @@ def test_converter_without_tensorflow_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
     with pytest.raises(T.TFInceptionError, match=r"paper-is"):
         T.convert(tmp_path / "model.ckpt-5000", tmp_path / "out.pt")
-    assert T.main(["convert", "--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o.pt")]) == 2
+    from stackgan import errors
+
+    out = str(tmp_path / "o.pt")
+    assert T.main(["convert", "--ckpt", str(tmp_path / "m"), "--out", out]) == errors.EXIT_BAD_INPUT
+
+
+def test_convert_command_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    """Without TensorFlow: the extra to install; with it: the checkpoint it cannot read."""
+    from stackgan import errors
+
+    p = run_cmd([sys.executable, "-m", "stackgan.metrics.tf_inception", "convert", "--ckpt",
+                 "no/such/model.ckpt-5000", "--out", str(tmp_path / "o.pt")],
+                cwd=tmp_path, env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert p.returncode == errors.EXIT_BAD_INPUT, p.stderr
+    assert "Traceback" not in p.stderr and "error: " in p.stderr
+    has_tf = importlib.util.find_spec("tensorflow") is not None
+    assert ("no/such/model.ckpt-5000" if has_tf else "paper-is") in p.stderr
 
 
 # ---------------------------------------------------------------- the score

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stackgan.errors import report
+
 from .core import EvalContext, MetricError, full_precision, generate, register, requirement
 from .netcache import read_state_dict
 from .stats import ISSums
@@ -437,12 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True, help="output .pt (plain state_dict, loads with weights_only=True)")
     args = p.parse_args(argv)
     try:
-        report = convert(args.ckpt, args.out)
+        info = convert(args.ckpt, args.out)
     except TFInceptionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: {report['variables']} variables ({report['from_ema']} from moving averages), "
-          f"{report['classes']} classes, {report['ignored']} checkpoint variables not used")
+        return report(e, p.prog)
+    print(f"wrote {args.out}: {info['variables']} variables ({info['from_ema']} from moving averages), "
+          f"{info['classes']} classes, {info['ignored']} checkpoint variables not used")
     return 0
 
 
