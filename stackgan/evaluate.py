@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fid-inception", default="",
                    help="FID-Inception weights (pt_inception-2015-12-05-6726825d.pth) for fid_inception "
                         "(default: the torch hub cache); never downloaded")
+    p.add_argument("--paper-inception", default="",
+                   help="converted StackGAN CUB Inception for inception_score_paper (tf_inception convert)")
     p.add_argument("--detail-net", default="",
                    help="256px detail net for fd256 (default detail256.pt in the shard or cache folder, "
                         "trained on first use)")
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         G, info = load_generator(args.export, device)
         ctx = EvalContext.from_export(
             info, args.shards, device=device, seed=args.seed, batch_size=args.batch_size, judge=args.judge,
-            inception=args.inception, fid_inception=args.fid_inception, num_samples=args.num_samples,
+            inception=args.inception, fid_inception=args.fid_inception, paper_inception=args.paper_inception,
+            num_samples=args.num_samples,
             judge_samples=args.judge_samples, judge_scope=args.judge_scope, detail_net=args.detail_net,
             diversity_captions=args.diversity_captions, diversity_z=args.diversity_z,
             is_splits=args.is_splits, cache_dir=args.cache_dir, progress=True,

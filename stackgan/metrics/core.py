@@ -56,7 +56,8 @@ RequirementCheck = Callable[["EvalContext"], None]
 _CHECKS: dict[str, RequirementCheck] = {}  # requirement name -> check, registered by the module that owns it
 # the modules that register the built-in metrics, imported on first use of the registry (a plugin list:
 # this module does not depend on them, and ``python -m stackgan.metrics.detail`` is not imported twice)
-_BUILTIN = ("stackgan.metrics.scores", "stackgan.metrics.inception", "stackgan.metrics.stage2")
+_BUILTIN = ("stackgan.metrics.scores", "stackgan.metrics.inception", "stackgan.metrics.stage2",
+            "stackgan.metrics.tf_inception")
 
 
 def _load_builtin() -> None:
@@ -210,6 +211,7 @@ class EvalContext:
     judge: str = ""  # "parts", "species" or a judge file; "" = the shards' default (judges.choose_judge)
     inception: str = ""  # torchvision Inception-v3 state_dict (IS / FID); never downloaded
     fid_inception: str = ""  # FID-Inception weights (fid_inception); "" = the torch hub cache; no download
+    paper_inception: str = ""  # converted StackGAN CUB Inception (inception_score_paper), tf_inception
     detail_net: str = ""  # 256-px feature net (fd256); "" = detail256.pt in the shard or cache folder
     cache_dir: str = ""  # measuring nets of read-only shard sets ("" = $XDG_CACHE_HOME/stackgan), netcache
     num_samples: int = 30000  # generated images for IS / FID (the papers' test protocol)
