@@ -115,6 +115,9 @@ def matmul_gflops(device: torch.device, precision: str, n: int, reps: int) -> fl
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16): only there is a
     bf16 peak (and a bf16 training column) meaningful."""
@@ -134,24 +137,29 @@ def cpu_flags() -> set[str]:
 def _dense_1x1(device, dt, scale: int):
     """A GEMM-shaped 1x1 convolution in channels-last (oneDNN / cuDNN's GEMM path)."""
     n, c, hw = max(1, 32 // scale), max(8, 1024 // scale), max(4, 32 // scale)
-    x = torch.randn(n, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(c, c, 1, 1, device=device, dtype=dt) * 0.02).contiguous(memory_format=torch.channels_last)
+    x = _cl(torch.randn(n, c, hw, hw, device=device, dtype=dt))
+    w = _cl(torch.randn(c, c, 1, 1, device=device, dtype=dt))
     return (lambda: F.conv2d(x, w)), 2 * n * hw * hw * c * c, f"1x1 conv {c}->{c} ch, {hw}px, batch {n}"
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def _dense_3x3(device, dt, scale: int):
     """A large 3x3 convolution in channels-last (512 channels at 16 px: StackGAN's residual blocks)."""
     n, c, hw = max(1, 32 // scale), max(8, 512 // scale), max(4, 16 // max(1, scale // 2))
-    x = torch.randn(n, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(c, c, 3, 3, device=device, dtype=dt) * 0.02).contiguous(memory_format=torch.channels_last)
-    return (lambda: F.conv2d(x, w, padding=1)), 2 * n * hw * hw * c * c * 9, f"3x3 conv {c}->{c} ch, {hw}px, batch {n}"
+    x = _cl(torch.randn(n, c, hw, hw, device=device, dtype=dt))
+    w = _cl(torch.randn(c, c, 3, 3, device=device, dtype=dt))
+    flops = 2 * n * hw * hw * c * c * 9
+    return (lambda: F.conv2d(x, w, padding=1)), flops, f"3x3 conv {c}->{c} ch, {hw}px, batch {n}"
 
 
 def dense_kernels(device: torch.device, precision: str, matmul_n: int, reps: int, scale: int = 1) -> dict:
     """Forward throughput (GFLOP/s, median of ``reps``) of each dense kernel in ``precision``:
     the n x n matmul, a GEMM-shaped 1x1 conv and a large 3x3 conv (both channels-last)."""
     out = {"matmul": {"gflops": matmul_gflops(device, precision, matmul_n, reps), "shape": f"{matmul_n}^2"}}
-    dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dt = DTYPES[precision]
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:

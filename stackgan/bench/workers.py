@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from .cases import Batch, Case, build_models, make_batch, tiny_case
-from .measure import (conv_gflops, count_flops, cpu_has_bf16, cpu_theoretical_gflops, dense_kernels, load_average,
-                      matmul_gflops, peak_memory_mb, process_peak_mb, reset_peak_memory, sync_fn,
-                      time_interleaved)
+from .measure import (conv_gflops, count_flops, cpu_has_bf16, cpu_theoretical_gflops, dense_kernels,
+                      load_average, matmul_gflops, peak_memory_mb, process_peak_mb, reset_peak_memory,
+                      sync_fn, time_interleaved)
 from .original import OriginalStep
 from .ours import VARIANTS, OursStep, check_original_matches, low_res_inference_mode, make_accelerator
 from .report import write_json

@@ -28,8 +28,8 @@ ALLOW_INCOMPLETE = "STACKGAN_ALLOW_INCOMPLETE_STAGE1"  # =1: stage II may start 
 def check_stage1_finished(export: str | Path) -> None:
     """Refuse a stage-I export whose run folder (``<run>/export/generator.safetensors``) did not
     reach its planned steps: stopped by its time limit (``TIME_LIMIT``) or still training
-    (checkpoints, no ``COMPLETE``). An export outside a run folder (converted weights) is not checked; set
-    ``STACKGAN_ALLOW_INCOMPLETE_STAGE1=1`` to start stage II from an unfinished stage I anyway."""
+    (checkpoints, no ``COMPLETE``). An export outside a run folder (converted weights) is not
+    checked; set ``STACKGAN_ALLOW_INCOMPLETE_STAGE1=1`` to start stage II from an unfinished stage I."""
     where = Path(export).resolve()
     run = where.parent if where.is_dir() else where.parent.parent  # <run>/export[/generator.*]
     if os.environ.get(ALLOW_INCOMPLETE) == "1" or (run / "COMPLETE").is_file():
