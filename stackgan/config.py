@@ -416,6 +416,18 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys (``{"optim.lr_g": 2e-4, ...}``): how overrides name them,
+    how a resume compares two configs and how trackers show them."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, dump_config, to_dict
+from .config import Config, ConfigError, dump_config, flat_keys, to_dict
 
 # Keys that change how long or how visibly a run trains, never what it computes at a step.
 MAY_CHANGE = frozenset({
@@ -32,21 +32,11 @@ MAY_CHANGE = frozenset({
 HISTORY = "config-history.jsonl"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(saved: dict, cfg: Config) -> dict[str, tuple]:
     """``{key: (saved value, new value)}`` for every key whose value differs. A key the saved
     config lacks (an option added since) counts as its default; keys that no longer exist are
     :func:`stackgan.config.changed_by_removal`'s business."""
-    old, new, default = _flat(saved), _flat(to_dict(cfg)), _flat(to_dict(Config()))
+    old, new, default = flat_keys(saved), flat_keys(to_dict(cfg)), flat_keys(to_dict(Config()))
     return {k: (old.get(k, default[k]), v) for k, v in new.items() if old.get(k, default[k]) != v}
 
 

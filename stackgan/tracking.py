@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import REPORT_TO, Config, ConfigError, to_dict
+from .config import REPORT_TO, Config, ConfigError, flat_keys, to_dict
 
 PROJECT = "stackgan"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}
@@ -57,16 +57,6 @@ def tracker_setup(cfg: Config) -> tuple[list | None, str | None]:
     return log_with, cfg.train.run_dir
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _numbers(rec: dict) -> dict:
     return {k: v for k, v in rec.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
@@ -79,7 +69,7 @@ class Trackers:
         self.acc = accelerator
         run_dir = Path(cfg.train.run_dir).resolve()
         name = run_dir.name
-        hparams = {**_flat(to_dict(cfg)), "run.name": name, "run.dir": str(run_dir),
+        hparams = {**flat_keys(to_dict(cfg)), "run.name": name, "run.dir": str(run_dir),
                    "run.resume_step": resume_step, **{f"run.{k}": v for k, v in identity.items()}}
         run_id = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]  # one W&B run per run folder
         init_kwargs = {
