@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from stackgan import checkpoint as ckpt
 from stackgan.cluster.jobs import check_train_config
 from stackgan.config import load_config
 from stackgan.data.meta import ShardError, load_metadata
@@ -32,7 +30,7 @@ from stackgan.run import check_inputs
 
 from .conftest import ROOT, run_cmd
 from .test_stream import SIZES, same, take, write_shards
-from .test_train import assert_same_state, final_state, log_records, train_args
+from .test_train import assert_same_state, final_state, kill_at_checkpoint, log_records, train_args
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +192,7 @@ def test_training_over_http_resumes_exactly_after_sigkill(tiny_shards, served, t
     cache, run = tmp_path / "cache", tmp_path / "killed"
     args = [*common, f"data.cache_dir={cache}", f"data.cache_gb={bound / 1e9}", "data.num_workers=2"]
     with Peak(cache, bound) as peak:
-        proc = subprocess.Popen(train_args(f"{url}/tiny", run, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        target = run / "checkpoints" / f"step-{n:08d}"
-        deadline = time.time() + 300
-        while not target.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (run / "COMPLETE").exists(), "the run finished before it could be killed; raise n"
-        assert ckpt.latest(run) == target, proc.stderr.read()[-3000:]
+        kill_at_checkpoint(train_args(f"{url}/tiny", run, *args), run, n)
         p = run_cmd(train_args(f"{url}/tiny", run, *args, "--resume", "auto"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout

@@ -28,6 +28,20 @@ def train_args(shards: Path, run_dir: Path, *extra: str, config: str = "configs/
             f"train.run_dir={run_dir}", *TINY, *extra]
 
 
+def kill_at_checkpoint(cmd: list[str], run: Path, n: int) -> None:
+    """Start a training command and SIGKILL it as soon as checkpoint ``n`` appears in ``run``
+    (before it can finish); the newest complete checkpoint is then ``n``."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = run / "checkpoints" / f"step-{n:08d}"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "COMPLETE").exists(), "the run finished before it could be killed; raise n"
+    assert ckpt.latest(run) == target, proc.stderr.read()[-3000:]
+
+
 def log_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -110,16 +124,7 @@ def test_exact_resume_after_sigkill(tiny_shards, tmp_path, workers):
     assert p.returncode == 0, p.stderr[-3000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(train_args(tiny_shards, run, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    target = run / "checkpoints" / f"step-{n:08d}"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "COMPLETE").exists(), "the run finished before it could be killed; raise n"
-    assert ckpt.latest(run) == target
+    kill_at_checkpoint(train_args(tiny_shards, run, *common), run, n)
     p = run_cmd(train_args(tiny_shards, run, *common, "--resume", "auto"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout
