@@ -19,24 +19,36 @@ is already complete (the trainer resumes, prepare is a no-op on finished shards)
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from .bench.measure import cpu_has_bf16
+from .data import birds
+from .data.meta import load_metadata
+from .data.tario import index_tar, read_fields
 from .files import atomic_json
 from .plots import plot_run, read_jsonl
 
 # named as the docs name them; the trainer finds them from any folder (stackgan.files.config_path)
 STAGE1_CONFIG, STAGE2_CONFIG = "configs/birds_stage1.yaml", "configs/birds_stage2.yaml"
 
+# natural sentences in the embedded set's vocabulary (its captions name the crown, back, wings,
+# belly, tail and bill by colour, the bill's shape and length, the wing pattern and the size);
+# the summary lists any prompt word the training captions never used (``prompt_coverage``)
 PROMPTS = [
-    "this bird has a red crown, blue wings and a white belly",
-    "a small yellow bird with black wings and a short pointed beak",
-    "this bird is mostly green with a grey belly and a long tail",
-    "a large bird with a white head, brown wings and an orange beak",
+    "this small bird has a red crown, blue wings and a white belly.",
+    "a bird with a yellow belly, black wings and a short orange conical beak.",
+    "this bird has a green back, a grey belly and a green tail.",
+    "a large bird with a white crown, brown wings and an orange hooked bill.",
 ]
+WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
 def _run(step: str, args: list[str], log_dir: Path) -> float:
@@ -56,19 +68,54 @@ def _run(step: str, args: list[str], log_dir: Path) -> float:
     return time.time() - t0
 
 
+def training_words(shards: str | Path) -> set[str]:
+    """Every word of the training split's captions (the ``txt.json`` field of each sample)."""
+    meta = load_metadata(shards)
+    words: set[str] = set()
+    for path in meta.urls("train"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            idx = index_tar(fd, str(path))
+            for i in range(len(idx.samples)):
+                for caption in json.loads(read_fields(fd, idx, i, ("txt.json",))["txt.json"]):
+                    words.update(WORD.findall(caption.lower()))
+        finally:
+            os.close(fd)
+    return words
+
+
+def prompt_coverage(prompts: list[str], words: set[str]) -> list[dict]:
+    """Per prompt, the words its training captions never used: text the encoder embeds, but that
+    the generator never learned to draw."""
+    return [{"prompt": p, "unseen_words": sorted(set(WORD.findall(p.lower())) - words)} for p in prompts]
+
+
+def demo_precision(asked: str, cuda: bool, cpu_bf16: bool) -> str:
+    """The trainer's ``train.mixed_precision`` for the demo: bf16 where the CPU has bf16 units and
+    trains on it (1.5x the images per second at the same quality per step, docs/quality.md), the
+    configs' own choice elsewhere."""
+    if asked == "auto":
+        return "bf16" if cpu_bf16 and not cuda else "auto"
+    return {"fp32": "no", "bf16": "bf16"}[asked]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stackgan.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run folder root")
     p.add_argument("--data", default="data/birds-embedded", help="where the embedded set is generated")
     p.add_argument("--shards", default="shards/birds-embedded")
-    p.add_argument("--species", type=int, default=20)
-    p.add_argument("--images-per-species", type=int, default=40)
+    p.add_argument("--species", type=int, default=birds.DEFAULT_SPECIES,
+                   help="species in the embedded set (a quarter are the unseen test species)")
+    p.add_argument("--images-per-species", type=int, default=birds.DEFAULT_IMAGES)
     p.add_argument("--stage1-steps", type=int, default=None, help=f"default: {STAGE1_CONFIG}")
     p.add_argument("--stage2-steps", type=int, default=None, help=f"default: {STAGE2_CONFIG}")
     p.add_argument("--judge-samples", type=int, default=500, help="generated images per split for the judge")
-    p.add_argument("--quick", action="store_true", help="a 2-minute smoke run (few steps, small set)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on a CPU with bf16 units (AMX / AVX512-BF16) and no GPU, else fp32")
+    p.add_argument("--quick", action="store_true", help="a 3-minute smoke run (few steps, small set)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
     a = p.parse_args(argv)
+    a.precision = demo_precision(a.precision, torch.cuda.is_available(), cpu_has_bf16())
     if a.quick:
         a.species, a.images_per_species = min(a.species, 8), min(a.images_per_species, 12)
         a.stage1_steps, a.stage2_steps = a.stage1_steps or 30, a.stage2_steps or 6
@@ -88,11 +135,13 @@ def run_steps(a: argparse.Namespace, out: Path, logs: Path) -> tuple[dict[str, f
         "--species", str(a.species), "--images-per-species", str(a.images_per_species)], logs)
 
     extra1 = [f"train.steps={a.stage1_steps}"] if a.stage1_steps else []
+    extra1.append(f"train.mixed_precision={a.precision}")
     timings["stage1"] = _run("stage1", [
         py, "-m", "stackgan.train", "--config", STAGE1_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s1}", *extra1, *a.overrides], logs)
 
     extra2 = [f"train.steps={a.stage2_steps}"] if a.stage2_steps else []
+    extra2.append(f"train.mixed_precision={a.precision}")
     timings["stage2"] = _run("stage2", [
         py, "-m", "stackgan.train", "--config", STAGE2_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s2}", f"model.stage1_export={export1}", *extra2, *a.overrides], logs)
@@ -126,15 +175,18 @@ def main(argv: list[str] | None = None) -> int:
     plots = [str(plot_run(s1, out / "plots" / "stage1.png")), str(plot_run(s2, out / "plots" / "stage2.png"))]
     summary = {
         "minutes": round((time.time() - t_start) / 60, 2),
+        "data": {"species": a.species, "images_per_species": a.images_per_species, "shards": a.shards},
+        "precision": a.precision,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "metrics": metrics,
         "plots": plots,
         "sample_grids": sorted(str(p) for p in (s1 / "samples").glob("step-*.png"))[-1:]
         + sorted(str(p) for p in (s2 / "samples").glob("step-*.png"))[-1:],
         "samples_from_text": str(out / "samples-from-text"),
-        "exports": [str(s1 / "export" / "generator.pt"), str(s2 / "export" / "generator.pt")],
+        "exports": [str(s1 / "export" / "generator.safetensors"), str(s2 / "export" / "generator.safetensors")],
     }
     summary["stage2_vs_baseline"] = stage2_table(metrics.get("stage2", {}))
+    summary["prompts"] = prompt_coverage(PROMPTS, training_words(a.shards))
     atomic_json(out / "summary.json", summary)
     print_summary(summary, out)
     return 0
@@ -153,6 +205,9 @@ def print_summary(summary: dict, out: Path) -> None:
     print_stage2_table(summary["stage2_vs_baseline"])
     print(f"  plots: {', '.join(summary['plots'])}")
     print(f"  samples from text: {out / 'samples-from-text'} (stages.png: stage I | upsampled | stage II)")
+    unseen = sorted({w for p in summary["prompts"] for w in p["unseen_words"]})
+    print("  prompts: every word appears in the training captions" if not unseen else
+          f"  prompts: words the training captions never used (drawn from the encoder's guess): {', '.join(unseen)}")
     print(f"  summary: {out / 'summary.json'}")
 
 

@@ -10,7 +10,7 @@ proportions, colour shade and background. A minority of images of a species show
 alternative crown colour. Captions (10 per image, CUB's style) state only attributes that
 were drawn, and the true attributes are written in CUB's own attribute format.
 
-    python -m stackgan.data.birds --out data/birds-embedded --species 20 --images-per-species 40
+    python -m stackgan.data.birds --out data/birds-embedded --species 60 --images-per-species 50
 
 writes ``<out>/CUB_200_2011/...`` and ``<out>/birds/...`` (see :mod:`stackgan.data.cub`);
 ``birds/char-CNN-RNN-embeddings.pickle`` keeps its name for layout compatibility but holds
@@ -40,8 +40,8 @@ from .concurrency import folder_lock, parallel_map
 
 GENERATOR_VERSION = 2  # bump whenever the same parameters would give other bytes
 DEFAULT_DIR = Path("data/birds-embedded")
-DEFAULT_SPECIES = 20
-DEFAULT_IMAGES = 40
+DEFAULT_SPECIES = 60  # the main job's set (45 training species, 15 unseen): docs/quality.md, "The main job"
+DEFAULT_IMAGES = 50
 CAPTIONS_PER_IMAGE = 10
 CAPTION_POOL = 24  # distinct captions per (species, crown morph); images draw 10 of them
 MORPH_PROB = 0.15  # share of a species' images showing its alternative crown colour
