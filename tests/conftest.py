@@ -64,3 +64,15 @@ def tiny_shards(tiny_birds, tmp_path_factory) -> Path:
                  "--workers", "1"])
     assert p.returncode == 0, p.stdout + p.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_run(tiny_shards, tmp_path_factory) -> Path:
+    """A finished 2-step stage-I run of tests/test_train.py's TINY networks on the tiny shards
+    (checkpoint and export at step 2), made once per session: tests that change it copy it."""
+    from .test_train import train_args
+
+    run = tmp_path_factory.mktemp("stage1") / "run"
+    p = run_cmd(train_args(tiny_shards, run, "train.steps=2", "train.ckpt_every=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run

@@ -51,7 +51,10 @@ def test_evaluation_on_read_only_shards_caches_its_judge_in_the_user_cache(tmp_p
     shutil.rmtree(world, ignore_errors=True)
     world.mkdir(mode=0o777)
     try:
-        shards = write_eval_shards(world / "shards")
+        # 2 images per species: evaluate trains its judge at the default length (300 steps) on
+        # every training image per step, so a small set keeps that short; what is checked here
+        # is where the judge goes, not how good it is (tests/test_judge.py checks that)
+        shards = write_eval_shards(world / "shards", per_train=2, per_test=2)
         export = _tiny_export(world / "run" / "export" / "generator.pt", ENCODER, DIM)
         for d in (world / "cache", world / "home", world / "run"):
             d.mkdir(exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,13 +116,25 @@ def test_stage1_then_stage2(tiny_shards, tmp_path):
             assert torch.equal(state[f"stage1.{k}"], v), f"{name}: stage1.{k} changed during stage II"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_exact_resume_after_sigkill(tiny_shards, tmp_path, workers):
-    n = 8
-    common = [f"train.steps={2 * n}", f"train.ckpt_every={n}", f"data.num_workers={workers}"]
-    ref = tmp_path / "ref"
-    p = run_cmd(train_args(tiny_shards, ref, *common))
+RESUME_N = 8  # the SIGKILL-resume runs: 2 x RESUME_N steps, a checkpoint every RESUME_N
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_shards, tmp_path_factory) -> Path:
+    """The uninterrupted reference of the SIGKILL-resume tests (TINY's 0 loader workers): the
+    stream's batch k is a pure function of seed, rank, world and k, not of the loader workers,
+    so one reference serves every worker count (tests/test_storage.py relies on it as well)."""
+    run = tmp_path_factory.mktemp("straight") / "ref"
+    p = run_cmd(train_args(tiny_shards, run, f"train.steps={2 * RESUME_N}", f"train.ckpt_every={RESUME_N}"))
     assert p.returncode == 0, p.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_after_sigkill(tiny_shards, tmp_path, workers, straight_run):
+    n = RESUME_N
+    common = [f"train.steps={2 * n}", f"train.ckpt_every={n}", f"data.num_workers={workers}"]
+    ref = straight_run
 
     run = tmp_path / "killed"
     kill_at_checkpoint(train_args(tiny_shards, run, *common), run, n)
@@ -217,12 +230,11 @@ def test_recipe_options_train(tiny_shards, tmp_path):
     assert bank["n"] == 12 and (bank["cls"][:12] >= 0).all()  # 3 batches of 4, kept for a resume
 
 
-def test_checkpoint_with_a_retired_option_is_refused(tiny_shards, tmp_path):
+def test_checkpoint_with_a_retired_option_is_refused(tiny_shards, tmp_path, tiny_stage1_run):
     """A run whose saved config used an option that no longer exists cannot silently continue
     without it; the checkpoint is left as it was."""
     run = tmp_path / "old"
-    p = run_cmd(train_args(tiny_shards, run, "train.steps=2", "train.ckpt_every=2"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copytree(tiny_stage1_run, run)  # a 2-step run (its run_dir is the copy's: paths are not compared)
     path = ckpt.latest(run)
     state = torch.load(path / "state.pt", weights_only=False)
     state["config"]["loss"]["r1_gamma"] = 1.0  # as a run of an earlier version would have saved it
@@ -385,13 +397,11 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     assert all(torch.equal(a, b) for a, b in zip(before, acc.unwrap_model(D).parameters()))
 
 
-def test_stage2_matching_term_is_live(tiny_shards, tmp_path):
+def test_stage2_matching_term_is_live(tiny_shards, tmp_path, tiny_stage1_run):
     """A short stage-II run of the demo's config (configs/birds_stage2.yaml, at tiny widths)
     moves D(real) away from D(wrong): its D reads the text at 256 px (the official stage II
     on the embedded set kept them equal, 0.52 / 0.52, for all of the demo's 200 steps)."""
-    s1 = tmp_path / "s1"
-    p = run_cmd(train_args(tiny_shards, s1, "train.steps=2"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    s1 = tiny_stage1_run  # 2 steps of stage I
     s2 = tmp_path / "s2"
     p = run_cmd(train_args(tiny_shards, s2, "train.steps=100", "data.batch_size=4", "train.log_every=5",
                            "train.sample_every=1000", "train.ckpt_every=1000", "model.df_dim=8", "optim.lr_d=1e-3",
