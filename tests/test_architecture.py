@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stackgan"
 
@@ -138,3 +140,29 @@ def _cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle_within_stackgan():
     assert _cycles(graph()) == []
+
+
+def test_a_ddp_step_does_not_import_deepspeed():
+    """DeepSpeed is imported only by runs that use it: its import takes seconds per process,
+    and ``Accelerator.unwrap_model`` would pay it on every DDP step's first unwrap."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: nothing could import it")
+    code = (
+        "import sys, torch\n"
+        "from stackgan.backends import make_backend\n"
+        "from stackgan.bench.cases import build_models, case_config, tiny_case\n"
+        "from stackgan.step import Batch, gan_step\n"
+        "case = tiny_case(1)\n"
+        "cfg = case_config(case)\n"
+        "acc = make_backend(cfg)\n"
+        "G, D = build_models(case, 'cpu')\n"
+        "opt_g, opt_d = (torch.optim.Adam(m.parameters()) for m in (G, D))\n"
+        "G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)\n"
+        "b = 4\n"
+        "batch = Batch(real=torch.zeros(b, 3, 64, 64), emb=torch.zeros(b, case.text), z=torch.zeros(b, case.z),\n"
+        "              wrong=torch.arange(b).flip(0), cls=torch.arange(b))\n"
+        "gan_step(acc, G, D, opt_g, opt_d, batch, cfg)\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "False", "a DDP step imported DeepSpeed"

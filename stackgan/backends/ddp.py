@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from ..amp import Update, update
+from ..ema import unwrap
 from .base import check_backend
 
 PG_TIMEOUT = timedelta(minutes=30)  # rank 0 may train the judge on first use while the others wait
@@ -103,7 +104,10 @@ class AccelerateGAN:
         self._acc.wait_for_everyone()
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
-        return self._acc.unwrap_model(model)
+        """The module inside DDP / ``torch.compile`` (all this backend wraps a model in); not
+        ``Accelerator.unwrap_model``, which imports DeepSpeed whenever it is installed (seconds per
+        process) to check for an engine this backend never builds."""
+        return unwrap(model)
 
     def autocast(self) -> AbstractContextManager:
         return self._acc.autocast()
