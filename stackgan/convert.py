@@ -3,6 +3,7 @@
     python -m stackgan.convert --to safetensors runs/x/export/generator.pt
     python -m stackgan.convert --from-official netG_epoch_90.pth --stage 2 --out runs/official/export \\
         [--netD netD_epoch_last.pth] [--text-encoder char-CNN-RNN]
+    python -m stackgan.convert --from-checkpoint runs/x/checkpoints/step-00000800 --out runs/x/export-800
 
 ``--to safetensors`` rewrites an old pickle export (``stackgan-export/1``) next to itself, read
 through torch's weights-only unpickler. ``--from-official`` loads a StackGAN-Pytorch
@@ -12,7 +13,9 @@ matching discriminator into ``discriminator.safetensors`` beside it. The network
 condition, noise, gf/df, residual blocks) are read from the checkpoint's shapes; every key is
 mapped through :data:`OFFICIAL_TO_OURS` and checked against the shape our model has, so an
 unknown key, a missing one or a wrong shape is refused with the key named before anything is
-written.
+written. ``--from-checkpoint`` writes the export the trainer would have written at a checkpoint's
+step (its EMA generator with BatchNorm statistics of its own weights, or G without EMA), so a
+run's intermediate checkpoints are scored and sampled with the same commands as its end.
 """
 from __future__ import annotations
 
@@ -28,10 +31,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import ModelConfig
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, ModelConfig, apply_updates, to_dict
+from .ema import EMA
+from .errors import StackGANError, report
 from .export import (WEIGHTS_NAME, ExportError, build_from_export, model_config, read_legacy_export,
-                     save_export)
+                     load_stage1_for_stage2, save_export)
 from .models import build_discriminator, build_generator
+from .run import standing_inputs
 from .text import CHAR_CNN_RNN
 
 OFFICIAL = "hanzhanggit/StackGAN-Pytorch"
@@ -204,6 +211,34 @@ def to_safetensors(old: str | Path, out: str | Path | None = None) -> Path:
                        stage1_model=s1)
 
 
+def from_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """The trainer's export at checkpoint ``path`` (a ``<run>/checkpoints/step-N`` folder), written to
+    ``<out>/generator.safetensors``; stage II rebuilds its frozen stage I from the run's
+    ``model.stage1_export``, and the standing statistics read the run's ``data.shards``."""
+    path = Path(path)
+    if not (path / "state.pt").is_file():
+        raise ConvertError(f"{path}: not a checkpoint folder (no state.pt)")
+    state, _ = ckpt.load(path, rank=0)
+    cfg = Config()
+    try:
+        apply_updates(cfg, state["config"])
+    except ConfigError as e:
+        raise ConvertError(f"{path}: its config does not fit this version ({e})") from None
+    text_dim, encoder = int(state["text_dim"]), state["text_encoder"]
+    stage1, stage1_cfg = None, None
+    if cfg.model.stage == 2:
+        stage1, stage1_cfg = load_stage1_for_stage2(cfg.model.stage1_export, text_dim, encoder)
+    g = build_generator(cfg.model, text_dim, stage1=stage1)
+    ema = state.get("ema")
+    g.load_state_dict(ema["model"] if ema else state["G"])
+    if ema:  # the averaged weights get statistics of their own, as the trainer's export does
+        sampler = EMA(g, ema["decay"])
+        sampler.set_standing_inputs(standing_inputs(cfg))
+        g = sampler.sampler()
+    return save_export(Path(out) / WEIGHTS_NAME, g, cfg.model, text_encoder=encoder, text_dim=text_dim,
+                       step=int(state["step"]), config=to_dict(cfg), stage1_model=stage1_cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     doc = "\n\n".join(__doc__.split("\n\n")[:2])
     p = argparse.ArgumentParser(prog="python -m stackgan.convert", description=doc,
@@ -213,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                      help="rewrite an old pickle export (the positional path)")
     src.add_argument("--from-official", metavar="netG_epoch_N.pth",
                      help=f"a {OFFICIAL} generator checkpoint")
+    src.add_argument("--from-checkpoint", metavar="CHECKPOINT",
+                     help="a checkpoint folder of this trainer (<run>/checkpoints/step-N)")
     p.add_argument("old", nargs="?", help="with --to: the old export (<run>/export/generator.pt)")
     p.add_argument("--stage", type=int, choices=[1, 2], help="with --from-official: the checkpoint's stage")
     p.add_argument("--netD", help="with --from-official: the matching discriminator (netD_epoch_*.pth)")
-    p.add_argument("--out", help="--from-official: export folder (required); --to: the .safetensors path "
+    p.add_argument("--out", help="--from-official / --from-checkpoint: export folder (required); --to: the .safetensors path "
                                  "(default: beside the old file)")
     p.add_argument("--text-encoder", default=CHAR_CNN_RNN,
                    help="encoder of the embeddings the checkpoint was trained on (default: %(default)s)")
@@ -226,13 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             if not a.old:
                 p.error("--to safetensors needs the old export's path")
             path = to_safetensors(a.old, a.out)
+        elif a.from_checkpoint:
+            if not a.out:
+                p.error("--from-checkpoint needs --out <export folder>")
+            path = from_checkpoint(a.from_checkpoint, a.out)
         else:
             if a.stage is None or not a.out:
                 p.error("--from-official needs --stage 1|2 and --out <export folder>")
             path = from_official(a.from_official, a.stage, a.out, netd=a.netD, text_encoder=a.text_encoder)
-    except ExportError as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+    except StackGANError as e:  # a bad export, official file or checkpoint (ConfigError, CheckpointError too)
+        return report(e, "convert")
     print(f"wrote {path} and {path.with_suffix('.json').name}")
     return 0
 

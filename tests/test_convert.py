@@ -335,3 +335,22 @@ def test_cli_converts_an_official_pair_that_sample_and_evaluate_use(tmp_path):
     assert r.returncode == 0, r.stderr
     rec = json.loads(jsonl.read_text().splitlines()[-1])
     assert rec["metric"] == "diversity" and rec["score"] > 0
+
+
+def test_a_checkpoint_converts_to_the_export_the_trainer_wrote(tiny_stage1_run, tmp_path):
+    """``--from-checkpoint`` on the run's last checkpoint gives the trainer's own export at that
+    step, tensor for tensor (EMA weights, standing BatchNorm statistics); a folder without a
+    checkpoint is refused with its path and exit status 2."""
+    ck = tiny_stage1_run / "checkpoints" / "step-00000002"
+    p = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(ck),
+                        "--out", str(tmp_path / "ck2")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_file(tmp_path / "ck2" / "generator.safetensors")
+    trainers = load_file(tiny_stage1_run / "export" / "generator.safetensors")
+    assert ours.keys() == trainers.keys() and any("running_mean" in k for k in ours)
+    assert all(torch.equal(ours[k], trainers[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], trainers[k])]
+    info = json.loads((tmp_path / "ck2" / "generator.json").read_text())
+    assert info["step"] == 2 and info["stage"] == 1
+    bad = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(tmp_path),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and str(tmp_path) in bad.stderr
