@@ -211,10 +211,12 @@ def to_safetensors(old: str | Path, out: str | Path | None = None) -> Path:
                        stage1_model=s1)
 
 
-def from_checkpoint(path: str | Path, out: str | Path) -> Path:
+def from_checkpoint(path: str | Path, out: str | Path, bn_stats: str = "standing") -> Path:
     """The trainer's export at checkpoint ``path`` (a ``<run>/checkpoints/step-N`` folder), written to
     ``<out>/generator.safetensors``; stage II rebuilds its frozen stage I from the run's
-    ``model.stage1_export``, and the standing statistics read the run's ``data.shards``."""
+    ``model.stage1_export``, and the standing statistics read the run's ``data.shards``.
+    ``bn_stats="copied"`` keeps the statistics the EMA copied from the live G instead (the rule
+    before standing statistics; to compare the two, docs/training.md)."""
     path = Path(path)
     if not (path / "state.pt").is_file():
         raise ConvertError(f"{path}: not a checkpoint folder (no state.pt)")
@@ -231,7 +233,10 @@ def from_checkpoint(path: str | Path, out: str | Path) -> Path:
     g = build_generator(cfg.model, text_dim, stage1=stage1)
     ema = state.get("ema")
     g.load_state_dict(ema["model"] if ema else state["G"])
-    if ema:  # the averaged weights get statistics of their own, as the trainer's export does
+    if ema and bn_stats == "copied":  # the live G's statistics (what every EMA update copied)
+        buffers = {name for name, _ in g.named_buffers()}
+        g.load_state_dict({**g.state_dict(), **{k: v for k, v in state["G"].items() if k in buffers}})
+    if ema and bn_stats == "standing":  # the averaged weights get statistics of their own, as the trainer's export
         sampler = EMA(g, ema["decay"])
         sampler.set_standing_inputs(standing_inputs(cfg))
         g = sampler.sampler()
@@ -250,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"a {OFFICIAL} generator checkpoint")
     src.add_argument("--from-checkpoint", metavar="CHECKPOINT",
                      help="a checkpoint folder of this trainer (<run>/checkpoints/step-N)")
+    p.add_argument("--bn-stats", choices=["standing", "copied"], default="standing",
+                   help="--from-checkpoint: the EMA generator's BatchNorm statistics: recomputed for its weights "
+                        "(the trainer's rule, default) or copied from the live G (the earlier rule)")
     p.add_argument("old", nargs="?", help="with --to: the old export (<run>/export/generator.pt)")
     p.add_argument("--stage", type=int, choices=[1, 2], help="with --from-official: the checkpoint's stage")
     p.add_argument("--netD", help="with --from-official: the matching discriminator (netD_epoch_*.pth)")
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.from_checkpoint:
             if not a.out:
                 p.error("--from-checkpoint needs --out <export folder>")
-            path = from_checkpoint(a.from_checkpoint, a.out)
+            path = from_checkpoint(a.from_checkpoint, a.out, a.bn_stats)
         else:
             if a.stage is None or not a.out:
                 p.error("--from-official needs --stage 1|2 and --out <export folder>")

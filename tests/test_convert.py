@@ -351,6 +351,18 @@ def test_a_checkpoint_converts_to_the_export_the_trainer_wrote(tiny_stage1_run, 
     assert all(torch.equal(ours[k], trainers[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], trainers[k])]
     info = json.loads((tmp_path / "ck2" / "generator.json").read_text())
     assert info["step"] == 2 and info["stage"] == 1
+    # the earlier rule: the EMA's statistics as copied from the live G (what the checkpoint holds)
+    p = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(ck), "--bn-stats",
+                        "copied", "--out", str(tmp_path / "copied")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    copied = load_file(tmp_path / "copied" / "generator.safetensors")
+    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
+    stats = [k for k in copied if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(copied[k], state["G"][k].float()) for k in stats)  # the live G's
+    weights = [k for k in copied if k not in stats and "num_batches" not in k]
+    assert all(torch.equal(copied[k], ours[k]) for k in weights)  # the same EMA weights
+    assert any(not torch.equal(copied[k], ours[k]) for k in stats)  # standing statistics are not these
     bad = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(tmp_path),
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and str(tmp_path) in bad.stderr
