@@ -275,3 +275,28 @@ def test_unknown_layout_and_bad_options_are_refused(tmp_path):
         prep.plan(prep.PrepareOptions(root=str(tmp_path / "empty"), image_format="gif", progress=False))
     with pytest.raises(DataError, match="needs --root"):
         prep.plan(prep.PrepareOptions(source="folder", progress=False))
+
+
+def test_crop_bench_hf_response_sees_block_artefacts_and_blur():
+    """The crops bench's high-frequency response: 1 for a crop stored exactly, far below 1 for a
+    blurred copy; q100 4:4:4 (the default) within 5 % of 1, and closer to 1 than coarse JPEG."""
+    from stackgan.data.sources.bench import hf_response
+
+    rng = np.random.default_rng(0)
+    # a photo-like crop: smooth shading, a few sharp edges, mild noise
+    yy, xx = np.mgrid[0:304, 0:304] / 304.0
+    base = np.stack([120 + 80 * np.sin(3 * xx + c) * np.cos(2 * yy) for c in range(3)], -1)
+    base[100:180, 60:250] += 50
+    src = np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
+
+    def stored(fmt, q, blur=False):
+        im = Image.fromarray(src)
+        if blur:
+            im = im.resize((76, 76), Image.BILINEAR).resize((304, 304), Image.BILINEAR)
+        return [np.asarray(Image.open(io.BytesIO(prep.encode_image(im, fmt, q))).convert("RGB"), np.float32)]
+
+    ref = [src.astype(np.float32)]
+    assert hf_response(stored("webp", 0), ref)["hf_share_vs_source"] == pytest.approx(1.0, abs=1e-6)
+    q100 = abs(hf_response(stored("jpg", 100), ref)["hf_share_vs_source"] - 1)
+    assert q100 < 0.05 and abs(hf_response(stored("jpg", 10), ref)["hf_share_vs_source"] - 1) > 4 * q100
+    assert hf_response(stored("webp", 0, blur=True), ref)["hf_share_vs_source"] < 0.5

@@ -12,7 +12,8 @@ that stays meaningful on a shared machine).
 ``crops``: for each stored-crop candidate (JPEG q90 as before, JPEG q95/q100 4:4:4, PNG,
 lossless WebP), on square crops of real photos resized to 76 and 304 as the preparation does:
 size on disk, encode and decode time per crop, and the mean absolute difference to the source
-crop in grey levels; then the stream's (:class:`stackgan.data.stream.TrainStream`) samples/s at
+crop in grey levels and the ratio of the sharpness measure's high-frequency share of the stored
+crop to the source crop's (``hf_response``); then the stream's (:class:`stackgan.data.stream.TrainStream`) samples/s at
 64 and 256 px on shards of the embedded bird set written in each format. Candidates are timed
 in interleaved rounds (median), so machine load hits them alike.
 """
@@ -37,6 +38,7 @@ from .. import birds
 from .. import prepare as prep
 from ..meta import load_metadata
 from ..stream import TrainStream
+from ...metrics.detail import hf_share
 from ...text import SentenceEncoder
 from . import replicas
 
@@ -141,17 +143,32 @@ def bench_crops(a) -> dict:
                     decode_image(_tensor(b), mode=ImageReadMode.RGB)
                 times[name]["dec"].append((time.perf_counter() - t0) / len(imgs))
         for name in CANDIDATES:
-            err = [np.abs(np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32) - r).mean()
-                   for b, r in zip(blobs[name], ref)]
+            stored = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), np.float32) for b in blobs[name]]
+            err = [np.abs(x - r).mean() for x, r in zip(stored, ref)]
             report["formats"].setdefault(name, {})[str(size)] = {
                 "kib": round(float(np.mean([len(b) for b in blobs[name]])) / 1024, 1),
                 "encode_ms": round(statistics.median(times[name]["enc"]) * 1e3, 2),
                 "decode_ms": round(statistics.median(times[name]["dec"]) * 1e3, 2),
                 "mean_abs_grey": round(float(np.mean(err)), 3),
-                "max_mean_abs_grey": round(float(np.max(err)), 3)}
+                "max_mean_abs_grey": round(float(np.max(err)), 3),
+                **hf_response(stored, ref)}
     report["stream"] = _stream_by_format(a)
     report["load_avg_1min"] = os.getloadavg()[0]
     return report
+
+
+def hf_response(stored: list[np.ndarray], source: list[np.ndarray]) -> dict:
+    """The sharpness measure's high-frequency share (:func:`stackgan.metrics.detail.hf_share`) of
+    each stored crop over its source crop's: 1 when storing neither adds block edges nor removes
+    detail; the mean and the crop farthest from 1."""
+    import torch
+
+    def nchw(xs):
+        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)
+
+    ratio = (hf_share(nchw(stored)) / hf_share(nchw(source))).numpy()
+    return {"hf_share_vs_source": round(float(ratio.mean()), 4),
+            "hf_share_vs_source_farthest": round(float(ratio[np.abs(ratio - 1).argmax()]), 4)}
 
 
 def _tensor(b: bytes):
