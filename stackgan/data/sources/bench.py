@@ -187,6 +187,8 @@ def _stream_by_format(a) -> dict:
         root = birds.generate(tmp / "birds", a.species, a.per_species, 0, workers=1, quiet=True)
         roots = {}
         for name, (fmt, q) in CANDIDATES.items():
+            if fmt not in prep.WRITE_FORMATS:  # measured as a file format above, not offered by prepare
+                continue
             out = tmp / name.split()[0]
             prep.prepare(prep.PrepareOptions(cub_root=root / "CUB_200_2011", out=out, workers=1,
                                              progress=False, image_format=fmt, jpeg_quality=q or 90))
