@@ -38,6 +38,7 @@ from .plots import plot_run, read_jsonl
 
 # named as the docs name them; the trainer finds them from any folder (stackgan.files.config_path)
 STAGE1_CONFIG, STAGE2_CONFIG = "configs/birds_stage1.yaml", "configs/birds_stage2.yaml"
+OUT, DATA, SHARDS = "runs/demo", "data/birds-embedded", "shards/birds-embedded"
 
 # natural sentences in the embedded set's vocabulary (its captions name the crown, back, wings,
 # belly, tail and bill by colour, the bill's shape and length, the wing pattern and the size);
@@ -101,9 +102,9 @@ def demo_precision(asked: str, cuda: bool, cpu_bf16: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stackgan.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="run folder root")
-    p.add_argument("--data", default="data/birds-embedded", help="where the embedded set is generated")
-    p.add_argument("--shards", default="shards/birds-embedded")
+    p.add_argument("--out", default=OUT, help="run folder root (--quick: runs/demo-quick)")
+    p.add_argument("--data", default=DATA, help="where the embedded set is generated (--quick: <data>-quick)")
+    p.add_argument("--shards", default=SHARDS, help="(--quick: <shards>-quick)")
     p.add_argument("--species", type=int, default=birds.DEFAULT_SPECIES,
                    help="species in the embedded set (a quarter are the unseen test species)")
     p.add_argument("--images-per-species", type=int, default=birds.DEFAULT_IMAGES)
@@ -116,8 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
     a = p.parse_args(argv)
     a.precision = demo_precision(a.precision, torch.cuda.is_available(), cpu_has_bf16())
-    if a.quick:
+    if a.quick:  # a small set in folders of its own, so the full job's set is never replaced by it
         a.species, a.images_per_species = min(a.species, 8), min(a.images_per_species, 12)
+        a.data = a.data if a.data != DATA else f"{DATA}-quick"
+        a.shards = a.shards if a.shards != SHARDS else f"{SHARDS}-quick"
+        a.out = a.out if a.out != OUT else f"{OUT}-quick"
         a.stage1_steps, a.stage2_steps = a.stage1_steps or 30, a.stage2_steps or 6
         a.judge_samples = min(a.judge_samples, 100)
     return a
