@@ -63,3 +63,15 @@ def test_training_words_are_the_training_captions_words(tiny_shards):
 ])
 def test_demo_precision(asked, cuda, cpu_bf16, expected):
     assert demo.demo_precision(asked, cuda, cpu_bf16) == expected
+
+
+def test_quick_runs_keep_out_of_the_full_jobs_folders():
+    """``--quick`` draws a smaller set: in the default folders it would make the full job's next
+    run find a set of other parameters (refused), so it uses folders of its own unless told."""
+    full, quick = demo.parse_args([]), demo.parse_args(["--quick"])
+    assert (full.data, full.shards, full.out) == ("data/birds-embedded", "shards/birds-embedded", "runs/demo")
+    assert (full.species, full.images_per_species) == (birds.DEFAULT_SPECIES, birds.DEFAULT_IMAGES)
+    assert {quick.data, quick.shards, quick.out}.isdisjoint({full.data, full.shards, full.out})
+    assert quick.species < full.species
+    mine = demo.parse_args(["--quick", "--data", "d", "--shards", "s", "--out", "o"])
+    assert (mine.data, mine.shards, mine.out) == ("d", "s", "o")
