@@ -32,8 +32,8 @@ import torch
 from .bench.measure import cpu_has_bf16
 from .data import birds
 from .data.meta import load_metadata
-from .data.tario import index_tar, read_fields
 from .files import atomic_json
+from .metrics.evalset import iter_split
 from .plots import plot_run, read_jsonl
 
 # named as the docs name them; the trainer finds them from any folder (stackgan.files.config_path)
@@ -71,18 +71,8 @@ def _run(step: str, args: list[str], log_dir: Path) -> float:
 
 def training_words(shards: str | Path) -> set[str]:
     """Every word of the training split's captions (the ``txt.json`` field of each sample)."""
-    meta = load_metadata(shards)
-    words: set[str] = set()
-    for path in meta.urls("train"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            idx = index_tar(fd, str(path))
-            for i in range(len(idx.samples)):
-                for caption in json.loads(read_fields(fd, idx, i, ("txt.json",))["txt.json"]):
-                    words.update(WORD.findall(caption.lower()))
-        finally:
-            os.close(fd)
-    return words
+    return {w for raw in iter_split(load_metadata(shards), "train", ("txt.json",))
+            for caption in json.loads(raw["txt.json"]) for w in WORD.findall(caption.lower())}
 
 
 def prompt_coverage(prompts: list[str], words: set[str]) -> list[dict]:
