@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, ModelConfig, apply_updates, to_dict
+from .config import Config, ConfigError, ModelConfig, apply_updates, changed_by_removal, drop_removed, to_dict
 from .ema import EMA
 from .errors import StackGANError, report
 from .export import (WEIGHTS_NAME, ExportError, build_from_export, model_config, read_legacy_export,
@@ -221,9 +221,13 @@ def from_checkpoint(path: str | Path, out: str | Path, bn_stats: str = "standing
     if not (path / "state.pt").is_file():
         raise ConvertError(f"{path}: not a checkpoint folder (no state.pt)")
     state, _ = ckpt.load(path, rank=0)
+    removed = changed_by_removal(state["config"])  # as the trainer's resume: a removed option in use is refused
+    if removed:
+        raise ConvertError(f"{path}: " + "; ".join(removed))
     cfg = Config()
-    try:
-        apply_updates(cfg, state["config"])
+    try:  # keys removed since, at the value today's code computes, are dropped (as export.model_config does)
+        apply_updates(cfg, {sec: drop_removed(v, sec) if isinstance(v, dict) else v
+                            for sec, v in state["config"].items()})
     except ConfigError as e:
         raise ConvertError(f"{path}: its config does not fit this version ({e})") from None
     text_dim, encoder = int(state["text_dim"]), state["text_encoder"]
