@@ -221,7 +221,7 @@ def from_checkpoint(path: str | Path, out: str | Path, bn_stats: str = "standing
     if not (path / "state.pt").is_file():
         raise ConvertError(f"{path}: not a checkpoint folder (no state.pt)")
     state, _ = ckpt.load(path, rank=0)
-    removed = changed_by_removal(state["config"])  # as the trainer's resume: a removed option in use is refused
+    removed = changed_by_removal(state["config"])  # as on resume: a removed option in use is refused
     if removed:
         raise ConvertError(f"{path}: " + "; ".join(removed))
     cfg = Config()
@@ -240,7 +240,7 @@ def from_checkpoint(path: str | Path, out: str | Path, bn_stats: str = "standing
     if ema and bn_stats == "copied":  # the live G's statistics (what every EMA update copied)
         buffers = {name for name, _ in g.named_buffers()}
         g.load_state_dict({**g.state_dict(), **{k: v for k, v in state["G"].items() if k in buffers}})
-    if ema and bn_stats == "standing":  # the averaged weights get statistics of their own, as the trainer's export
+    if ema and bn_stats == "standing":  # statistics of the averaged weights' own, as the trainer exports
         sampler = EMA(g, ema["decay"])
         sampler.set_standing_inputs(standing_inputs(cfg))
         g = sampler.sampler()
@@ -260,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--from-checkpoint", metavar="CHECKPOINT",
                      help="a checkpoint folder of this trainer (<run>/checkpoints/step-N)")
     p.add_argument("--bn-stats", choices=["standing", "copied"], default="standing",
-                   help="--from-checkpoint: the EMA generator's BatchNorm statistics: recomputed for its weights "
-                        "(the trainer's rule, default) or copied from the live G (the earlier rule)")
+                   help="--from-checkpoint: the EMA generator's BatchNorm statistics: recomputed for its "
+                        "weights (the trainer's rule, default) or copied from the live G (the earlier rule)")
     p.add_argument("old", nargs="?", help="with --to: the old export (<run>/export/generator.pt)")
     p.add_argument("--stage", type=int, choices=[1, 2], help="with --from-official: the checkpoint's stage")
     p.add_argument("--netD", help="with --from-official: the matching discriminator (netD_epoch_*.pth)")
-    p.add_argument("--out", help="--from-official / --from-checkpoint: export folder (required); --to: the .safetensors path "
-                                 "(default: beside the old file)")
+    p.add_argument("--out", help="--from-official / --from-checkpoint: export folder (required); --to: the "
+                                 ".safetensors path (default: beside the old file)")
     p.add_argument("--text-encoder", default=CHAR_CNN_RNN,
                    help="encoder of the embeddings the checkpoint was trained on (default: %(default)s)")
     a = p.parse_args(argv)

@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage2-steps", type=int, default=None, help=f"default: {STAGE2_CONFIG}")
     p.add_argument("--judge-samples", type=int, default=500, help="generated images per split for the judge")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on a CPU with bf16 units (AMX / AVX512-BF16) and no GPU, else fp32")
+                   help="auto: bf16 autocast on a CPU with bf16 units (AMX / AVX512-BF16) and no GPU, "
+                        "else fp32")
     p.add_argument("--quick", action="store_true", help="a 3-minute smoke run (few steps, small set)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for both stages")
     a = p.parse_args(argv)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample_grids": sorted(str(p) for p in (s1 / "samples").glob("step-*.png"))[-1:]
         + sorted(str(p) for p in (s2 / "samples").glob("step-*.png"))[-1:],
         "samples_from_text": str(out / "samples-from-text"),
-        "exports": [str(s1 / "export" / "generator.safetensors"), str(s2 / "export" / "generator.safetensors")],
+        "exports": [str(s / "export" / "generator.safetensors") for s in (s1, s2)],
     }
     summary["stage2_vs_baseline"] = stage2_table(metrics.get("stage2", {}))
     summary["prompts"] = prompt_coverage(PROMPTS, training_words(a.shards))
@@ -201,7 +202,7 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"  samples from text: {out / 'samples-from-text'} (stages.png: stage I | upsampled | stage II)")
     unseen = sorted({w for p in summary["prompts"] for w in p["unseen_words"]})
     print("  prompts: every word appears in the training captions" if not unseen else
-          f"  prompts: words the training captions never used (drawn from the encoder's guess): {', '.join(unseen)}")
+          f"  prompts: words the training captions never used (the encoder's guess): {', '.join(unseen)}")
     print(f"  summary: {out / 'summary.json'}")
 
 

@@ -342,19 +342,22 @@ def test_a_checkpoint_converts_to_the_export_the_trainer_wrote(tiny_stage1_run, 
     step, tensor for tensor (EMA weights, standing BatchNorm statistics); a folder without a
     checkpoint is refused with its path and exit status 2."""
     ck = tiny_stage1_run / "checkpoints" / "step-00000002"
-    p = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(ck),
-                        "--out", str(tmp_path / "ck2")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    def convert(source, out, *more):
+        return subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(source),
+                               "--out", str(out), *more], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    p = convert(ck, tmp_path / "ck2")
     assert p.returncode == 0, p.stderr[-2000:]
     ours = load_file(tmp_path / "ck2" / "generator.safetensors")
     trainers = load_file(tiny_stage1_run / "export" / "generator.safetensors")
     assert ours.keys() == trainers.keys() and any("running_mean" in k for k in ours)
-    assert all(torch.equal(ours[k], trainers[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], trainers[k])]
+    assert all(torch.equal(ours[k], trainers[k]) for k in ours), [
+        k for k in ours if not torch.equal(ours[k], trainers[k])]
     info = json.loads((tmp_path / "ck2" / "generator.json").read_text())
     assert info["step"] == 2 and info["stage"] == 1
     # the earlier rule: the EMA's statistics as copied from the live G (what the checkpoint holds)
-    p = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(ck), "--bn-stats",
-                        "copied", "--out", str(tmp_path / "copied")], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    p = convert(ck, tmp_path / "copied", "--bn-stats", "copied")
     assert p.returncode == 0, p.stderr[-2000:]
     copied = load_file(tmp_path / "copied" / "generator.safetensors")
     state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)
@@ -363,6 +366,5 @@ def test_a_checkpoint_converts_to_the_export_the_trainer_wrote(tiny_stage1_run, 
     weights = [k for k in copied if k not in stats and "num_batches" not in k]
     assert all(torch.equal(copied[k], ours[k]) for k in weights)  # the same EMA weights
     assert any(not torch.equal(copied[k], ours[k]) for k in stats)  # standing statistics are not these
-    bad = subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(tmp_path),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    bad = convert(tmp_path, tmp_path / "x")
     assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr and str(tmp_path) in bad.stderr

@@ -13,8 +13,9 @@ that stays meaningful on a shared machine).
 lossless WebP), on square crops of real photos resized to 76 and 304 as the preparation does:
 size on disk, encode and decode time per crop, and the mean absolute difference to the source
 crop in grey levels and the ratio of the sharpness measure's high-frequency share of the stored
-crop to the source crop's (``hf_response``); then the stream's (:class:`stackgan.data.stream.TrainStream`) samples/s at
-64 and 256 px on shards of the embedded bird set written in each format. Candidates are timed
+crop to the source crop's (``hf_response``); then the stream's (:class:`stackgan.data.stream.
+TrainStream`) samples/s at 64 and 256 px on shards of the embedded bird set written in each
+format (those prepare writes). Candidates are timed
 in interleaved rounds (median), so machine load hits them alike.
 """
 from __future__ import annotations
