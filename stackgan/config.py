@@ -85,6 +85,9 @@ class LossConfig:
     class_coef: float = 0.0  # > 0: D gets a species classifier head trained on real images, and G is
     # trained to make its fakes read as its caption's species (AC-GAN style; not in StackGAN).
     # Captions rarely state every part; the species they name fixes the rest (docs/quality.md)
+    attr_coef: float = 0.0  # > 0: D gets an attribute head (one softmax per attribute group, e.g. crown
+    # colour) trained on real images' labels (attr.npy), and G is trained to make its fakes read as the
+    # groups its caption states, and no others (not in StackGAN; needs shards with attributes)
     recon_coef: float = 0.0  # stage II: G also refines the real 64-px crops, and the L1 distance of that
     # refinement to the real 256-px crop is in its loss (a super-resolution signal real images give for free)
 
@@ -356,6 +359,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "loss.contrastive_coef": cfg.loss.contrastive_coef, "loss.contrastive_bank": cfg.loss.contrastive_bank,
         "loss.class_coef": cfg.loss.class_coef, "loss.recon_coef": cfg.loss.recon_coef,
+        "loss.attr_coef": cfg.loss.attr_coef,
         "optim.grad_clip": cfg.optim.grad_clip, "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs,
         "train.keep_every": cfg.train.keep_every, "train.metrics_every": cfg.train.metrics_every,
     }

@@ -25,8 +25,8 @@ from torch import Tensor
 from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for the trainer)
 from stackgan.models import DOut
 
-__all__ = ["CaptionBank", "WrongPairs", "class_loss", "contrastive_loss", "d_loss", "diversity_score", "g_loss",
-           "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES", "TEMPERATURE"]
+__all__ = ["CaptionBank", "WrongPairs", "attribute_loss", "class_loss", "contrastive_loss", "d_loss",
+           "diversity_score", "g_loss", "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES", "TEMPERATURE"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
@@ -84,6 +84,41 @@ def class_loss(out: DOut, targets: Tensor) -> Tensor:
         raise ValueError(f"class_loss: targets must be ({len(out.cls_logits)},) class indices, "
                          f"got {tuple(targets.shape)}")
     return F.cross_entropy(out.cls_logits.float(), targets)
+
+
+def attribute_loss(logits: Tensor, labels: Tensor, groups: list[list[int]],
+                   stated: Tensor | None = None) -> Tensor:
+    """Per attribute group, the cross-entropy of its logits against the image's labels: soft
+    cross-entropy within a multi-value group (the positives share the target) and BCE for a
+    one-attribute group; the mean over the groups that count.
+
+    A group counts for a row when the row has a label in it and, with ``stated`` (B, A) bool,
+    when the row's caption states it. D's attribute head (``loss.attr_coef``) learns from real
+    images on every labelled group; G is asked only for what its caption says, as judge
+    consistency scores it (:mod:`stackgan.data.captions`): a caption that names no crown
+    colour gives no crown loss. The attribute judges train with the same loss (no ``stated``)."""
+    if logits.shape != labels.shape:
+        raise ValueError(f"attribute_loss: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                         "differ")
+    logits, labels = logits.float(), labels.float()
+    per_group, present = [], []
+    for idx in groups:  # masked sums, not boolean indexing: no host sync on a GPU
+        t = labels[:, idx]
+        if len(idx) == 1:
+            ce = F.binary_cross_entropy_with_logits(logits[:, idx], t, reduction="none")[:, 0]
+            ok = torch.ones_like(ce)
+        else:
+            n = t.sum(1, keepdim=True)
+            ce = -((t / n.clamp(min=1)) * torch.log_softmax(logits[:, idx], 1)).sum(1)
+            ok = (n[:, 0] > 0).float()
+        if stated is not None:
+            ok = ok * stated[:, idx].any(1).float()
+        count = ok.sum()
+        per_group.append((ce * ok).sum() / count.clamp(min=1))
+        present.append((count > 0).float())
+    if not per_group:
+        return logits.sum() * 0.0
+    return torch.stack(per_group).sum() / torch.stack(present).sum().clamp(min=1)
 
 
 def recon_loss(refined: Tensor, real: Tensor) -> Tensor:

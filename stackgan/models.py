@@ -465,7 +465,8 @@ class DOut(NamedTuple):
     """Discriminator logits, each (B,): conditional, unconditional (stage II), wrong pairs;
     with the code heads (``code_dim``) also the unit-norm image and text codes, each (B,
     code_dim), for :func:`stackgan.losses.contrastive_loss`; with a species head
-    (``num_classes``) its logits, (B, num_classes), for ``class_loss``."""
+    (``num_classes``) its logits, (B, num_classes), for ``class_loss``; with an attribute head
+    (``num_attributes``) its logits, (B, num_attributes), for ``attribute_loss``."""
 
     cond: Tensor
     uncond: Tensor | None = None
@@ -473,6 +474,7 @@ class DOut(NamedTuple):
     img_code: Tensor | None = None
     txt_code: Tensor | None = None
     cls_logits: Tensor | None = None
+    attr_logits: Tensor | None = None
 
 
 def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
@@ -508,16 +510,18 @@ class DLogits(nn.Module):
 
 
 class _Discriminator(nn.Module):
-    """The official heads on a stage's image encoder, plus two optional heads on its pooled
-    4x4 code (both off by default): image/text codes whose batch similarities train both nets
-    to tell which caption an image belongs to (``code_dim``; XMC-GAN style), and a species
-    classifier (``num_classes``; AC-GAN)."""
+    """The official heads on a stage's image encoder, plus optional heads on its 4x4 code (all
+    off by default): image/text codes whose batch similarities train both nets to tell which
+    caption an image belongs to (``code_dim``; XMC-GAN style), a species classifier
+    (``num_classes``; AC-GAN), and an attribute head (``num_attributes``): a linear read of the
+    whole 4x4 code, not its mean, so a part's place (crown on top, tail at the back) can count."""
 
     image_size: int
     uncond: bool  # stage II's unconditional (realism only) head (the PyTorch code's; the TF code has none)
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False, text_dim: int = 0,
-                 emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0, family: str = "pytorch"):
+                 emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0, family: str = "pytorch",
+                 num_attributes: int = 0):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"{type(self).__name__}: family must be one of {FAMILIES}, got {family!r}")
@@ -528,8 +532,8 @@ class _Discriminator(nn.Module):
         tf = family == "tf"
         if df_dim <= 0 or cond_dim <= 0:
             raise ValueError(f"{type(self).__name__}: df_dim and cond_dim must be > 0, got {df_dim}, {cond_dim}")
-        if code_dim < 0 or num_classes < 0:
-            raise ValueError(f"{type(self).__name__}: code_dim and num_classes must be >= 0")
+        if code_dim < 0 or num_classes < 0 or num_attributes < 0:
+            raise ValueError(f"{type(self).__name__}: code_dim, num_classes and num_attributes must be >= 0")
         self.df_dim, self.cond_dim, self.spectral_norm = df_dim, cond_dim, spectral_norm
         # text_dim > 0: D embeds the raw text itself (official TensorFlow StackGAN) instead of
         # taking G's CA mean mu (official PyTorch), which the KL term keeps pulling towards 0
@@ -545,6 +549,7 @@ class _Discriminator(nn.Module):
         self.img_code = nn.Linear(df_dim * 8, code_dim) if code_dim > 0 else None
         self.txt_code = nn.Linear(cond_dim, code_dim) if code_dim > 0 else None
         self.classify = nn.Linear(df_dim * 8, num_classes) if num_classes > 0 else None
+        self.attributes = nn.Linear(df_dim * 8 * 16, num_attributes) if num_attributes > 0 else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
             for m in list(self.modules()):
@@ -570,7 +575,9 @@ class _Discriminator(nn.Module):
         cond_logits = self.get_cond_logits(h, cond)
         wrong = None if wrong_cond is None else self.get_cond_logits(h, wrong_cond)
         uncond = None if self.get_uncond_logits is None else self.get_uncond_logits(h)
-        img_code = txt_code = cls_logits = None
+        img_code = txt_code = cls_logits = attr_logits = None
+        if self.attributes is not None:
+            attr_logits = self.attributes(h.float().flatten(1))
         if self.img_code is not None or self.classify is not None:
             pooled = h.float().mean((2, 3))
             if self.img_code is not None:
@@ -578,7 +585,7 @@ class _Discriminator(nn.Module):
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
             if self.classify is not None:
                 cls_logits = self.classify(pooled)
-        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits)
+        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, attr_logits)
 
     def text_codes(self, text: Tensor) -> Tensor:
         """Unit text codes of raw text embeddings (N, text_dim), as ``forward`` makes them:
@@ -696,14 +703,17 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
                    ca_act=mcfg.ca_act, film=mcfg.g_film, upsample_skip=mcfg.upsample_skip, ca_log_sigma=tf)
 
 
-def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0, num_classes: int = 0) -> nn.Module:
+def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0, num_classes: int = 0,
+                        num_attributes: int = 0) -> nn.Module:
     """Stage-I or Stage-II discriminator. Its condition input is G's ``mu`` (cond_dim) when
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text".
     ``code_dim`` > 0 adds the contrastive code heads (the trainer passes :data:`CODE_DIM` when
-    ``loss.contrastive_coef`` > 0), ``num_classes`` > 0 the species head (``loss.class_coef``)."""
+    ``loss.contrastive_coef`` > 0), ``num_classes`` > 0 the species head (``loss.class_coef``),
+    ``num_attributes`` > 0 the attribute head (``loss.attr_coef``)."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
     if mcfg.d_cond == "text" and text_dim <= 0:
         raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
     return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim if mcfg.d_cond == "text" else 0,
-               emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes, family=_family(mcfg))
+               emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes, family=_family(mcfg),
+               num_attributes=num_attributes)

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .backends import GANBackend, make_backend
 from .config import (Config, ConfigError, ModelConfig, changed_by_removal, image_size, lr_scale, process_batch,
                      to_dict)
+from .data.captions import group_indices
 from .data.meta import ShardError, ShardMeta, load_metadata
 from .data.storage import parse as parse_store
 from .data.stream import TrainStream
@@ -53,6 +54,7 @@ class Run:
     ema: EMA | None
     bank: CaptionBank | None  # extra contrastive negatives (loss.contrastive_bank), per rank
     species: torch.Tensor | None  # class id -> D's species-head index (loss.class_coef)
+    attr_groups: list[list[int]] | None  # D's attribute head's groups (loss.attr_coef)
     stream: Any  # data.stream.TrainStream
     z_gen: torch.Generator  # noise, per rank
     pair_gen: torch.Generator  # wrong pairs, per rank
@@ -125,6 +127,9 @@ def check_inputs(cfg: Config) -> ShardMeta:
         raise ShardError(f"stage {cfg.model.stage} needs {need}px crops; {cfg.data.shards} has {meta.image_sizes}")
     if cfg.train.metrics:
         check_metrics(cfg, meta)
+    if cfg.loss.attr_coef > 0 and not meta.attributes:
+        raise ShardError(f"loss.attr_coef={cfg.loss.attr_coef} needs attribute labels: "
+                         f"{cfg.data.shards}/metadata.json lists no attributes (CUB and the embedded set have them; set loss.attr_coef=0)")
     if cfg.model.stage == 2 and not cfg.model.stage1_export:
         raise ConfigError("model.stage=2 needs "
                           "model.stage1_export=<stage-I run>/export/generator.safetensors")
@@ -223,8 +228,9 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
     torch.manual_seed(cfg.train.seed)
     G = build_generator(cfg.model, meta.text_dim, stage1=stage1)
     classes = len(meta.splits[SPLIT].classes) if cfg.loss.class_coef > 0 else 0
+    attributes = len(meta.attributes) if cfg.loss.attr_coef > 0 else 0
     D = build_discriminator(cfg.model, meta.text_dim, code_dim=CODE_DIM if cfg.loss.contrastive_coef > 0 else 0,
-                            num_classes=classes)
+                            num_classes=classes, num_attributes=attributes)
     if cfg.train.channels_last and channels_last:
         example = (torch.zeros(2, meta.text_dim), torch.zeros(2, cfg.model.z_dim))
         apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(CPU_NCHW_BELOW, device))
@@ -283,7 +289,8 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     rank = acc.process_index
     run = Run(cfg=cfg, meta=meta, acc=acc, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=None,
               bank=CaptionBank(cfg.loss.contrastive_bank, meta.text_dim, acc.device) if cfg.loss.contrastive_bank else None,
-              species=class_index(meta).to(acc.device) if cfg.loss.class_coef > 0 else None, stream=None,
+              species=class_index(meta).to(acc.device) if cfg.loss.class_coef > 0 else None,
+              attr_groups=group_indices(meta.attributes) if cfg.loss.attr_coef > 0 else None, stream=None,
               z_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1),
               pair_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000),
               step=0, n_steps=n_steps, steps_per_epoch=spe, stage1_cfg=stage1_cfg, resumed_from=resume_path, log=log)
@@ -317,7 +324,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         world_size=acc.num_processes, num_workers=workers, shuffle_buffer=cfg.data.shuffle_buffer,
         emb_mode="one" if cfg.data.emb_k == 1 else "mean", emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt,
         pin_memory=acc.device.type == "cuda", img_dtype="uint8",  # 1/4 of the bytes; scaled on the device
-        cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb,
+        cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, attributes=cfg.loss.attr_coef > 0,
     )
     if run.ema is not None:
         run.ema.set_standing_inputs(standing_inputs(cfg))

@@ -4,8 +4,8 @@ As in the official StackGAN, G makes a batch of fakes from (text, z) once; D is 
 real pairs, wrong pairs (real images with another species' caption) and the detached fakes;
 G is then updated through the new D, plus ``kl_coef`` x the conditioning-augmentation KL.
 The recipe's terms beyond StackGAN (each a named function in :mod:`stackgan.losses`, each off
-at 0) are added to those two losses: the image-caption contrastive loss, the species head, and
-stage II's reconstruction of real crops.
+at 0) are added to those two losses: the image-caption contrastive loss, the species head, the
+attribute head, and stage II's reconstruction of real crops.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .config import Config
 from .data.stream import to_device, to_unit_range
-from .losses import CaptionBank, class_loss, contrastive_loss, d_loss, g_loss, kl_loss, recon_loss, wrong_indices
+from .losses import (CaptionBank, attribute_loss, class_loss, contrastive_loss, d_loss, g_loss, kl_loss, recon_loss,
+                     wrong_indices)
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Batch:
     cls: Tensor  # (B,) class ids (the caption bank's same-species mask)
     species: Tensor | None = None  # (B,) species indices of D's species head (loss.class_coef)
     real_low: Tensor | None = None  # (B, 3, 64, 64) the real crops at 64 px (stage II, loss.recon_coef)
+    attr: Tensor | None = None  # (B, A) the real images' attribute labels (loss.attr_coef)
+    stated: Tensor | None = None  # (B, A) bool: the attributes of the groups each caption states
+    attr_groups: list[list[int]] | None = None  # the attribute head's groups (attribute indices)
 
 
 @dataclass
@@ -44,19 +48,24 @@ class StepOut:
 
 
 def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Generator, pair_gen: torch.Generator,
-               species: Tensor | None) -> Batch:
+               species: Tensor | None, attr_groups: list[list[int]] | None = None) -> Batch:
     """A stream batch on the device, with its noise and wrong pairs drawn from the run's own
     generators (on the CPU, so a resumed run draws the same numbers on any device). Host
     tensors cross pinned and non-blocking, so the host never waits for the GPU here;
-    ``species`` (class id -> species index) lives on the device."""
+    ``species`` (class id -> species index) lives on the device; ``attr_groups``: the attribute
+    head's groups, when the stream carries ``attr`` and ``stated``."""
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     real = to_unit_range(to_device(raw["img"], device), memory_format=layout)
     z = torch.randn(len(raw["cls"]), cfg.model.z_dim, generator=z_gen)
     wrong = wrong_indices(raw["cls"], cfg.loss.wrong, generator=pair_gen).index
     cls = to_device(raw["cls"], device)
     low = F.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
+    attr = stated = None
+    if attr_groups is not None:
+        attr, stated = to_device(raw["attr"], device), to_device(raw["stated"], device)
     return Batch(real=real, emb=to_device(raw["emb"], device), z=to_device(z, device), wrong=to_device(wrong, device),
-                 cls=cls, species=None if species is None else species[cls], real_low=low)
+                 cls=cls, species=None if species is None else species[cls], real_low=low,
+                 attr=attr, stated=stated, attr_groups=attr_groups)
 
 
 def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,
@@ -88,6 +97,9 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
         if lc.class_coef > 0:
             stats["loss_class_real"] = class_loss(out_real, batch.species)
             loss_d = loss_d + lc.class_coef * stats["loss_class_real"]
+        if lc.attr_coef > 0:  # every labelled group: a real image shows all its parts
+            stats["loss_attr_real"] = attribute_loss(out_real.attr_logits, batch.attr, batch.attr_groups)
+            loss_d = loss_d + lc.attr_coef * stats["loss_attr_real"]
     gnorm_d = update(acc, D, opt_d, loss_d, diag, stats, "d")
 
     with frozen(D_inner):
@@ -101,6 +113,10 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
             if lc.class_coef > 0:
                 stats["loss_class_fake"] = class_loss(out_g, batch.species)
                 loss_g = loss_g + lc.class_coef * stats["loss_class_fake"]
+            if lc.attr_coef > 0:  # only what the caption says
+                stats["loss_attr_fake"] = attribute_loss(out_g.attr_logits, batch.attr, batch.attr_groups,
+                                                         stated=batch.stated)
+                loss_g = loss_g + lc.attr_coef * stats["loss_attr_fake"]
             if refined is not None:
                 stats["loss_recon"] = recon_loss(refined, batch.real)
                 loss_g = loss_g + lc.recon_coef * stats["loss_recon"]

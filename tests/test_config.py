@@ -41,6 +41,7 @@ def test_overrides_are_typed(tmp_path):
     ("loss.contrastive_bank=64", "loss.contrastive_bank"),
     ("loss.contrastive_bank=-1", "loss.contrastive_bank"),
     ("loss.class_coef=-1", "loss.class_coef"),
+    ("loss.attr_coef=-1", "loss.attr_coef"),
     ("loss.recon_coef=1", "stage-II options"),
     ("model.upsample_skip=true", "stage-II options"),
     ("loss.ms_coef=1", "loss.ms_coef was retired"),

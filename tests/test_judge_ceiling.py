@@ -17,7 +17,7 @@ import torch
 from stackgan.data import birds, cub
 from stackgan.data.meta import ShardMeta, SplitInfo, load_metadata, write_metadata
 from stackgan.data.prepare import jpeg_bytes
-from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
+from stackgan.data.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import center_crop, decode_image, is_holdout, load_split
 from stackgan.metrics import redraw as R
 from stackgan.metrics.judges import Judge, JudgeNet, group_hits

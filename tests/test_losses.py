@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +266,55 @@ def test_recon_loss_is_the_mean_absolute_difference():
     assert recon_loss(blurred, real) > 0
     with pytest.raises(ValueError, match="shapes"):
         recon_loss(real[:, :, :4], real)
+
+
+def _reference_attribute_loss(logits, labels, groups, stated=None):
+    """Row by row: the mean over groups of the mean CE of the rows that count in each group."""
+    per_group = []
+    for idx in groups:
+        rows = []
+        for b in range(len(logits)):
+            t = labels[b, idx].float()
+            if (len(idx) > 1 and t.sum() == 0) or (stated is not None and not stated[b, idx].any()):
+                continue
+            if len(idx) == 1:
+                rows.append(torch.nn.functional.binary_cross_entropy_with_logits(logits[b, idx], t))
+            else:
+                rows.append(-(t / t.sum() * torch.log_softmax(logits[b, idx], 0)).sum())
+        if rows:
+            per_group.append(torch.stack(rows).mean())
+    return torch.stack(per_group).mean()
+
+
+def test_attribute_loss_counts_only_the_groups_a_caption_states():
+    """G is asked only for what its caption says: a caption that states no crown colour gives no
+    crown loss (and no gradient there); D's real-image loss (no ``stated``) counts every
+    labelled group, skipping rows with no label in a group."""
+    from stackgan.data.captions import caption_groups, stated_mask
+    from stackgan.losses import attribute_loss
+
+    names = ["has_crown_color::red", "has_crown_color::blue", "has_crown_color::yellow",
+             "has_wing_color::red", "has_wing_color::blue", "has_size::small"]
+    groups = [[0, 1, 2], [3, 4], [5]]
+    labels = torch.tensor([[1, 0, 0, 0, 1, 1], [0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 1]])
+    captions = ["this bird has blue wings", "a bird with a blue crown", "a bird"]
+    stated = torch.from_numpy(np.stack([stated_mask(c, caption_groups(names), len(names)) for c in captions]))
+    assert stated.tolist()[0] == [False, False, False, True, True, False]  # the wings only
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, requires_grad=True)
+    loss = attribute_loss(logits, labels, groups, stated=stated)
+    loss.backward()
+    g = logits.grad
+    assert g[0, [0, 1, 2, 5]].abs().sum() == 0 and g[0, [3, 4]].abs().sum() > 0  # no crown loss for row 0
+    assert g[1, [3, 4, 5]].abs().sum() == 0 and g[1, [0, 1, 2]].abs().sum() > 0
+    assert g[2].abs().sum() == 0  # states nothing
+    assert torch.allclose(loss, _reference_attribute_loss(logits, labels, groups, stated))
+    assert attribute_loss(logits, labels, groups, stated=torch.zeros_like(stated)) == 0
+
+    everything = attribute_loss(logits, labels, groups)  # row 2 has no crown label: skipped there only
+    assert torch.allclose(everything, _reference_attribute_loss(logits, labels, groups))
+    assert not torch.allclose(everything, loss)
+    bf16 = attribute_loss(logits.detach().bfloat16(), labels, groups)
+    assert bf16.dtype == torch.float32
+    with pytest.raises(ValueError, match="differ"):
+        attribute_loss(logits, labels[:, :5], groups)

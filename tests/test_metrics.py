@@ -15,7 +15,7 @@ from stackgan.config import ModelConfig
 from stackgan.evaluate import main as evaluate_main
 from stackgan.export import save_export
 from stackgan.metrics import EvalContext, MetricError, compute, names
-from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
+from stackgan.data.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import to_tensor
 from stackgan.metrics.fid_inception import (FIDInceptionError, FIDInceptionV3, hub_weights_path,
                                             load_fid_inception)

@@ -18,7 +18,7 @@ from stackgan.data.meta import load_metadata
 from stackgan.metrics import EvalContext, MetricError
 from stackgan.metrics import judges as J
 from stackgan.metrics import redraw as R
-from stackgan.metrics.captions import caption_groups, stated_mask
+from stackgan.data.captions import caption_groups, stated_mask
 from stackgan.metrics.judges.parts import PartJudgeNet
 from stackgan.studies import judge_ceiling as JC
 

@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from stackgan.data.captions import caption_groups, stated_mask
 from stackgan.data.meta import ShardError, ShardInfo, ShardMeta, SplitInfo, load_metadata, write_metadata
 from stackgan.data.tario import index_tar, read_fields
 from stackgan.data.stream import TrainStream, load_fixed_samples, to_unit_range
@@ -57,9 +58,26 @@ def _jpeg(size: int, g: int, fmt: str = "jpg") -> bytes:
     return buf.getvalue()
 
 
+ATTRIBUTES = ["has_crown_color::red", "has_crown_color::blue", "has_wing_color::red", "has_wing_color::blue"]
+
+
+def attr_of(g: int) -> list[int]:
+    """Sample g's labels: crown red when g is odd, wings red when 3 divides g (else blue)."""
+    return [g % 2, 1 - g % 2, int(g % 3 == 0), int(g % 3 != 0)]
+
+
+def caption_of(c: int, key: str, g: int) -> str:
+    """Caption c of sample g in an attribute set: states the crown (c % 3 == 0), the wings (1),
+    nothing (2)."""
+    crown, wing = ("red" if g % 2 else "blue"), ("red" if g % 3 == 0 else "blue")
+    said = (f"a bird with a {crown} crown", f"it has {wing} wings", "a small bird")[c % 3]
+    return f"caption {c} of {key}: {said}"
+
+
 def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str = "",
-                 fmt: str = "jpg") -> Path:
-    """Shards + metadata.json exactly as meta.py describes them."""
+                 fmt: str = "jpg", attributes: bool = False) -> Path:
+    """Shards + metadata.json exactly as meta.py describes them; ``attributes``: with
+    ``attr.npy`` labels (:func:`attr_of`) and captions that state some of them (:func:`caption_of`)."""
     root.mkdir(parents=True, exist_ok=True)
     infos, g, classes = [], 0, set()
     for s, n in enumerate(sizes):
@@ -74,7 +92,7 @@ def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str 
                 emb[:, 10], emb[:, 11] = g, cls
                 npy = io.BytesIO()
                 np.save(npy, emb)
-                w.write({
+                sample = {
                     "__key__": f"{key_prefix}s{g:07d}",
                     "name.txt": key.encode(),
                     f"76.{fmt}": _jpeg(76, g, fmt),
@@ -82,14 +100,20 @@ def write_shards(root: Path, sizes=SIZES, split: str = "train", key_prefix: str 
                     "emb.npy": npy.getvalue(),
                     "txt.json": json.dumps([f"caption {c} of {key}" for c in range(10)]).encode(),
                     "cls": str(cls).encode(),
-                })
+                }
+                if attributes:
+                    at = io.BytesIO()
+                    np.save(at, np.array(attr_of(g), np.uint8))
+                    sample["attr.npy"] = at.getvalue()
+                    sample["txt.json"] = json.dumps([caption_of(c, key, g) for c in range(10)]).encode()
+                w.write(sample)
                 g += 1
         sha = hashlib.sha256((root / name).read_bytes()).hexdigest()
         infos.append(ShardInfo(name=name, num_samples=n, sha256=sha))
     write_metadata(ShardMeta(
         root=root, encoder="test-onehot", text_dim=TEXT_DIM, image_sizes=[76, 304], captions_per_image=10,
         splits={split: SplitInfo(num_samples=sum(sizes), classes=sorted(classes), shards=infos)},
-        class_names={c: f"{c:03d}.Bird_{c}" for c in classes}, attributes=[],
+        class_names={c: f"{c:03d}.Bird_{c}" for c in classes}, attributes=ATTRIBUTES if attributes else [],
     ))
     return root
 
@@ -164,6 +188,36 @@ def test_mean_of_k_embeddings(shards):
             assert first in chosen
     one = take(TrainStream(str(shards), "train", 64, batch_size=8, seed=2), 1)[0]
     assert (one["emb"][:, :10] == 1).sum() == 8
+
+
+def test_attribute_labels_and_the_groups_each_caption_states(shards, tmp_path):
+    """``attributes=True``: each row's attr.npy labels, and the groups its chosen caption states
+    (with the mean of k embeddings, what any of the k captions states); the same batches
+    otherwise. Shards without attributes are refused before anything is read."""
+    root = write_shards(tmp_path / "attr", attributes=True)
+    groups = caption_groups(ATTRIBUTES)
+    patterns = set()
+    for mode, k in (("one", 1), ("mean", 4)):
+        stream = TrainStream(str(root), "train", 64, batch_size=6, seed=3, emb_mode=mode, emb_k=k,
+                             attributes=True)
+        plain = take(TrainStream(str(root), "train", 64, batch_size=6, seed=3, emb_mode=mode, emb_k=k), 3)
+        for b, p in zip(take(stream, 3), plain):
+            assert same(b, p) and "attr" not in p
+            assert b["attr"].dtype == torch.uint8 and b["stated"].dtype == torch.bool
+            assert b["attr"].shape == b["stated"].shape == (6, len(ATTRIBUTES))
+            for i, key in enumerate(b["key"]):
+                g = int(b["emb"][i, 10])
+                assert b["attr"][i].tolist() == attr_of(g)
+                chosen = torch.nonzero(b["emb"][i, :10]).flatten().tolist()
+                assert len(chosen) == k
+                want = np.logical_or.reduce([stated_mask(caption_of(c, key, g), groups, len(ATTRIBUTES))
+                                             for c in chosen])
+                assert b["stated"][i].tolist() == want.tolist()
+                if mode == "one":
+                    patterns.add(tuple(want.tolist()))
+    assert patterns == {(True, True, False, False), (False, False, True, True), (False, False, False, False)}
+    with pytest.raises(ShardError, match="no attributes"):
+        TrainStream(str(shards), "train", 64, batch_size=4, seed=0, attributes=True)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stackgan import checkpoint as ckpt
-from stackgan.data.meta import load_metadata
+from stackgan.data.meta import ShardError, load_metadata
 from stackgan.export import load_generator, read_export
 
 from .conftest import ROOT, run_cmd
@@ -216,14 +216,19 @@ def test_bf16_autocast_on_cpu(tiny_shards, tmp_path):
 def test_recipe_options_train(tiny_shards, tmp_path):
     run = tmp_path / "con"
     p = run_cmd(train_args(tiny_shards, run, "train.steps=3", "train.log_every=1", "loss.contrastive_coef=1.0",
-                           "model.d_cond=text", "loss.contrastive_bank=16", "loss.class_coef=1"))
+                           "model.d_cond=text", "loss.contrastive_bank=16", "loss.class_coef=1",
+                           "loss.attr_coef=1"))
     assert p.returncode == 0, p.stderr[-3000:]
     recs = [r for r in log_records(run) if "loss_d" in r]
     assert len(recs) == 3
     assert all(0 < r["loss_contrastive_real"] < 10 and 0 < r["loss_contrastive_fake"] < 10 for r in recs)
     assert all(0 < r["loss_class_real"] < 10 and 0 < r["loss_class_fake"] < 10 for r in recs)
+    assert all(0 < r["loss_attr_real"] < 10 and 0 <= r["loss_attr_fake"] < 10 for r in recs)
+    assert any(r["loss_attr_fake"] > 0 for r in recs)  # the tiny set's captions state some groups
     state = final_state(run)
-    n_train = len(load_metadata(tiny_shards).splits["train"].classes)
+    meta = load_metadata(tiny_shards)
+    assert state["D"]["attributes.weight"].shape == (len(meta.attributes), 8 * 8 * 16)  # the 4x4 code of D 8
+    n_train = len(meta.splits["train"].classes)
     assert state["D"]["classify.weight"].shape[0] == n_train  # one logit per training species
     assert state["D"]["img_code.weight"].shape[0] == 128
     bank = torch.load(ckpt.latest(run) / "rng-rank0.pt", weights_only=False)["extra"]["bank"]
@@ -288,10 +293,11 @@ def test_loader_workers_fit_the_machine(monkeypatch):
     assert loader_workers(-1, gpu) == 1 and loader_workers(-1, cpu) == 0
 
 
-def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1):
+def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1, stated: torch.Tensor | None = None):
     """One gan_step of a tiny pair from fixed weights and inputs; returns its StepOut. With
-    ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2. Stage
-    II refines a fresh tiny stage-I generator."""
+    ``loss.class_coef`` D gets a 3-species head and the batch species 0, 1, 2, 0, 1, 2; with
+    ``loss.attr_coef`` a head of two 2-value groups, labels alternating and every group
+    stated unless ``stated`` says otherwise. Stage II refines a fresh tiny stage-I generator."""
     from accelerate import Accelerator
 
     from stackgan.config import load_config
@@ -305,15 +311,20 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1):
     stage1 = build_generator(load_config(None, ["model.gf_dim=8", "model.z_dim=8", "model.cond_dim=8"]).model, 12)
     G = build_generator(cfg.model, 12, stage1=stage1 if stage == 2 else None)
     classes = 3 if cfg.loss.class_coef > 0 else 0
-    D = build_discriminator(cfg.model, 12, code_dim=CODE_DIM, num_classes=classes)
+    n_attr = 4 if cfg.loss.attr_coef > 0 else 0
+    D = build_discriminator(cfg.model, 12, code_dim=CODE_DIM, num_classes=classes, num_attributes=n_attr)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters(), lr=lr_d)
     acc = Accelerator(cpu=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
     size = 64 if stage == 1 else 256
     real = torch.rand(6, 3, size, size) * 2 - 1
     low = torch.nn.functional.interpolate(real, size=(64, 64), mode="area") if cfg.loss.recon_coef > 0 else None
+    attr = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]] * 3, dtype=torch.uint8) if n_attr else None
+    if n_attr and stated is None:
+        stated = torch.ones(6, 4, dtype=torch.bool)
     batch = Batch(real=real, emb=torch.randn(6, 12), z=torch.randn(6, 8), wrong=torch.roll(torch.arange(6), 1),
-                  cls=torch.arange(6), species=torch.arange(6) % 3 if classes else None, real_low=low)
+                  cls=torch.arange(6), species=torch.arange(6) % 3 if classes else None, real_low=low,
+                  attr=attr, stated=stated, attr_groups=[[0, 1], [2, 3]] if n_attr else None)
     return gan_step(AccelerateGAN(acc, grad_clip=cfg.optim.grad_clip), G, D, opt_g, opt_d, batch, cfg)
 
 
@@ -326,6 +337,37 @@ def test_class_coef_weighs_the_species_terms_of_d_and_g():
     assert 0 < real < 10 and 0 < fake < 10
     assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
     assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
+
+
+def test_attr_coef_weighs_the_attribute_terms_and_g_answers_for_stated_groups_only():
+    """D's loss carries coef x the attribute loss on real images, G's coef x the loss on its fakes
+    over the groups the captions state; with nothing stated G's term is 0 and D's is unchanged."""
+    one, two = _one_step(["loss.attr_coef=1"], lr_d=0.0), _one_step(["loss.attr_coef=2"], lr_d=0.0)
+    real, fake = one.stats["loss_attr_real"], one.stats["loss_attr_fake"]
+    assert torch.equal(real, two.stats["loss_attr_real"]) and torch.equal(fake, two.stats["loss_attr_fake"])
+    assert 0 < real < 10 and 0 < fake < 10
+    assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
+    assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
+    mute = _one_step(["loss.attr_coef=1"], lr_d=0.0, stated=torch.zeros(6, 4, dtype=torch.bool))
+    assert mute.stats["loss_attr_fake"] == 0 and torch.equal(mute.stats["loss_attr_real"], real)
+    half = torch.zeros(6, 4, dtype=torch.bool)
+    half[:, :2] = True  # the first group only
+    assert 0 < _one_step(["loss.attr_coef=1"], lr_d=0.0, stated=half).stats["loss_attr_fake"] != fake
+    assert "loss_attr_real" not in _one_step([]).stats
+
+
+def test_attr_coef_needs_shards_with_attributes(tmp_path):
+    """Refused before any model is built, naming the shards and the key."""
+    from stackgan.config import load_config
+    from stackgan.run import check_inputs
+
+    from .test_stream import write_shards
+
+    root = write_shards(tmp_path / "plain")
+    cfg = load_config("configs/birds_stage1.yaml", [f"data.shards={root}", "loss.attr_coef=1",
+                                                    "train.metrics="])
+    with pytest.raises(ShardError, match=r"loss.attr_coef=1.0 needs attribute labels.*lists no attributes"):
+        check_inputs(cfg)
 
 
 def test_recon_coef_weighs_stage2_reconstruction_in_g_loss_only():

@@ -30,7 +30,9 @@ The stream, stage by stage (see :meth:`_BatchMaker.make`):
    one of the same batch (or of the nearest later batch), counted and logged.
 6. **augment** (seeded per batch): StackGAN's random 64-of-76 / 256-of-304 crop, horizontal
    flip with p=0.5, one of the 10 caption embeddings or the mean of ``emb_k`` distinct ones.
-7. **collate**: ``{"img", "emb", "cls", "caption", "key"}``.
+7. **collate**: ``{"img", "emb", "cls", "caption", "key"}``; with ``attributes=True`` also
+   ``"attr"`` (B, A) uint8, the image's attribute labels, and ``"stated"`` (B, A) bool, the
+   groups its chosen caption(s) state (:mod:`.captions`), for D's attribute head.
 
 Shards given as a URL (``https://``, ``pipe:CMD`` with ``{name}``; :mod:`.storage`) are read
 from the node's bounded cache (:mod:`.shardcache`): fetched on demand, checked against the
@@ -55,6 +57,7 @@ import numpy as np
 import torch
 
 from ..images import STORED
+from .captions import caption_groups, stated_mask
 from .meta import ShardError, ShardMeta, load_metadata
 from .shardcache import DEFAULT_GB, Pin, Prefetcher, ShardFiles
 from .storage import parse as parse_store
@@ -96,6 +99,7 @@ class StreamSpec:
     sha256: tuple[str, ...] = ()
     cache_dir: str = ""  # remote shards: the node's cache folder ("" = shardcache.default_folder())
     cache_gb: float = DEFAULT_GB  # remote shards: the cache's bound
+    attributes: tuple[str, ...] = ()  # the shards' attribute names: read attr.npy (none: not read)
 
     @property
     def num_samples(self) -> int:
@@ -109,7 +113,8 @@ class StreamSpec:
     def fields(self) -> tuple[str, ...]:
         """Per-sample fields this stream reads (the other size's image is never read; ``76.jpg``
         also finds ``76.png``, see :func:`stackgan.data.tario.member_of`)."""
-        return ("name.txt", f"{self.source_size}.jpg", "emb.npy", "txt.json", "cls")
+        fields = ("name.txt", f"{self.source_size}.jpg", "emb.npy", "txt.json", "cls")
+        return fields + ("attr.npy",) if self.attributes else fields
 
 
 def _rng(spec: StreamSpec, tag: int, *ints: int) -> np.random.Generator:
@@ -273,6 +278,7 @@ class _Sample:
     captions: list[str]
     cls: int
     name: str
+    attr: np.ndarray | None = None  # uint8 (A,) when the stream reads attributes
 
 
 def _decode(raw: dict[str, bytes], spec: StreamSpec, where: str) -> _Sample:
@@ -289,9 +295,15 @@ def _decode(raw: dict[str, bytes], spec: StreamSpec, where: str) -> _Sample:
             raise ValueError(f"txt.json is not a list of {spec.captions} captions")
         cls = int(raw["cls"].decode("ascii").strip())
         name = raw["name.txt"].decode("utf-8").strip()
+        attr = None
+        if spec.attributes:
+            attr = load_npy(raw["attr.npy"])
+            if attr.shape != (len(spec.attributes),):
+                raise ValueError(f"attr.npy has shape {attr.shape}, expected ({len(spec.attributes)},)")
+            attr = attr.astype(np.uint8, copy=False)
     except (OSError, ValueError, EOFError, SyntaxError, UnicodeDecodeError) as e:
         raise ShardError(f"{where}: sample {key!r}: {e}") from e
-    return _Sample(img, emb.astype(np.float32, copy=False), captions, cls, name)
+    return _Sample(img, emb.astype(np.float32, copy=False), captions, cls, name, attr)
 
 
 # --------------------------------------------------------------------------------------
@@ -304,6 +316,13 @@ class _BatchMaker:
         self.reader = _Reader(spec)
         self.stride = stride  # this maker computes batches k, k + stride, ... (loader workers)
         self.warned: set[str] = set()
+        self.groups = caption_groups(list(spec.attributes)) if spec.attributes else []
+        self.stated_cache: dict[str, np.ndarray] = {}
+
+    def _stated(self, caption: str) -> np.ndarray:
+        if caption not in self.stated_cache:
+            self.stated_cache[caption] = stated_mask(caption, self.groups, len(self.spec.attributes))
+        return self.stated_cache[caption]
 
     def _load(self, epoch: int, pos: np.ndarray, notes: list[str]) -> list[_Sample | None]:
         with quiet_decoder():
@@ -380,6 +399,10 @@ class _BatchMaker:
             "caption": [smp.captions[c[0]] for smp, c in zip(samples, caps)],
             "key": [smp.name for smp in samples],
         }
+        if spec.attributes:  # the mean of k embeddings carries what any of its k captions states
+            batch["attr"] = torch.from_numpy(np.stack([smp.attr for smp in samples]))
+            stated = [np.logical_or.reduce([self._stated(smp.captions[j]) for j in c]) for smp, c in zip(samples, caps)]
+            batch["stated"] = torch.from_numpy(np.stack(stated))
         return batch, len(holes), notes
 
 
@@ -518,7 +541,8 @@ class TrainStream:
     window costs no memory. ``on_corrupt="skip"`` replaces unreadable samples (counted in ``skipped``,
     logged once each). Extras: ``cache_dir`` and ``cache_gb``, the node's bounded cache of shards
     given as a URL (:mod:`stackgan.data.shardcache`); ``start_method`` of
-    the loader workers ("fork" unless the platform lacks it); ``img_dtype="uint8"`` hands
+    the loader workers ("fork" unless the platform lacks it); ``attributes=True`` adds each image's
+    attribute labels and its caption's stated groups (D's attribute head); ``img_dtype="uint8"`` hands
     0..255 images to be normalised on the GPU with :func:`to_unit_range`.
     """
 
@@ -526,7 +550,7 @@ class TrainStream:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
                  emb_mode: str = "one", emb_k: int = 4, on_corrupt: str = "raise",
                  pin_memory: bool = False, cache_dir: str | None = None, cache_gb: float = DEFAULT_GB,
-                 start_method: str | None = "fork", img_dtype: str = "float32"):
+                 start_method: str | None = "fork", img_dtype: str = "float32", attributes: bool = False):
         self.meta = load_metadata(shard_dir)
         src = _check_args(self.meta, split, image_size, batch_size, rank, world_size, num_workers,
                           emb_mode, emb_k, on_corrupt)
@@ -534,6 +558,9 @@ class TrainStream:
             raise ValueError(f"img_dtype must be one of {IMG_DTYPES}, got {img_dtype!r}")
         if not cache_gb > 0:
             raise ValueError(f"cache_gb must be > 0, got {cache_gb}")
+        if attributes and not self.meta.attributes:
+            raise ShardError(f"{self.meta.root}/metadata.json lists no attributes: these shards carry no "
+                             "attribute labels (attr.npy) to stream")
         shards = self.meta.splits[split].shards
         total = self.meta.splits[split].num_samples
         self.spec = StreamSpec(
@@ -544,7 +571,7 @@ class TrainStream:
             emb_k=emb_k if emb_mode == "mean" else 1, on_corrupt=on_corrupt,
             captions=self.meta.captions_per_image, text_dim=self.meta.text_dim,
             img_dtype=img_dtype, sha256=tuple(s.sha256 for s in shards), cache_dir=str(cache_dir or ""),
-            cache_gb=float(cache_gb),
+            cache_gb=float(cache_gb), attributes=tuple(self.meta.attributes) if attributes else (),
         )
         store = parse_store(self.spec.root)
         if not store.remote:  # local shards: a missing file is found now, before any training
@@ -569,7 +596,7 @@ class TrainStream:
     def signature(self) -> dict:
         """Everything that fixes the batch sequence (store it next to ``position`` in a checkpoint)."""
         d = asdict(self.spec)
-        for k in ("root", "on_corrupt", "sha256", "img_dtype", "cache_dir", "cache_gb"):
+        for k in ("root", "on_corrupt", "sha256", "img_dtype", "cache_dir", "cache_gb", "attributes"):
             d.pop(k)
         d["shards"] = [list(s) for s in d["shards"]]
         return d

@@ -13,7 +13,7 @@ groups, as judge consistency does) under four conditions:
 * ``caption_faithful``: what a training caption states (a real caption template filled in
   with a training image's attributes), every unstated part drawn at random under the
   generator's constraints; scored on the groups the caption states
-  (:func:`stackgan.metrics.captions.stated_mask`, as judge consistency does);
+  (:func:`stackgan.data.captions.stated_mask`, as judge consistency does);
 * ``random``: random part combinations, every group scored;
 * ``test_species``: the unseen test species' own attributes;
 
@@ -41,7 +41,7 @@ import torch
 from stackgan.data import birds
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 from stackgan.errors import StackGANError
-from stackgan.metrics.captions import caption_groups, caption_scope, stated_mask
+from stackgan.data.captions import caption_groups, caption_scope, stated_mask
 from stackgan.metrics.evalset import is_holdout, load_split, to_tensor
 from stackgan.metrics.judges import JudgeError, choose_judge, group_names, load_judge, share
 from stackgan.metrics.redraw import RedrawError, embedded_renderer, random_parts, render

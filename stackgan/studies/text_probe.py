@@ -29,7 +29,7 @@ from torch import nn
 
 from stackgan.data.meta import ShardError, load_metadata
 
-from stackgan.metrics.captions import caption_scope
+from stackgan.data.captions import caption_scope
 from stackgan.metrics.evalset import is_holdout, load_split
 from stackgan.metrics.judges import (JudgeError, choose_judge, group_hits, group_names, judge_loss,
                                      load_judge, share)

@@ -7,25 +7,14 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from stackgan.losses import attribute_loss
 
 
 def judge_loss(logits: torch.Tensor, labels: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """Soft cross-entropy within each multi-value group (the positives share the target;
-    rows stating nothing in the group are skipped) and BCE for single-attribute groups.
-    Cross-entropy trains exactly the decision the scoring rule takes (argmax in a group)."""
-    terms = []
-    for idx in groups:
-        t = labels[:, idx]
-        if len(idx) == 1:
-            terms.append(F.binary_cross_entropy_with_logits(logits[:, idx], t))
-            continue
-        s = t.sum(1, keepdim=True)
-        ok = s[:, 0] > 0
-        if ok.any():
-            lp = torch.log_softmax(logits[:, idx], 1)
-            terms.append(-((t / s.clamp(min=1)) * lp).sum(1)[ok].mean())
-    return torch.stack(terms).mean()
+    """Cross-entropy per group (:func:`stackgan.losses.attribute_loss`, every labelled group):
+    it trains exactly the decision the scoring rule takes (argmax in a group)."""
+    return attribute_loss(logits, labels, groups)
 
 
 def attribute_groups(names: list[str], labels: np.ndarray) -> list[list[int]]:

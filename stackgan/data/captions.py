@@ -1,4 +1,5 @@
-"""Which attribute groups a caption states.
+"""Which attribute groups a caption states (judge consistency's scope, and the stream's
+``stated`` mask for D's attribute head, ``loss.attr_coef``).
 
 A caption rarely states every attribute of its image ("this bird has a yellow crown and a
 white belly" says nothing of the wings), and a generator cannot be asked to show what its
@@ -84,6 +85,11 @@ def stated_mask(caption: str, groups: list[Group], n_attr: int) -> np.ndarray:
         if (not parts or _hit(words, parts)) and values and _hit(words, values):
             mask[idx] = True
     return mask
+
+
+def group_indices(attributes: list[str]) -> list[list[int]]:
+    """The attribute indices of each ``group::value`` group, in :func:`caption_groups`' order."""
+    return [idx for idx, _, _ in caption_groups(attributes)]
 
 
 def caption_scope(captions: list[list[str]], attributes: list[str]) -> np.ndarray:
