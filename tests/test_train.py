@@ -328,26 +328,28 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1, stated: 
     return gan_step(AccelerateGAN(acc, grad_clip=cfg.optim.grad_clip), G, D, opt_g, opt_d, batch, cfg)
 
 
-def test_class_coef_weighs_the_species_terms_of_d_and_g():
-    """D's loss carries coef x the species loss on real images; G's (D held still: lr 0) coef x
-    the species loss on its fakes; nothing else changes."""
-    one, two = _one_step(["loss.class_coef=1"], lr_d=0.0), _one_step(["loss.class_coef=2"], lr_d=0.0)
-    real, fake = one.stats["loss_class_real"], one.stats["loss_class_fake"]
-    assert torch.equal(real, two.stats["loss_class_real"]) and torch.equal(fake, two.stats["loss_class_fake"])
+def _weighs_real_and_fake_terms(key: str, term: str):
+    """Steps at ``key`` = 1 and 2 (D held still: lr 0): D's loss carries coef x ``loss_<term>_real``,
+    G's coef x ``loss_<term>_fake``, and nothing else changes. Returns the coef-1 step."""
+    one, two = _one_step([f"{key}=1"], lr_d=0.0), _one_step([f"{key}=2"], lr_d=0.0)
+    real, fake = one.stats[f"loss_{term}_real"], one.stats[f"loss_{term}_fake"]
+    assert torch.equal(real, two.stats[f"loss_{term}_real"]) and torch.equal(fake, two.stats[f"loss_{term}_fake"])
     assert 0 < real < 10 and 0 < fake < 10
     assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
     assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
+    return one
+
+
+def test_class_coef_weighs_the_species_terms_of_d_and_g():
+    """The species loss on real images (D) and on G's fakes (G)."""
+    _weighs_real_and_fake_terms("loss.class_coef", "class")
 
 
 def test_attr_coef_weighs_the_attribute_terms_and_g_answers_for_stated_groups_only():
-    """D's loss carries coef x the attribute loss on real images, G's coef x the loss on its fakes
-    over the groups the captions state; with nothing stated G's term is 0 and D's is unchanged."""
-    one, two = _one_step(["loss.attr_coef=1"], lr_d=0.0), _one_step(["loss.attr_coef=2"], lr_d=0.0)
+    """The attribute loss on real images (D) and on G's fakes over the groups the captions state
+    (G); with nothing stated G's term is 0 and D's is unchanged."""
+    one = _weighs_real_and_fake_terms("loss.attr_coef", "attr")
     real, fake = one.stats["loss_attr_real"], one.stats["loss_attr_fake"]
-    assert torch.equal(real, two.stats["loss_attr_real"]) and torch.equal(fake, two.stats["loss_attr_fake"])
-    assert 0 < real < 10 and 0 < fake < 10
-    assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
-    assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
     mute = _one_step(["loss.attr_coef=1"], lr_d=0.0, stated=torch.zeros(6, 4, dtype=torch.bool))
     assert mute.stats["loss_attr_fake"] == 0 and torch.equal(mute.stats["loss_attr_real"], real)
     half = torch.zeros(6, 4, dtype=torch.bool)
