@@ -333,7 +333,8 @@ def _weighs_real_and_fake_terms(key: str, term: str):
     G's coef x ``loss_<term>_fake``, and nothing else changes. Returns the coef-1 step."""
     one, two = _one_step([f"{key}=1"], lr_d=0.0), _one_step([f"{key}=2"], lr_d=0.0)
     real, fake = one.stats[f"loss_{term}_real"], one.stats[f"loss_{term}_fake"]
-    assert torch.equal(real, two.stats[f"loss_{term}_real"]) and torch.equal(fake, two.stats[f"loss_{term}_fake"])
+    assert torch.equal(real, two.stats[f"loss_{term}_real"])
+    assert torch.equal(fake, two.stats[f"loss_{term}_fake"])
     assert 0 < real < 10 and 0 < fake < 10
     assert torch.allclose(two.loss_d - one.loss_d, real, atol=1e-5)
     assert torch.allclose(two.loss_g - one.loss_g, fake, atol=1e-5)
