@@ -26,7 +26,8 @@ from stackgan.diversity import diversity_score  # noqa: F401  (re-exported for t
 from stackgan.models import DOut
 
 __all__ = ["CaptionBank", "WrongPairs", "attribute_loss", "class_loss", "contrastive_loss", "d_loss",
-           "diversity_score", "g_loss", "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES", "TEMPERATURE"]
+           "diversity_score", "g_loss", "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES",
+           "TEMPERATURE"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")

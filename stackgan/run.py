@@ -129,7 +129,8 @@ def check_inputs(cfg: Config) -> ShardMeta:
         check_metrics(cfg, meta)
     if cfg.loss.attr_coef > 0 and not meta.attributes:
         raise ShardError(f"loss.attr_coef={cfg.loss.attr_coef} needs attribute labels: "
-                         f"{cfg.data.shards}/metadata.json lists no attributes (CUB and the embedded set have them; set loss.attr_coef=0)")
+                         f"{cfg.data.shards}/metadata.json lists no attributes (CUB and the embedded set "
+                         "have them; set loss.attr_coef=0)")
     if cfg.model.stage == 2 and not cfg.model.stage1_export:
         raise ConfigError("model.stage=2 needs "
                           "model.stage1_export=<stage-I run>/export/generator.safetensors")

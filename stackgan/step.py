@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .config import Config
 from .data.stream import to_device, to_unit_range
-from .losses import (CaptionBank, attribute_loss, class_loss, contrastive_loss, d_loss, g_loss, kl_loss, recon_loss,
-                     wrong_indices)
+from .losses import (CaptionBank, attribute_loss, class_loss, contrastive_loss, d_loss, g_loss, kl_loss,
+                     recon_loss, wrong_indices)
 
 
 @dataclass

@@ -345,7 +345,8 @@ def test_a_checkpoint_converts_to_the_export_the_trainer_wrote(tiny_stage1_run, 
 
     def convert(source, out, *more):
         return subprocess.run([sys.executable, "-m", "stackgan.convert", "--from-checkpoint", str(source),
-                               "--out", str(out), *more], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                               "--out", str(out), *more],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
 
     p = convert(ck, tmp_path / "ck2")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -92,14 +92,25 @@ def group_indices(attributes: list[str]) -> list[list[int]]:
     return [idx for idx, _, _ in caption_groups(attributes)]
 
 
+class StatedGroups:
+    """caption -> :func:`stated_mask` for a set's attributes, remembered per caption (a set's
+    captions repeat: the embedded set draws each image's from a small pool)."""
+
+    def __init__(self, attributes: list[str]):
+        self.groups, self.n_attr = caption_groups(attributes), len(attributes)
+        self._seen: dict[str, np.ndarray] = {}
+
+    def __call__(self, caption: str) -> np.ndarray:
+        if caption not in self._seen:
+            self._seen[caption] = stated_mask(caption, self.groups, self.n_attr)
+        return self._seen[caption]
+
+
 def caption_scope(captions: list[list[str]], attributes: list[str]) -> np.ndarray:
     """(N, C, A) bool: for each sample's captions, the attributes each one states."""
-    groups = caption_groups(attributes)
-    cache: dict[str, np.ndarray] = {}
+    stated = StatedGroups(attributes)
     out = np.zeros((len(captions), len(captions[0]) if captions else 0, len(attributes)), bool)
     for i, caps in enumerate(captions):
         for j, c in enumerate(caps):
-            if c not in cache:
-                cache[c] = stated_mask(c, groups, len(attributes))
-            out[i, j] = cache[c]
+            out[i, j] = stated(c)
     return out

@@ -751,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the embedded bird set (the default when --cub-root is not given)")
     src.add_argument("--embedded-dir", type=Path, default=Path("data/birds-embedded"),
                      help="where the embedded set is generated or reused (default %(default)s)")
-    src.add_argument("--species", type=int, default=None, help=f"embedded set: species (default {birds.DEFAULT_SPECIES})")
+    src.add_argument("--species", type=int, default=None,
+                     help=f"embedded set: species (default {birds.DEFAULT_SPECIES})")
     src.add_argument("--images-per-species", type=int, default=None,
                      help=f"embedded set: images per species (default {birds.DEFAULT_IMAGES})")
     src.add_argument("--seed", type=int, default=0, help="embedded set: seed (default 0)")

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..images import STORED
-from .captions import caption_groups, stated_mask
+from .captions import StatedGroups
 from .meta import ShardError, ShardMeta, load_metadata
 from .shardcache import DEFAULT_GB, Pin, Prefetcher, ShardFiles
 from .storage import parse as parse_store
@@ -316,13 +316,7 @@ class _BatchMaker:
         self.reader = _Reader(spec)
         self.stride = stride  # this maker computes batches k, k + stride, ... (loader workers)
         self.warned: set[str] = set()
-        self.groups = caption_groups(list(spec.attributes)) if spec.attributes else []
-        self.stated_cache: dict[str, np.ndarray] = {}
-
-    def _stated(self, caption: str) -> np.ndarray:
-        if caption not in self.stated_cache:
-            self.stated_cache[caption] = stated_mask(caption, self.groups, len(self.spec.attributes))
-        return self.stated_cache[caption]
+        self.stated = StatedGroups(list(spec.attributes)) if spec.attributes else None
 
     def _load(self, epoch: int, pos: np.ndarray, notes: list[str]) -> list[_Sample | None]:
         with quiet_decoder():
@@ -401,7 +395,8 @@ class _BatchMaker:
         }
         if spec.attributes:  # the mean of k embeddings carries what any of its k captions states
             batch["attr"] = torch.from_numpy(np.stack([smp.attr for smp in samples]))
-            stated = [np.logical_or.reduce([self._stated(smp.captions[j]) for j in c]) for smp, c in zip(samples, caps)]
+            stated = [np.logical_or.reduce([self.stated(smp.captions[j]) for j in c])
+                      for smp, c in zip(samples, caps)]
             batch["stated"] = torch.from_numpy(np.stack(stated))
         return batch, len(holes), notes
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stackgan.data.captions import caption_scope
 from stackgan.diversity import UNIFORM_L1, pairwise_l1
 
-from stackgan.data.captions import caption_scope
 from .core import EvalContext, all_sum, generate, my_batches, rank_world, register, resize, seed_of
 from .evalset import SplitData, is_holdout, load_split, to_tensor
 from .judges import Judge, ensure_judge, group_names, share
