@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -19,16 +20,24 @@ from .test_train import TINY, log_records
 HAVE = {n: importlib.util.find_spec(n) is not None for n in ("wandb", "mlflow", "comet_ml")}
 NEEDS = "pip install -e '.[trackers]'"
 STEPS, MORE = 4, 6  # the first launch, then resumed to MORE
+TF_IMPORTED = "tensorflow-imported"
 
 
 @pytest.fixture(scope="module")
 def tracked(tiny_shards, tmp_path_factory) -> Path:
-    """One run folder trained to STEPS, then resumed to MORE, with every installed tracker."""
+    """One run folder trained to STEPS, then resumed to MORE, with every installed tracker. A
+    stand-in ``tensorflow`` package first on the path notes any import of it (then fails it, as
+    where TensorFlow is not installed)."""
     work = tmp_path_factory.mktemp("tracked")
     run = work / "run"
+    fake = work / "fake-tf" / "tensorflow"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        f"open({str(work / TF_IMPORTED)!r}, 'a').write('imported')\nraise ImportError('stand-in')\n")
     report = ",".join(["tensorboard", *(n for n in ("wandb", "mlflow") if HAVE[n])])
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+           "PYTHONPATH": os.pathsep.join([str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     for steps in (STEPS, MORE):
         args = [sys.executable, "-m", "stackgan.train", "--config", str(ROOT / "configs/birds_stage1.yaml"),
                 f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, f"train.steps={steps}",
@@ -71,6 +80,13 @@ def test_tensorboard_has_the_scalars_an_image_and_the_config(tracked):
     assert sorted(images) == [2, 4, 6] and all(w > 64 and h > 64 for w, h in images.values())
     hparams = sorted((tracked / "tb").glob("*/hparams.yml"))
     assert hparams and "optim.lr_g: 0.0005" in hparams[0].read_text()
+
+
+def test_tensorboard_writes_without_importing_tensorflow(tracked):
+    """Where TensorFlow is installed TensorBoard would import it (7-9 s per process) for file I/O
+    a local run folder does not need: the trainer switches TensorBoard to its own I/O."""
+    assert list((tracked / "tb").glob("events.out.tfevents.*"))
+    assert not (tracked.parent / TF_IMPORTED).exists(), "TensorFlow was imported by a training process"
 
 
 def _wandb_records(path: Path):
