@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .bench.measure import cpu_has_bf16
+from .backends.base import cpu_has_bf16
 from .data import birds
 from .data.meta import load_metadata
 from .files import atomic_json

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from stackgan.backends import resolve_precision
+from stackgan.backends import base, resolve_precision
+from stackgan.backends.base import cpu_has_bf16
 from stackgan.config import ConfigError, load_config
 
 from .conftest import ROOT, run_cmd
@@ -67,6 +69,9 @@ def test_accelerate_launch_mixed_precision_bf16_trains_in_bf16(tiny_shards, tmp_
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "precision bf16 (source: launcher)" in p.stdout, p.stdout[-2000:]
     assert "bf16 (torch autocast" in p.stdout  # the backend's own account
+    # emulated bf16 is flagged exactly where it is emulated: a CPU run on a CPU without bf16 units
+    emulated = not cpu_has_bf16() and not torch.cuda.is_available()
+    assert ("WARNING: mixed_precision=bf16 on a CPU without bf16 units" in p.stdout) == emulated, p.stdout[-2000:]
     start = [r for r in log_records(run) if r.get("event") == "start"]
     assert [(r["precision"], r["precision_source"]) for r in start] == [("bf16", "launcher")]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
@@ -91,3 +96,17 @@ def test_a_launcher_config_file_that_disagrees_is_refused(tiny_shards, tmp_path)
                 env={ENV: "bf16"})
     assert p.returncode == 2, p.stderr[-3000:]
     assert "train.mixed_precision=fp16" in p.stderr and "sets bf16" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flags, slow", [(set(), True), ({"avx512f"}, True), ({"avx512_bf16"}, False),
+                                         ({"amx_bf16", "amx_tile"}, False)])
+def test_bf16_is_flagged_on_cpus_that_emulate_it(monkeypatch, flags, slow):
+    """The quality recipe asks for bf16 (tuned on a CPU with AMX); elsewhere autocast emulates it,
+    slower than fp32: the run says so at start. Only bf16, only on CPUs."""
+    monkeypatch.setattr(base, "cpu_flags", lambda: flags)
+    note = base.slow_bf16_note("bf16", cpu=True)
+    assert (note is not None) == slow
+    if slow:
+        assert "without bf16 units" in note and "train.mixed_precision=no" in note
+    assert base.slow_bf16_note("no", cpu=True) is None
+    assert base.slow_bf16_note("bf16", cpu=False) is None

@@ -20,6 +20,32 @@ from .. import checkpoint as ckpt
 from ..amp import Update
 from ..config import ConfigError
 
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16): only there is a
+    bf16 peak (and a bf16 training column) meaningful."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def slow_bf16_note(precision: str, cpu: bool) -> str | None:
+    """Why a run's bf16 will be slow: a CPU without bf16 units emulates it (the quality recipe asks for
+    bf16, measured on a CPU with AMX; docs/performance.md)."""
+    if precision == "bf16" and cpu and not cpu_has_bf16():
+        return ("mixed_precision=bf16 on a CPU without bf16 units (AVX512-BF16 / AMX): autocast emulates it, "
+                "usually slower than fp32 here; train.mixed_precision=no trains faster")
+    return None
+
+
 PRECISIONS = ("no", "bf16", "fp16")
 LAUNCHER_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` (--mixed_precision, config file)
 
@@ -67,7 +93,7 @@ class GANBackend(Protocol):
     name: str  # "ddp" or "deepspeed" (written into checkpoints)
     precision: str  # the precision in force: "no", "bf16" or "fp16"
     precision_source: str  # config, launcher or default (resolve_precision)
-    note: str | None  # why the precision in force differs from the one asked for
+    note: str | None  # why the precision in force differs from the one asked for, or will be slow
     keeps_channels_last: bool  # whether channels-last weights survive prepare
 
     @property

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import checkpoint as ckpt
 from ..amp import Update, update
 from ..ema import unwrap
-from .base import check_backend
+from .base import check_backend, slow_bf16_note
 
 PG_TIMEOUT = timedelta(minutes=30)  # rank 0 may train the judge on first use while the others wait
 
@@ -71,7 +71,7 @@ class AccelerateGAN:
                log_with: list | None = None, project_dir: str | None = None) -> "AccelerateGAN":
         """The trainer's backend: CUDA when present; fp16 without CUDA runs in fp32 (with a note)."""
         cpu = not torch.cuda.is_available()
-        note = None
+        note = slow_bf16_note(precision, cpu)
         if precision == "fp16" and cpu:
             note = "mixed_precision=fp16 needs CUDA (loss scaling); this run has no GPU and runs in fp32"
             precision = "no"

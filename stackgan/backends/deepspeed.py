@@ -53,7 +53,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..amp import Update
 from ..config import Config, ConfigError, process_batch
-from .base import check_backend
+from .base import check_backend, slow_bf16_note
 
 ENGINES_DIR = "deepspeed"  # inside a checkpoint folder: deepspeed/G, deepspeed/D
 SUPPORTED_ZERO = (1, 2)
@@ -184,7 +184,7 @@ class DeepSpeedGAN:
         from accelerate.utils import InitProcessGroupKwargs
 
         use_cuda = torch.cuda.is_available()
-        self.note, self.precision_source = None, precision_source
+        self.note, self.precision_source = slow_bf16_note(precision, not use_cuda), precision_source
         if precision == "fp16" and not _fp16_supported():
             self.note = ("mixed_precision=fp16 needs a GPU (DeepSpeed has no fp16 on this machine's "
                          "accelerator); this run has no GPU and runs in fp32")

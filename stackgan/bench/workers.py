@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
+from ..backends.base import cpu_has_bf16
 from .cases import Batch, Case, build_models, make_batch, tiny_case
-from .measure import (conv_gflops, count_flops, cpu_has_bf16, cpu_theoretical_gflops, dense_kernels,
+from .measure import (conv_gflops, count_flops, cpu_theoretical_gflops, dense_kernels,
                       load_average, matmul_gflops, peak_memory_mb, process_peak_mb, reset_peak_memory,
                       sync_fn, time_interleaved)
 from .original import OriginalStep
