@@ -37,7 +37,7 @@ def tracked(tiny_shards, tmp_path_factory) -> Path:
     report = ",".join(["tensorboard", *(n for n in ("wandb", "mlflow") if HAVE[n])])
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
-           "PYTHONPATH": os.pathsep.join([str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
     for steps in (STEPS, MORE):
         args = [sys.executable, "-m", "stackgan.train", "--config", str(ROOT / "configs/birds_stage1.yaml"),
                 f"data.shards={tiny_shards}", f"train.run_dir={run}", *TINY, f"train.steps={steps}",

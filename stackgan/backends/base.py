@@ -22,8 +22,8 @@ from ..config import ConfigError
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16): only there is a
-    bf16 peak (and a bf16 training column) meaningful."""
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16): elsewhere bf16 autocast
+    is emulated (slow training, no bf16 peak or bench column)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
