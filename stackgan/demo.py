@@ -7,9 +7,11 @@
    ``shards/prepare.py`` runs);
 2. train stage I (``configs/birds_stage1.yaml``), then stage II from its export
    (``configs/birds_stage2.yaml``) with ``python -m stackgan.train``;
-3. train the part-wise attribute judge (on birds the renderer draws), score both stages
-   (judge consistency on training captions and on the unseen test species, judge-feature
-   Frechet distance, diversity) with ``python -m stackgan.evaluate``;
+3. train the measuring nets (the part-wise attribute judge, on birds the renderer draws, and
+   the 256-px detail net) beside stage I, on the core its training leaves idle; score stage I
+   beside stage II, then stage II (judge consistency on training captions and on the unseen
+   test species, judge-feature Frechet distance, diversity; stage II against its upsampled
+   input) with ``python -m stackgan.evaluate``;
 4. sample from free-text prompts with ``python -m stackgan.sample``;
 5. plot the losses and diagnostics and print a summary (also ``<out>/summary.json``).
 
@@ -24,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +36,10 @@ from .backends.base import cpu_has_bf16
 from .data import birds
 from .data.meta import load_metadata
 from .files import atomic_json
+from .metrics import detail
 from .metrics.evalset import iter_split
+from .metrics.judges.choice import choose_judge
+from .metrics.netcache import cache_path
 from .plots import plot_run, read_jsonl
 
 # named as the docs name them; the trainer finds them from any folder (stackgan.files.config_path)
@@ -67,6 +73,62 @@ def _run(step: str, args: list[str], log_dir: Path) -> float:
     if rc != 0:
         raise SystemExit(f"demo: step {step!r} failed with exit status {rc} (log: {log_dir / (step + '.log')})")
     return time.time() - t0
+
+
+class Background:
+    """Steps run one after another on the core the foreground step leaves idle: one thread each,
+    output to their logs only (the foreground step streams to the terminal).
+
+    Why: a training step gains only ~1.3x from a second thread on a 2-core CPU (stage I: 94 vs
+    71 img/s), so the measuring nets (attribute judge, detail net: ~2 CPU-minutes, which depend on
+    the shards alone) cost stage I less time beside it than they would cost after it."""
+
+    def __init__(self, steps: list[tuple[str, list[str]]], log_dir: Path):
+        self.seconds: dict[str, float] = {}
+        self.failed = ""
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        self._thread = threading.Thread(target=self._run_all, args=(steps, log_dir, env), daemon=True)
+        self._thread.start()
+        if steps:
+            names = ", ".join(s for s, _ in steps)
+            print(f"\n=== in the background (one thread, logs in {log_dir}): {names}", flush=True)
+
+    def _run_all(self, steps: list[tuple[str, list[str]]], log_dir: Path, env: dict[str, str]) -> None:
+        for step, args in steps:
+            t0 = time.time()
+            with open(log_dir / f"{step}.log", "w") as log:
+                log.write(f"=== {step}: {' '.join(args)}\n")
+                log.flush()
+                rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            self.seconds[step] = time.time() - t0
+            if rc != 0:
+                self.failed = f"demo: background step {step!r} failed with exit status {rc} " \
+                              f"(log: {log_dir / (step + '.log')})"
+                return
+
+    def wait(self) -> dict[str, float]:
+        """Seconds per step, once all have finished; stop the demo if one failed."""
+        self._thread.join()
+        if self.failed:
+            raise SystemExit(self.failed)
+        return self.seconds
+
+
+def measuring_net_steps(shards: str, py: str = sys.executable) -> list[tuple[str, list[str]]]:
+    """The commands that train the evaluator's measuring nets for ``shards`` where they are not
+    cached yet, to the files ``stackgan.evaluate`` reads (it would train them itself, in the
+    foreground, on first use)."""
+    meta = load_metadata(shards)
+    judge = choose_judge(shards, meta=meta)
+    net = cache_path(meta, detail.DEFAULT_FILE)
+    steps = []
+    if not judge.path.is_file():
+        steps.append(("judge", [py, "-m", "stackgan.metrics.judges", "train", "--shards", shards, "--kind",
+                                judge.kind, "--out", str(judge.path), "--threads", "1", "--workers", "1"]))
+    if not net.is_file():
+        steps.append(("detail-net", [py, "-m", "stackgan.metrics.detail", "train", "--shards", shards,
+                                     "--out", str(net), "--threads", "1", "--reference-samples", "0"]))
+    return steps
 
 
 def training_words(shards: str | Path) -> set[str]:
@@ -129,27 +191,31 @@ def run_steps(a: argparse.Namespace, out: Path, logs: Path) -> tuple[dict[str, f
         py, "-m", "stackgan.data.prepare", "--embedded", "--embedded-dir", a.data, "--out", a.shards,
         "--species", str(a.species), "--images-per-species", str(a.images_per_species)], logs)
 
+    nets = Background(measuring_net_steps(a.shards, py), logs)  # beside stage I
     extra1 = [f"train.steps={a.stage1_steps}"] if a.stage1_steps else []
     extra1.append(f"train.mixed_precision={a.precision}")
     timings["stage1"] = _run("stage1", [
         py, "-m", "stackgan.train", "--config", STAGE1_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s1}", *extra1, *a.overrides], logs)
+    timings.update({f"{k} (background)": v for k, v in nets.wait().items()})
 
+    def evaluate(name: str, export: Path) -> tuple[str, list[str]]:
+        jsonl = out / f"metrics-{name}.jsonl"
+        jsonl.unlink(missing_ok=True)
+        return f"eval-{name}", [py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
+                                "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)]
+
+    eval1 = Background([evaluate("stage1", export1)], logs)  # beside stage II
     extra2 = [f"train.steps={a.stage2_steps}"] if a.stage2_steps else []
     extra2.append(f"train.mixed_precision={a.precision}")
     timings["stage2"] = _run("stage2", [
         py, "-m", "stackgan.train", "--config", STAGE2_CONFIG, f"data.shards={a.shards}",
         f"train.run_dir={s2}", f"model.stage1_export={export1}", *extra2, *a.overrides], logs)
+    timings.update({f"{k} (background)": v for k, v in eval1.wait().items()})
+    timings["eval-stage2"] = _run(*evaluate("stage2", export2), logs)
 
-    metrics = {}
-    for name, export in (("stage1", export1), ("stage2", export2)):
-        jsonl = out / f"metrics-{name}.jsonl"
-        jsonl.unlink(missing_ok=True)
-        timings[f"eval-{name}"] = _run(f"eval-{name}", [
-            py, "-m", "stackgan.evaluate", "--export", str(export), "--shards", a.shards,
-            "--jsonl", str(jsonl), "--judge-samples", str(a.judge_samples)], logs)
-        metrics[name] = {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
-                         for r in read_jsonl(jsonl)}
+    metrics = {name: {r["metric"]: {k: v for k, v in r.items() if k not in ("metric", "time")}
+                      for r in read_jsonl(out / f"metrics-{name}.jsonl")} for name in ("stage1", "stage2")}
 
     prompt_file = out / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
