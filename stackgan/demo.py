@@ -58,16 +58,22 @@ PROMPTS = [
 WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
 
 
-def _run(step: str, args: list[str], log_dir: Path) -> float:
-    """Run one stage as a subprocess, streaming its output; stop the demo if it fails."""
-    print(f"\n=== {step}: {' '.join(args)}", flush=True)
+def _run(step: str, args: list[str], log_dir: Path, echo: bool = True,
+         env: dict[str, str] | None = None) -> float:
+    """Run one stage as a subprocess, its output in ``<log_dir>/<step>.log`` and (``echo``) on the
+    terminal, with ``env`` added to the environment; stop the demo if it fails."""
+    header = f"=== {step}: {' '.join(args)}\n"
+    if echo:
+        print("\n" + header, end="", flush=True)
     t0 = time.time()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     with open(log_dir / f"{step}.log", "w") as log:
+        log.write(header)
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            if echo:
+                sys.stdout.write(line)
             log.write(line)
         rc = proc.wait()
     if rc != 0:
@@ -86,24 +92,18 @@ class Background:
     def __init__(self, steps: list[tuple[str, list[str]]], log_dir: Path):
         self.seconds: dict[str, float] = {}
         self.failed = ""
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        self._thread = threading.Thread(target=self._run_all, args=(steps, log_dir, env), daemon=True)
+        self._thread = threading.Thread(target=self._run_all, args=(steps, log_dir), daemon=True)
         self._thread.start()
         if steps:
             names = ", ".join(s for s, _ in steps)
             print(f"\n=== in the background (one thread, logs in {log_dir}): {names}", flush=True)
 
-    def _run_all(self, steps: list[tuple[str, list[str]]], log_dir: Path, env: dict[str, str]) -> None:
+    def _run_all(self, steps: list[tuple[str, list[str]]], log_dir: Path) -> None:
         for step, args in steps:
-            t0 = time.time()
-            with open(log_dir / f"{step}.log", "w") as log:
-                log.write(f"=== {step}: {' '.join(args)}\n")
-                log.flush()
-                rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-            self.seconds[step] = time.time() - t0
-            if rc != 0:
-                self.failed = f"demo: background step {step!r} failed with exit status {rc} " \
-                              f"(log: {log_dir / (step + '.log')})"
+            try:
+                self.seconds[step] = _run(step, args, log_dir, echo=False, env={"OMP_NUM_THREADS": "1"})
+            except SystemExit as e:  # raised in this thread: kept for wait(), which stops the demo
+                self.failed = str(e)
                 return
 
     def wait(self) -> dict[str, float]:
