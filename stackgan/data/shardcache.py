@@ -41,19 +41,25 @@ TRIES = 3  # attempts of a transfer that failed in transport (not of a sha256 mi
 
 # Every fd this module opens is listed, so that a forked child (a DataLoader worker) closes its
 # copies at once: a flock belongs to the open file, shared with the child by fork, and a copy
-# that no thread of the child knows about would hold the parent's lock or pin forever.
+# that no thread of the child knows about would hold the parent's lock or pin forever. Opening and
+# closing hold _FDS_LOCK, and so does fork: a fork between another thread's os.close and its discard
+# (or os.open and add) would leave the child an unlisted copy (seen: two DataLoader workers each
+# waiting for the cache lock that their own inherited copy held shared).
 _FDS: set[int] = set()
+_FDS_LOCK = threading.Lock()
 
 
 def _open(path: str | Path, flags: int, mode: int = 0o644) -> int:
-    fd = os.open(path, flags | os.O_CLOEXEC, mode)
-    _FDS.add(fd)
+    with _FDS_LOCK:
+        fd = os.open(path, flags | os.O_CLOEXEC, mode)
+        _FDS.add(fd)
     return fd
 
 
 def _close(fd: int) -> None:
-    _FDS.discard(fd)
-    os.close(fd)
+    with _FDS_LOCK:
+        _FDS.discard(fd)
+        os.close(fd)
 
 
 def _close_inherited() -> None:
@@ -61,9 +67,11 @@ def _close_inherited() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _FDS.clear()
+    _FDS_LOCK.release()  # held by the forking thread across fork (a copy of it, in the child)
 
 
-os.register_at_fork(after_in_child=_close_inherited)
+os.register_at_fork(before=_FDS_LOCK.acquire, after_in_parent=_FDS_LOCK.release,
+                    after_in_child=_close_inherited)
 
 
 def default_folder() -> Path:
