@@ -69,6 +69,8 @@ class ModelConfig:
     g_film: bool = False  # the condition also scales/shifts every up-block of G (not in StackGAN)
     upsample_skip: bool = False  # stage II: G draws a correction on top of the bicubically upsampled stage-I
     # image (zero at the start), instead of a new image from its 16x16 code (official)
+    word_attn: bool = False  # stage I: G's 32- and 64-px maps attend over the caption's word vectors
+    # (AttnGAN's attention; not in StackGAN). Words: the sentence encoder's word-piece vectors (stackgan.words)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -88,6 +90,8 @@ class LossConfig:
     attr_coef: float = 0.0  # > 0: D gets an attribute head (one softmax per attribute group, e.g. crown
     # colour) trained on real images' labels (attr.npy), and G is trained to make its fakes read as the
     # groups its caption states, and no others (not in StackGAN; needs shards with attributes)
+    word_coef: float = 0.0  # > 0: D gets word and region codes (its 4x4 map), and AttnGAN's word-region
+    # matching loss (DAMSM's, in D's space) trains D on real pairs and G on its fakes (not in StackGAN)
     recon_coef: float = 0.0  # stage II: G also refines the real 64-px crops, and the L1 distance of that
     # refinement to the real 256-px crop is in its loss (a super-resolution signal real images give for free)
 
@@ -359,7 +363,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "loss.contrastive_coef": cfg.loss.contrastive_coef, "loss.contrastive_bank": cfg.loss.contrastive_bank,
         "loss.class_coef": cfg.loss.class_coef, "loss.recon_coef": cfg.loss.recon_coef,
-        "loss.attr_coef": cfg.loss.attr_coef,
+        "loss.attr_coef": cfg.loss.attr_coef, "loss.word_coef": cfg.loss.word_coef,
         "optim.grad_clip": cfg.optim.grad_clip, "train.steps": cfg.train.steps, "train.epochs": cfg.train.epochs,
         "train.keep_every": cfg.train.keep_every, "train.metrics_every": cfg.train.metrics_every,
     }
@@ -382,6 +386,12 @@ def validate(cfg: Config) -> None:
     if cfg.model.family == "tf" and (cfg.model.d_cond != "text" or cfg.model.ca_act != "leaky" or cfg.model.g_film):
         raise ConfigError("model.family=tf is the TensorFlow birds network: it needs model.d_cond=text, "
                           "model.ca_act=leaky and model.g_film=false")
+    if cfg.model.word_attn and (cfg.model.stage != 1 or cfg.model.family != "pytorch"):
+        raise ConfigError("model.word_attn is a stage-I option of the pytorch family (model.stage=1, "
+                          "model.family=pytorch); stage II passes the words to a stage-I export that has it")
+    if (cfg.model.word_attn or cfg.loss.word_coef > 0) and cfg.data.emb_k != 1:
+        raise ConfigError(f"model.word_attn and loss.word_coef read one caption's words: they need data.emb_k=1 "
+                          f"(the embedding of one caption), got data.emb_k={cfg.data.emb_k}")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     trackers = [n.strip() for n in cfg.train.report_to.split(",")]

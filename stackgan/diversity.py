@@ -39,7 +39,8 @@ def _autocast_like(G: nn.Module, device: torch.device):
 
 
 @torch.no_grad()
-def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: torch.Generator) -> float:
+def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: torch.Generator,
+                    words=None) -> float:
     """Normalised mean pairwise L1 between ``z_per_caption`` samples of each caption.
 
     ``emb`` is (n, text_dim). Noise comes from ``generator``; the CA-Net's own noise is
@@ -48,7 +49,8 @@ def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: to
     eval mode (BatchNorm running statistics, no updates) and its mode is restored. A generator
     held in half precision (DeepSpeed fp16 without EMA) runs under autocast of its dtype, as
     in training; noise is drawn on the host and moved once, so a CUDA G costs one copy in and
-    one number out.
+    one number out. ``words`` (:class:`stackgan.words.Words` of the captions): for a generator
+    with ``model.word_attn``.
     """
     if z_per_caption < 2:
         raise ValueError(f"diversity_score: z_per_caption must be >= 2, got {z_per_caption}")
@@ -72,7 +74,8 @@ def diversity_score(G: nn.Module, emb: Tensor, z_per_caption: int, generator: to
                 if cuda:
                     torch.cuda.manual_seed(seed)
                 with _autocast_like(G, dev):
-                    fake = G(emb.repeat_interleave(k, dim=0), z)[0]
+                    more = {} if words is None else {"words": words.repeat_interleave(k)}
+                    fake = G(emb.repeat_interleave(k, dim=0), z, **more)[0]
     finally:
         G.train(was_training)
     return float(pairwise_l1(fake.reshape(n, k, *fake.shape[1:])).mean() / UNIFORM_L1)

@@ -105,7 +105,8 @@ class EMA:
 
     def set_standing_inputs(self, inputs: Iterable[tuple[torch.Tensor, ...]]) -> None:
         """The fixed batches (``model(*batch)``) the standing statistics are computed over."""
-        self.standing_inputs = [tuple(t.detach().cpu() for t in b) for b in inputs]
+        self.standing_inputs = [tuple(t.detach().cpu() if torch.is_tensor(t) else t.to("cpu") for t in b)
+                                for b in inputs]  # tensors, or stackgan.words.Words
         self._standing_fresh = False
 
     def sampler(self) -> nn.Module:

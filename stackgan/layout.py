@@ -71,7 +71,7 @@ def layout_min_hw(min_hw_cpu: int, device: torch.device) -> int:
 
 def apply_layout(G: nn.Module, D: nn.Module, example_g: tuple, d_cond: str, min_hw: int) -> tuple[int, int]:
     """Put G and D in channels-last, then back to NCHW below ``min_hw`` (0 = channels-last
-    everywhere). ``example_g`` is G's ``(emb, z)``; ``d_cond`` (``model.d_cond``: "mu" or
+    everywhere). ``example_g`` is G's ``(emb, z)`` or ``(emb, z, words)``; ``d_cond`` (``model.d_cond``: "mu" or
     "text") says what D is conditioned on, as in the training step.
     Returns how many layers of G and of D stay NCHW."""
     G.to(memory_format=torch.channels_last)
@@ -80,5 +80,7 @@ def apply_layout(G: nn.Module, D: nn.Module, example_g: tuple, d_cond: str, min_
         return 0, 0
     n_g, (fake, mu, _) = channels_last_where_large(G, example_g, min_hw)
     cond = example_g[0] if d_cond == "text" else mu
-    n_d, _ = channels_last_where_large(D, (fake.contiguous(memory_format=torch.channels_last), cond), min_hw)
+    words = example_g[2] if len(example_g) > 2 else None
+    n_d, _ = channels_last_where_large(D, (fake.contiguous(memory_format=torch.channels_last), cond, None, words),
+                                       min_hw)
     return n_g, n_d

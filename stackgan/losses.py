@@ -27,7 +27,7 @@ from stackgan.models import DOut
 
 __all__ = ["CaptionBank", "WrongPairs", "attribute_loss", "class_loss", "contrastive_loss", "d_loss",
            "diversity_score", "g_loss", "kl_loss", "recon_loss", "wrong_indices", "LOSS_KINDS", "WRONG_MODES",
-           "TEMPERATURE"]
+           "TEMPERATURE", "word_region_loss"]
 
 LOSS_KINDS = ("bce", "hinge")
 WRONG_MODES = ("class", "shift", "perm")
@@ -68,6 +68,37 @@ def contrastive_loss(out: DOut, labels: Tensor | None = None,
     if fake_codes is not None:
         to_image = torch.cat([to_image, out.txt_code.float() @ fake_codes.float().t() / temperature], 1)
     return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
+
+
+WORD_GAMMAS = (5.0, 5.0, 10.0)  # DAMSM's gamma1 (region attention), gamma2 (word pooling), gamma3 (scale); AttnGAN birds
+
+
+def word_region_loss(out: DOut, mask: Tensor, labels: Tensor | None = None,
+                     gammas: tuple[float, float, float] = WORD_GAMMAS) -> Tensor:
+    """AttnGAN's word-region matching (DAMSM; Xu et al. 2018) in D's region and word codes
+    (``loss.word_coef``): each word of caption k attends over the 16 places of image i, and
+    the pair's score pools how well each word finds itself there,
+    ``log(sum_j exp(g2 cos(e_j, c_ij))) / g2``; a symmetric cross-entropy over the batch's pairs
+    (scaled by g3) asks each image to pick its caption and each caption its image. Unlike the
+    sentence-level contrastive loss, a caption scores by its words one by one, so "red crown"
+    must be found in some place of the image. ``mask`` (B, T): real word pieces; ``labels``:
+    other captions of an image's own class are not counted as negatives."""
+    if out.regions is None or out.word_codes is None:
+        raise ValueError("word_region_loss: D has no region and word codes (set loss.word_coef > 0)")
+    g1, g2, g3 = gammas
+    r, w = out.regions.float(), out.word_codes.float()  # (B, N, E) images, (B, T, E) captions
+    sim = torch.einsum("kte,ine->kitn", w, r)  # caption k, image i, word t, place n
+    read = torch.einsum("kitn,ine->kite", (g1 * sim).softmax(-1), r)
+    rel = F.cosine_similarity(read, w[:, None], dim=-1)  # (B, B, T)
+    rel = rel.masked_fill(~mask[:, None, :], float("-inf"))
+    score = torch.logsumexp(g2 * rel, -1) / g2  # (captions, images)
+    logits = g3 * score
+    if labels is not None:
+        same = labels[:, None] == labels[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def class_loss(out: DOut, targets: Tensor) -> Tensor:

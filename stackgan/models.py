@@ -55,12 +55,14 @@ from torch import Tensor
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
 from stackgan.config import ModelConfig, image_size
+from stackgan.words import WORD_DIM, Words
 
 __all__ = [
     "CANet",
     "CODE_DIM",
     "DOut",
     "UpsampleConv3x3",
+    "WordAttention",
     "Stage1D",
     "Stage1G",
     "Stage2D",
@@ -182,6 +184,32 @@ def up_with_film(upsample: nn.Sequential, film: nn.ModuleList | None, h: Tensor,
     return h
 
 
+class WordAttention(nn.Module):
+    """``model.word_attn`` (AttnGAN's attention; not in StackGAN): every pixel of G's map reads
+    its caption's words, ``softmax_j(h_i . e_j / sqrt(C))`` over the real word pieces of the
+    words projected into the map's channels, and adds what it read through a 1x1 conv that
+    starts at zero, so G starts as the one without words. The sentence embedding carries
+    "which colours"; the words give each place of the image a chance to pick its own."""
+
+    def __init__(self, channels: int, word_dim: int = WORD_DIM):
+        super().__init__()
+        self.proj = nn.Linear(word_dim, channels, bias=False)  # AttnGAN's 1x1 conv on the word features
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def weights(self, h: Tensor, words: Words) -> tuple[Tensor, Tensor]:
+        """(attention (B, H*W, T), projected words (B, T, C)); padding places get weight 0."""
+        e = self.proj(words.vectors.to(h.dtype))
+        q = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        logits = (q @ e.transpose(1, 2)).float() / h.shape[1] ** 0.5
+        logits = logits.masked_fill(~words.mask[:, None, :], float("-inf"))
+        return logits.softmax(-1), e
+
+    def forward(self, h: Tensor, words: Words) -> Tensor:
+        att, e = self.weights(h, words)
+        read = (att.to(e.dtype) @ e).transpose(1, 2).reshape(h.shape)
+        return h + self.out(read)
+
+
 def init_weights(module: nn.Module) -> None:
     """The official StackGAN initialisation, applied to every layer under ``module``."""
     for m in module.modules():
@@ -256,7 +284,7 @@ class Stage1G(nn.Module):
     image_size = 64
 
     def __init__(self, text_dim: int, z_dim: int = 100, cond_dim: int = 128, gf_dim: int = 128,
-                 emb_scale: float = 1.0, ca_act: str = "relu", film: bool = False):
+                 emb_scale: float = 1.0, ca_act: str = "relu", film: bool = False, word_attn: bool = False):
         super().__init__()
         if gf_dim < 2 or gf_dim % 2:
             raise ValueError(f"Stage1G: gf_dim must be an even number >= 2, got {gf_dim}")
@@ -279,15 +307,30 @@ class Stage1G(nn.Module):
         )
         self.img = nn.Sequential(conv3x3(ngf // 16, 3), nn.Tanh())
         self.film = film_layers(cond_dim, self.upsample) if film else None
+        self.word_attn = word_attn  # the 32- and 64-px maps attend over the caption's words
+        self.attend = nn.ModuleList([WordAttention(ngf // 8), WordAttention(ngf // 16)]) if word_attn else None
         init_weights(self)
         zero_film(self.film)
+        for a in self.attend or ():
+            nn.init.zeros_(a.out.weight)
 
-    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, emb: Tensor, z: Tensor, words: Words | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``words`` (:func:`stackgan.words.word_vectors` of the captions): needed with
+        ``model.word_attn``, ignored without."""
         _check_input("Stage1G emb", emb, (None, self.text_dim))
         _check_input("Stage1G z", z, (emb.shape[0], self.z_dim))
         c, mu, logvar = self.ca_net(emb)
-        h = self.fc(torch.cat((z, c), 1))  # official order: (noise, c_code)
-        h = up_with_film(self.upsample, self.film, h.view(-1, self.ngf, 4, 4), c)
+        h = self.fc(torch.cat((z, c), 1)).view(-1, self.ngf, 4, 4)  # official order: (noise, c_code)
+        if self.attend is None:
+            return self.img(up_with_film(self.upsample, self.film, h, c)), mu, logvar
+        if words is None:
+            raise ValueError("Stage1G: this generator attends over its captions' words (model.word_attn): "
+                             "pass words=stackgan.words.word_vectors(captions)")
+        _check_input("Stage1G words", words.vectors, (emb.shape[0], None, WORD_DIM))
+        film = self.film or [None] * 4
+        h = up_with_film(self.upsample[:2], self.film and film[:2], h, c)  # 16 px
+        for i, attend in zip((2, 3), self.attend):  # 32 and 64 px: up, then read the words
+            h = attend(up_with_film(self.upsample[i:i + 1], self.film and film[i:i + 1], h, c), words)
         return self.img(h), mu, logvar
 
 
@@ -339,10 +382,10 @@ class TFStage1G(Stage1G):
             up_block(gf_dim * 2, gf_dim),  # 32x32
         )
         self.img = nn.Sequential(UpsampleConv3x3(gf_dim, 3, kernel_size=3, padding=1, bias=False), nn.Tanh())
-        self.film = None
+        self.film, self.word_attn, self.attend = None, False, None
         init_weights(self)
 
-    def forward(self, emb: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, emb: Tensor, z: Tensor, words: Words | None = None) -> tuple[Tensor, Tensor, Tensor]:
         _check_input("Stage1G emb", emb, (None, self.text_dim))
         _check_input("Stage1G z", z, (emb.shape[0], self.z_dim))
         c, mu, logvar = self.ca_net(emb)
@@ -427,16 +470,23 @@ class Stage2G(nn.Module):
         self.stage1.eval()
         return self
 
-    @torch.no_grad()
-    def low_res(self, emb: Tensor, z: Tensor) -> Tensor:
-        """The frozen Stage-I image (B, 3, 64, 64) for (emb, z), without autograd history."""
-        return self.stage1(emb, z)[0].detach()
+    @property
+    def word_attn(self) -> bool:
+        """Its stage-I generator attends over the captions' words (then ``words`` is needed)."""
+        return getattr(self.stage1, "word_attn", False)
 
-    def forward(self, emb: Tensor, z: Tensor | None, low: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    @torch.no_grad()
+    def low_res(self, emb: Tensor, z: Tensor, words: Words | None = None) -> Tensor:
+        """The frozen Stage-I image (B, 3, 64, 64) for (emb, z), without autograd history."""
+        return self.stage1(emb, z, words)[0].detach()
+
+    def forward(self, emb: Tensor, z: Tensor | None, words: Words | None = None,
+                low: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """256-px images for (emb, z); ``low`` (B, 3, 64, 64) replaces the stage-I images (the
-        real 64-px crops of ``loss.recon_coef``), and ``z`` is then not needed."""
+        real 64-px crops of ``loss.recon_coef``), and ``z`` is then not needed. ``words``: for
+        a stage-I generator with ``model.word_attn``."""
         if low is None:
-            low = self.low_res(emb, z)  # checks emb and z
+            low = self.low_res(emb, z, words)  # checks emb and z
         else:
             _check_input("Stage2G emb", emb, (None, self.text_dim))
             _check_input("Stage2G low", low, (emb.shape[0], 3, 64, 64))
@@ -459,6 +509,7 @@ class Stage2G(nn.Module):
 # --------------------------------------------------------------------------------------
 FAMILIES = ("pytorch", "tf")  # model.family: the official PyTorch (COCO) or TensorFlow (birds) networks
 CODE_DIM = 128  # size of D's image and text codes for the contrastive loss (loss.contrastive_coef)
+WORD_CODE_DIM = 64  # size of D's region and word codes for the word-region loss (loss.word_coef)
 
 
 class DOut(NamedTuple):
@@ -466,7 +517,8 @@ class DOut(NamedTuple):
     with the code heads (``code_dim``) also the unit-norm image and text codes, each (B,
     code_dim), for :func:`stackgan.losses.contrastive_loss`; with a species head
     (``num_classes``) its logits, (B, num_classes), for ``class_loss``; with an attribute head
-    (``num_attributes``) its logits, (B, num_attributes), for ``attribute_loss``."""
+    (``num_attributes``) its logits, (B, num_attributes), for ``attribute_loss``; with word codes
+    (``word_codes``, when ``words`` are given to D) region and word codes for ``word_region_loss``."""
 
     cond: Tensor
     uncond: Tensor | None = None
@@ -475,6 +527,8 @@ class DOut(NamedTuple):
     txt_code: Tensor | None = None
     cls_logits: Tensor | None = None
     attr_logits: Tensor | None = None
+    regions: Tensor | None = None  # (B, 16, WORD_CODE_DIM) unit codes of the 4x4 map's places (loss.word_coef)
+    word_codes: Tensor | None = None  # (B, T, WORD_CODE_DIM) unit codes of the caption's words
 
 
 def _down(cin: int, cout: int, bn: bool, k: int = 4, s: int = 2, p: int = 1) -> list[nn.Module]:
@@ -514,14 +568,16 @@ class _Discriminator(nn.Module):
     off by default): image/text codes whose batch similarities train both nets to tell which
     caption an image belongs to (``code_dim``; XMC-GAN style), a species classifier
     (``num_classes``; AC-GAN), and an attribute head (``num_attributes``): a linear read of the
-    whole 4x4 code, not its mean, so a part's place (crown on top, tail at the back) can count."""
+    whole 4x4 code, not its mean, so a part's place (crown on top, tail at the back) can count;
+    region and word codes (``word_codes``): each of the 16 places of the 4x4 code and each word
+    of the caption in one space, for AttnGAN's word-region matching (``loss.word_coef``)."""
 
     image_size: int
     uncond: bool  # stage II's unconditional (realism only) head (the PyTorch code's; the TF code has none)
 
     def __init__(self, df_dim: int = 64, cond_dim: int = 128, spectral_norm: bool = False, text_dim: int = 0,
                  emb_scale: float = 1.0, code_dim: int = 0, num_classes: int = 0, family: str = "pytorch",
-                 num_attributes: int = 0):
+                 num_attributes: int = 0, word_codes: bool = False):
         super().__init__()
         if family not in FAMILIES:
             raise ValueError(f"{type(self).__name__}: family must be one of {FAMILIES}, got {family!r}")
@@ -550,6 +606,8 @@ class _Discriminator(nn.Module):
         self.txt_code = nn.Linear(cond_dim, code_dim) if code_dim > 0 else None
         self.classify = nn.Linear(df_dim * 8, num_classes) if num_classes > 0 else None
         self.attributes = nn.Linear(df_dim * 8 * 16, num_attributes) if num_attributes > 0 else None
+        self.region_code = nn.Conv2d(df_dim * 8, WORD_CODE_DIM, 1) if word_codes else None
+        self.word_code = nn.Linear(WORD_DIM, WORD_CODE_DIM) if word_codes else None
         init_weights(self)
         if spectral_norm:  # after init, so the N(0, 0.02) draw is the un-normalised weight
             for m in list(self.modules()):
@@ -562,7 +620,9 @@ class _Discriminator(nn.Module):
     def _tf_encoder(self, ndf: int, bn: bool, sn: bool) -> list[nn.Module]:
         raise NotImplementedError
 
-    def forward(self, img: Tensor, cond: Tensor, wrong_cond: Tensor | None = None) -> DOut:
+    def forward(self, img: Tensor, cond: Tensor, wrong_cond: Tensor | None = None,
+                words: Words | None = None) -> DOut:
+        """``words``: the captions' word vectors, for the region and word codes (``word_codes``)."""
         s = self.image_size
         _check_input(f"{type(self).__name__} img", img, (None, 3, s, s))
         _check_input(f"{type(self).__name__} cond", cond, (img.shape[0], self.in_dim))
@@ -585,7 +645,13 @@ class _Discriminator(nn.Module):
                 txt_code = F.normalize(self.txt_code(cond.float()), dim=1)
             if self.classify is not None:
                 cls_logits = self.classify(pooled)
-        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, attr_logits)
+        regions = word_codes = None
+        if self.region_code is not None:
+            if words is None:
+                raise ValueError(f"{type(self).__name__}: D has word codes (loss.word_coef > 0): pass the words")
+            regions = F.normalize(self.region_code(h).float().flatten(2).transpose(1, 2), dim=-1)
+            word_codes = F.normalize(self.word_code(words.vectors.float()), dim=-1)
+        return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, attr_logits, regions, word_codes)
 
     def text_codes(self, text: Tensor) -> Tensor:
         """Unit text codes of raw text embeddings (N, text_dim), as ``forward`` makes them:
@@ -692,7 +758,8 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
             raise ValueError("build_generator: stage1 is only used for model.stage=2")
         if tf:
             return TFStage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale)
-        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act, mcfg.g_film)
+        return Stage1G(text_dim, mcfg.z_dim, mcfg.cond_dim, mcfg.gf_dim, mcfg.emb_scale, mcfg.ca_act, mcfg.g_film,
+                       mcfg.word_attn)
     if stage1 is None:
         raise ValueError("build_generator: model.stage=2 needs the stage-I generator (stage1=...)")
     if not isinstance(stage1, Stage1G):
@@ -704,16 +771,17 @@ def build_generator(mcfg: ModelConfig, text_dim: int, stage1: nn.Module | None =
 
 
 def build_discriminator(mcfg: ModelConfig, text_dim: int = 0, code_dim: int = 0, num_classes: int = 0,
-                        num_attributes: int = 0) -> nn.Module:
+                        num_attributes: int = 0, word_codes: bool = False) -> nn.Module:
     """Stage-I or Stage-II discriminator. Its condition input is G's ``mu`` (cond_dim) when
     ``mcfg.d_cond == "mu"`` (official PyTorch), the raw text embedding (text_dim) when "text".
     ``code_dim`` > 0 adds the contrastive code heads (the trainer passes :data:`CODE_DIM` when
     ``loss.contrastive_coef`` > 0), ``num_classes`` > 0 the species head (``loss.class_coef``),
-    ``num_attributes`` > 0 the attribute head (``loss.attr_coef``)."""
+    ``num_attributes`` > 0 the attribute head (``loss.attr_coef``), ``word_codes`` the region and
+    word codes (``loss.word_coef``)."""
     cls = Stage1D if _stage(mcfg) == 1 else Stage2D
     assert cls.image_size == image_size(mcfg.stage)
     if mcfg.d_cond == "text" and text_dim <= 0:
         raise ValueError("build_discriminator: model.d_cond=text needs the text dim")
     return cls(mcfg.df_dim, mcfg.cond_dim, mcfg.spectral_norm, text_dim=text_dim if mcfg.d_cond == "text" else 0,
                emb_scale=mcfg.emb_scale, code_dim=code_dim, num_classes=num_classes, family=_family(mcfg),
-               num_attributes=num_attributes)
+               num_attributes=num_attributes, word_codes=word_codes)

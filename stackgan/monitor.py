@@ -29,6 +29,7 @@ from .metrics import compute
 from .run import SPLIT, Run, eval_context
 from .step import StepOut
 from .tracking import Trackers
+from .words import word_vectors
 
 FIXED_CAPTIONS = 8  # rows of the sample grids (4 noise vectors each)
 COLLAPSE_WARN = 0.05  # diversity score below which the log warns of mode collapse
@@ -61,6 +62,7 @@ class Monitor:
                                    cache_dir=run.cfg.data.cache_dir, cache_gb=run.cfg.data.cache_gb)
         self.captions = list(fixed["caption"])
         self.fixed_emb = fixed["emb"].to(run.device)
+        self.fixed_words = word_vectors(self.captions, run.device) if run.words else None
         self.fixed_z = torch.randn(len(self.captions), 4, run.cfg.model.z_dim, generator=torch.Generator().manual_seed(1234))
         self.jsonl = self.trackers = self.bar = None
         if not run.main:
@@ -141,7 +143,8 @@ class Monitor:
 
     def diagnostics(self, out: StepOut) -> None:
         """Gradient norms of this step and the diversity of the fixed captions' samples."""
-        div = diversity_score(self.run.sampler, self.fixed_emb, 4, torch.Generator().manual_seed(99))
+        div = diversity_score(self.run.sampler, self.fixed_emb, 4, torch.Generator().manual_seed(99),
+                              words=self.fixed_words)
         self.write({"step": self.run.step, "grad_norm_d": float(out.grad_norm_d), "grad_norm_g": float(out.grad_norm_g),
                     "diversity": div})
         if div < COLLAPSE_WARN:
@@ -157,7 +160,7 @@ class Monitor:
         was_training = gen.training
         gen.eval()
         with torch.no_grad(), run.acc.autocast():
-            imgs = [gen(self.fixed_emb, self.fixed_z[:, j].to(run.device))[0].float().cpu()
+            imgs = [gen(self.fixed_emb, self.fixed_z[:, j].to(run.device), words=self.fixed_words)[0].float().cpu()
                     for j in range(self.fixed_z.shape[1])]
         gen.train(was_training)
         grid = torch.stack(imgs, 1).reshape(-1, *imgs[0].shape[1:])

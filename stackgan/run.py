@@ -35,6 +35,8 @@ from .losses import CaptionBank
 from .metrics import EvalContext, MetricError, check as check_metric_names
 from .models import CODE_DIM, build_discriminator, build_generator
 from .resume import MAY_CHANGE, check_changes, config_changes, describe_changes, record_config
+from .step import needs_words
+from .words import WORD_DIM, Words, word_vectors
 
 SPLIT = "train"  # the split the trainer streams; metrics score the test split's unseen species
 CPU_NCHW_BELOW = 32  # CPU: layers on maps narrower than this stay NCHW (faster there; docs/performance.md)
@@ -55,6 +57,7 @@ class Run:
     bank: CaptionBank | None  # extra contrastive negatives (loss.contrastive_bank), per rank
     species: torch.Tensor | None  # class id -> D's species-head index (loss.class_coef)
     attr_groups: list[list[int]] | None  # D's attribute head's groups (loss.attr_coef)
+    words: bool  # steps need the captions' word vectors (step.needs_words)
     stream: Any  # data.stream.TrainStream
     z_gen: torch.Generator  # noise, per rank
     pair_gen: torch.Generator  # wrong pairs, per rank
@@ -231,27 +234,32 @@ def build_models(cfg: Config, meta: ShardMeta, stage1: nn.Module | None, device:
     classes = len(meta.splits[SPLIT].classes) if cfg.loss.class_coef > 0 else 0
     attributes = len(meta.attributes) if cfg.loss.attr_coef > 0 else 0
     D = build_discriminator(cfg.model, meta.text_dim, code_dim=CODE_DIM if cfg.loss.contrastive_coef > 0 else 0,
-                            num_classes=classes, num_attributes=attributes)
+                            num_classes=classes, num_attributes=attributes, word_codes=cfg.loss.word_coef > 0)
     if cfg.train.channels_last and channels_last:
-        example = (torch.zeros(2, meta.text_dim), torch.zeros(2, cfg.model.z_dim))
+        words = Words(torch.zeros(2, 1, WORD_DIM), torch.ones(2, 1, dtype=torch.bool))
+        example = (torch.zeros(2, meta.text_dim), torch.zeros(2, cfg.model.z_dim), words)
         apply_layout(G, D, example, cfg.model.d_cond, layout_min_hw(CPU_NCHW_BELOW, device))
     return G, D
 
 
-def standing_inputs(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def standing_inputs(cfg: Config, words: bool = False) -> list[tuple]:
     """The (embedding, noise) batches the EMA generator's BatchNorm statistics are computed over:
     the first :data:`STANDING_BATCHES` global batches of the run's train stream, the same on every
-    rank and in every launch, with noise from the run seed."""
+    rank and in every launch, with noise from the run seed; ``words``: with the captions' word
+    vectors (a generator with ``model.word_attn``)."""
     stream = TrainStream(
         cfg.data.shards, SPLIT, image_size(cfg.model.stage), cfg.data.batch_size, seed=cfg.train.seed,
         num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer, emb_mode="one" if cfg.data.emb_k == 1 else "mean",
         emb_k=cfg.data.emb_k, on_corrupt=cfg.data.on_corrupt, img_dtype="uint8",
         cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb)
     it = stream.iterate()
-    embs = [next(it)["emb"] for _ in range(STANDING_BATCHES)]
+    raws = [next(it) for _ in range(STANDING_BATCHES)]
     it.close()
     gen = torch.Generator().manual_seed(cfg.train.seed + 4242)
-    return [(e, torch.randn(e.shape[0], cfg.model.z_dim, generator=gen)) for e in embs]
+    out = [(r["emb"], torch.randn(r["emb"].shape[0], cfg.model.z_dim, generator=gen)) for r in raws]
+    if words:
+        return [(e, z, word_vectors(r["caption"])) for (e, z), r in zip(out, raws)]
+    return out
 
 
 def build_run(cfg: Config, resume: str = "auto") -> Run:
@@ -291,7 +299,8 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
     run = Run(cfg=cfg, meta=meta, acc=acc, G=G, D=D, opt_g=opt_g, opt_d=opt_d, ema=None,
               bank=CaptionBank(cfg.loss.contrastive_bank, meta.text_dim, acc.device) if cfg.loss.contrastive_bank else None,
               species=class_index(meta).to(acc.device) if cfg.loss.class_coef > 0 else None,
-              attr_groups=group_indices(meta.attributes) if cfg.loss.attr_coef > 0 else None, stream=None,
+              attr_groups=group_indices(meta.attributes) if cfg.loss.attr_coef > 0 else None,
+              words=needs_words(cfg, G), stream=None,
               z_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 1),
               pair_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 10_000),
               step=0, n_steps=n_steps, steps_per_epoch=spe, stage1_cfg=stage1_cfg, resumed_from=resume_path, log=log)
@@ -328,7 +337,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, attributes=cfg.loss.attr_coef > 0,
     )
     if run.ema is not None:
-        run.ema.set_standing_inputs(standing_inputs(cfg))
+        run.ema.set_standing_inputs(standing_inputs(cfg, words=getattr(run.G_inner, "word_attn", False)))
     if state is not None and state.get("stream") not in (None, run.stream.signature()):
         log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
             "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")

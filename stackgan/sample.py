@@ -129,16 +129,17 @@ def split_prompts(info: ExportInfo, shards: str, split: str, limit: int, caption
 
 @torch.no_grad()
 def generate_images(G: torch.nn.Module, emb: np.ndarray, n: int, seed: int, z_dim: int,
-                    device: str | torch.device = "cpu") -> torch.Tensor:
+                    device: str | torch.device = "cpu", texts: list[str] | None = None) -> torch.Tensor:
     """(P, n, 3, S, S) images in [-1,1] on the CPU. Prompt p's images come from noise seeded
-    by (seed, p) in fixed chunks of :data:`CHUNK`, so they do not depend on other prompts."""
+    by (seed, p) in fixed chunks of :data:`CHUNK`, so they do not depend on other prompts.
+    ``texts``: the prompts' texts (a generator with ``model.word_attn`` reads their words)."""
     dev = torch.device(device)
     out = []
     for p in range(len(emb)):
         z = noise(n, z_dim, seed, p)
         e = torch.as_tensor(emb[p], dtype=torch.float32).expand(n, -1)
-        imgs = [run_generator(G, e[lo : lo + CHUNK].to(dev), z[lo : lo + CHUNK].to(dev),
-                              seed_of(seed, p, lo, 2)).cpu()
+        imgs = [run_generator(G, e[lo : lo + CHUNK].to(dev), z[lo : lo + CHUNK].to(dev), seed_of(seed, p, lo, 2),
+                              None if texts is None else [texts[p]] * len(e[lo : lo + CHUNK])).cpu()
                 for lo in range(0, n, CHUNK)]
         out.append(torch.cat(imgs))
     return torch.stack(out)
@@ -250,9 +251,9 @@ def run(
         pr = Prompts(texts, np.asarray(enc.encode(texts), np.float32), "text")
     G = build_from_export(payload).to(device).eval()
     G.requires_grad_(False)
-    images = generate_images(G, pr.emb, n, seed, info.z_dim, device)
+    images = generate_images(G, pr.emb, n, seed, info.z_dim, device, pr.texts)
     # the same seeds give the stage-I images G refined (its forward draws low_res first)
-    low = generate_images(G.low_res, pr.emb, n, seed, info.z_dim, device) if stages else None
+    low = generate_images(G.low_res, pr.emb, n, seed, info.z_dim, device, pr.texts) if stages else None
     return write_outputs(images, pr, Path(out) if out else default_out(export), info, seed, low)
 
 

@@ -19,7 +19,8 @@ from torch import Tensor
 from .config import Config
 from .data.stream import to_device, to_unit_range
 from .losses import (CaptionBank, attribute_loss, class_loss, contrastive_loss, d_loss, g_loss, kl_loss,
-                     recon_loss, wrong_indices)
+                     recon_loss, word_region_loss, wrong_indices)
+from .words import Words, word_vectors
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Batch:
     attr: Tensor | None = None  # (B, A) the real images' attribute labels (loss.attr_coef)
     stated: Tensor | None = None  # (B, A) bool: the attributes of the groups each caption states
     attr_groups: list[list[int]] | None = None  # the attribute head's groups (attribute indices)
+    words: Words | None = None  # the captions' word vectors (model.word_attn, loss.word_coef)
 
 
 @dataclass
@@ -48,12 +50,13 @@ class StepOut:
 
 
 def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Generator, pair_gen: torch.Generator,
-               species: Tensor | None, attr_groups: list[list[int]] | None = None) -> Batch:
+               species: Tensor | None, attr_groups: list[list[int]] | None = None, words: bool = False) -> Batch:
     """A stream batch on the device, with its noise and wrong pairs drawn from the run's own
     generators (on the CPU, so a resumed run draws the same numbers on any device). Host
     tensors cross pinned and non-blocking, so the host never waits for the GPU here;
     ``species`` (class id -> species index) lives on the device; ``attr_groups``: the attribute
-    head's groups, when the stream carries ``attr`` and ``stated``."""
+    head's groups, when the stream carries ``attr`` and ``stated``; ``words``: the captions'
+    word vectors are needed (:func:`needs_words`)."""
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     real = to_unit_range(to_device(raw["img"], device), memory_format=layout)
     z = torch.randn(len(raw["cls"]), cfg.model.z_dim, generator=z_gen)
@@ -65,7 +68,14 @@ def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Genera
         attr, stated = to_device(raw["attr"], device), to_device(raw["stated"], device)
     return Batch(real=real, emb=to_device(raw["emb"], device), z=to_device(z, device), wrong=to_device(wrong, device),
                  cls=cls, species=None if species is None else species[cls], real_low=low,
-                 attr=attr, stated=stated, attr_groups=attr_groups)
+                 attr=attr, stated=stated, attr_groups=attr_groups,
+                 words=word_vectors(raw["caption"], device) if words else None)
+
+
+def needs_words(cfg: Config, G_inner: torch.nn.Module) -> bool:
+    """Whether a step needs the captions' word vectors: G attends over them (its own
+    ``model.word_attn``, or a stage-I export's that stage II refines) or D matches them."""
+    return bool(getattr(G_inner, "word_attn", False)) or cfg.loss.word_coef > 0
 
 
 def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,
@@ -86,9 +96,10 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
     cond = batch.emb if cfg.model.d_cond == "text" else mu.detach()  # what D is conditioned on
     same_species = batch.cls if bank is not None else None  # a batch of 32 rarely holds two; the bank does
 
+    words = batch.words if lc.word_coef > 0 else None  # what D's word codes read
     with acc.autocast():
-        out_real = D(batch.real, cond, cond[batch.wrong])
-        out_fake = D(fake.detach(), cond)
+        out_real = D(batch.real, cond, cond[batch.wrong], words=words)
+        out_fake = D(fake.detach(), cond, words=words)
         loss_d, stats = d_loss(out_real, out_fake, kind=lc.kind)
         if lc.contrastive_coef > 0:
             fakes = out_fake.img_code if bank is not None else None
@@ -100,11 +111,14 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
         if lc.attr_coef > 0:  # every labelled group: a real image shows all its parts
             stats["loss_attr_real"] = attribute_loss(out_real.attr_logits, batch.attr, batch.attr_groups)
             loss_d = loss_d + lc.attr_coef * stats["loss_attr_real"]
+        if lc.word_coef > 0:
+            stats["loss_word_real"] = word_region_loss(out_real, batch.words.mask, batch.cls)
+            loss_d = loss_d + lc.word_coef * stats["loss_word_real"]
     gnorm_d = update(acc, D, opt_d, loss_d, diag, stats, "d")
 
     with frozen(D_inner):
         with acc.autocast():
-            out_g = D_inner(fake, cond)
+            out_g = D_inner(fake, cond, words=words)
             stats["kl"] = kl_loss(mu, logvar)
             loss_g = g_loss(out_g, kind=lc.kind) + lc.kl_coef * stats["kl"]
             if lc.contrastive_coef > 0:  # D moved: its codes of the stored captions too (constants for G)
@@ -117,6 +131,9 @@ def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBa
                 stats["loss_attr_fake"] = attribute_loss(out_g.attr_logits, batch.attr, batch.attr_groups,
                                                          stated=batch.stated)
                 loss_g = loss_g + lc.attr_coef * stats["loss_attr_fake"]
+            if lc.word_coef > 0:  # G's fakes must show their captions' words, place by place
+                stats["loss_word_fake"] = word_region_loss(out_g, batch.words.mask, batch.cls)
+                loss_g = loss_g + lc.word_coef * stats["loss_word_fake"]
             if refined is not None:
                 stats["loss_recon"] = recon_loss(refined, batch.real)
                 loss_g = loss_g + lc.recon_coef * stats["loss_recon"]
@@ -130,10 +147,10 @@ def _generate(G, G_inner, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor 
     """G's fakes, CA mean and log-variance, and (stage II with ``real_low``) its refinement of
     the real 64-px crops, all from one G call: one forward per backward, as DDP expects."""
     if batch.real_low is None:
-        fake, mu, logvar = G(batch.emb, batch.z)
+        fake, mu, logvar = G(batch.emb, batch.z, words=batch.words)
         return fake, mu, logvar, None
     n = len(batch.z)
-    low = torch.cat([G_inner.low_res(batch.emb, batch.z), batch.real_low.to(batch.emb.dtype)])
+    low = torch.cat([G_inner.low_res(batch.emb, batch.z, words=batch.words), batch.real_low.to(batch.emb.dtype)])
     img, mu, logvar = G(torch.cat([batch.emb, batch.emb]), None, low=low)
     return img[:n], mu[:n], logvar[:n], img[n:]
 

@@ -139,7 +139,7 @@ def train(cfg: Config, resume: str = "auto", *, handle_signals: bool = True) -> 
                 break
 
             batch = make_batch(next(batches), cfg, run.device, run.z_gen, run.pair_gen, run.species,
-                               run.attr_groups)
+                               run.attr_groups, words=run.words)
             run.set_lr()
             diag = (run.step + 1) % cfg.train.sample_every == 0 or run.step + 1 == run.n_steps
             out = gan_step(run.acc, run.G, run.D, run.opt_g, run.opt_d, batch, cfg, run.bank, diag=diag)

@@ -303,7 +303,8 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1, stated: 
     from stackgan.config import load_config
     from stackgan.models import CODE_DIM, build_discriminator, build_generator
     from stackgan.backends import AccelerateGAN
-    from stackgan.step import Batch, gan_step
+    from stackgan.step import Batch, gan_step, needs_words
+    from stackgan.words import word_vectors
 
     cfg = load_config(None, ["model.gf_dim=8", "model.df_dim=8", "model.z_dim=8", "model.cond_dim=8",
                              "model.d_cond=text", "loss.contrastive_coef=1.0", f"model.stage={stage}", *overrides])
@@ -312,7 +313,8 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1, stated: 
     G = build_generator(cfg.model, 12, stage1=stage1 if stage == 2 else None)
     classes = 3 if cfg.loss.class_coef > 0 else 0
     n_attr = 4 if cfg.loss.attr_coef > 0 else 0
-    D = build_discriminator(cfg.model, 12, code_dim=CODE_DIM, num_classes=classes, num_attributes=n_attr)
+    D = build_discriminator(cfg.model, 12, code_dim=CODE_DIM, num_classes=classes, num_attributes=n_attr,
+                            word_codes=cfg.loss.word_coef > 0)
     opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters(), lr=lr_d)
     acc = Accelerator(cpu=True)
     G, D, opt_g, opt_d = acc.prepare(G, D, opt_g, opt_d)
@@ -324,8 +326,13 @@ def _one_step(overrides: list[str], lr_d: float = 1e-3, stage: int = 1, stated: 
         stated = torch.ones(6, 4, dtype=torch.bool)
     batch = Batch(real=real, emb=torch.randn(6, 12), z=torch.randn(6, 8), wrong=torch.roll(torch.arange(6), 1),
                   cls=torch.arange(6), species=torch.arange(6) % 3 if classes else None, real_low=low,
-                  attr=attr, stated=stated, attr_groups=[[0, 1], [2, 3]] if n_attr else None)
+                  attr=attr, stated=stated, attr_groups=[[0, 1], [2, 3]] if n_attr else None,
+                  words=word_vectors(WORD_CAPTIONS) if needs_words(cfg, G) else None)
     return gan_step(AccelerateGAN(acc, grad_clip=cfg.optim.grad_clip), G, D, opt_g, opt_d, batch, cfg)
+
+
+WORD_CAPTIONS = ["a small yellow bird with black wings", "this bird has a red crown", "a grey bird",
+                 "a bird with a long needle-shaped bill and a white belly", "blue wings", "a tiny brown bird"]
 
 
 def _weighs_real_and_fake_terms(key: str, term: str):
@@ -357,6 +364,15 @@ def test_attr_coef_weighs_the_attribute_terms_and_g_answers_for_stated_groups_on
     half[:, :2] = True  # the first group only
     assert 0 < _one_step(["loss.attr_coef=1"], lr_d=0.0, stated=half).stats["loss_attr_fake"] != fake
     assert "loss_attr_real" not in _one_step([]).stats
+
+
+def test_word_coef_weighs_the_word_region_terms_of_d_and_g():
+    """The word-region loss on real pairs (D) and on G's fakes (G), with and without G's word
+    attention; D's word and region codes exist only with the loss."""
+    _weighs_real_and_fake_terms("loss.word_coef", "word")
+    attending = _one_step(["loss.word_coef=1", "model.word_attn=true"], lr_d=0.0)
+    assert 0 < attending.stats["loss_word_fake"] < 10
+    assert "loss_word_real" not in _one_step([]).stats
 
 
 def test_attr_coef_needs_shards_with_attributes(tmp_path):
@@ -408,7 +424,8 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     from stackgan.config import load_config
     from stackgan.models import build_discriminator, build_generator
     from stackgan.backends import AccelerateGAN
-    from stackgan.step import Batch, gan_step
+    from stackgan.step import Batch, gan_step, needs_words
+    from stackgan.words import word_vectors
 
     from .test_amp import INIT_SCALE, _accelerator
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 from stackgan.errors import StackGANError
 from stackgan.images import resize, stored_size  # noqa: F401 -- resize: the metrics import it from here
+from stackgan.words import word_vectors
 
 
 class MetricError(StackGANError, RuntimeError):
@@ -308,14 +309,28 @@ def noise(n: int, z_dim: int, *seed: int) -> torch.Tensor:
     return torch.randn(n, z_dim, generator=g)
 
 
-def run_generator(G: nn.Module, emb: torch.Tensor, z: torch.Tensor, seed: int) -> torch.Tensor:
+def needs_words(G) -> bool:
+    """Whether G attends over its captions' words (``model.word_attn``, its own or its stage I's;
+    ``G`` may also be a bound ``low_res``)."""
+    return bool(getattr(getattr(G, "__self__", G), "word_attn", False))
+
+
+def run_generator(G: nn.Module, emb: torch.Tensor, z: torch.Tensor, seed: int,
+                  captions: list[str] | None = None) -> torch.Tensor:
     """G(emb, z) images with the CA-Net noise drawn from a global RNG seeded with ``seed``
-    inside ``fork_rng`` (the caller's RNG state is left as it was)."""
+    inside ``fork_rng`` (the caller's RNG state is left as it was). ``captions``: the texts of
+    ``emb``'s rows, for a generator that reads their words (:func:`needs_words`)."""
     dev = emb.device
+    more = {}
+    if needs_words(G):
+        if captions is None:
+            raise MetricError("this generator reads its captions' words (model.word_attn): the metric must "
+                              "pass the caption texts (this one does not support it yet)")
+        more["words"] = word_vectors(captions, dev)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        out = G(emb, z)
+        out = G(emb, z, **more)
     img = out[0] if isinstance(out, (tuple, list)) else out
     return img.float()
 
@@ -336,19 +351,21 @@ def progress(batches: list[tuple[int, int]], ctx: EvalContext, what: str) -> Ite
 
 def generate(
     G: nn.Module, ctx: EvalContext, emb: np.ndarray | torch.Tensor, tag: int, batch_size: int = 0,
-    what: str = "generating",
+    what: str = "generating", captions: list[str] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """This rank's share of G's images for ``emb`` (N, D): yields ``(lo, hi, images)`` per
     global batch, images on ``ctx.device`` in [-1, 1]. Noise for item i is row i of a table
     seeded by (ctx.seed, tag); the CA noise by (ctx.seed, tag, lo). ``batch_size`` overrides
     ``ctx.batch_size`` (the batch cut is global, so it must be the same on every rank);
-    ``what`` labels the progress bar (:func:`progress`)."""
+    ``what`` labels the progress bar (:func:`progress`); ``captions``: ``emb``'s texts, for a
+    generator that reads their words."""
     n = len(emb)
     z_all = noise(n, ctx.z_dim, ctx.seed, tag)
     dev = ctx.torch_device
     for lo, hi in progress(my_batches(n, batch_size or ctx.batch_size), ctx, what):
         e = torch.as_tensor(np.asarray(emb[lo:hi]) if not torch.is_tensor(emb) else emb[lo:hi])
-        img = run_generator(G, e.to(dev, torch.float32), z_all[lo:hi].to(dev), seed_of(ctx.seed, tag, lo, 1))
+        img = run_generator(G, e.to(dev, torch.float32), z_all[lo:hi].to(dev), seed_of(ctx.seed, tag, lo, 1),
+                            None if captions is None else list(captions[lo:hi]))
         if img.shape[1:] != (3, ctx.image_size, ctx.image_size):
             raise MetricError(
                 f"generator made images of shape {tuple(img.shape[1:])}, expected (3, {ctx.image_size}, "

@@ -119,6 +119,7 @@ class JudgeItems:
     emb: np.ndarray  # (n, D) caption embeddings to generate from
     own: np.ndarray  # (n, A) attributes each item is scored against (its caption's)
     shuffled: np.ndarray  # (n, A) another item's attributes: the shuffled-caption chance level
+    captions: list[str]  # (n,) the texts of emb (a generator that reads words needs them)
 
     def __len__(self) -> int:
         return len(self.emb)
@@ -129,7 +130,7 @@ def judge_items(ctx: EvalContext, judge: Judge, split: str) -> JudgeItems:
     data = split_data(ctx, split, judge.holdout_mod)
     sample, cap, partner = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
     tgt = targets(ctx, data, sample, cap)
-    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner])
+    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner], [data.captions[s][c] for s, c in zip(sample, cap)])
 
 
 class JudgeTally:
@@ -167,7 +168,8 @@ def judge_pass(G, ctx: EvalContext, judge: Judge, split: str) -> dict:
     def make() -> dict:
         items = judge_items(ctx, judge, split)
         tally = JudgeTally(judge, items)
-        for lo, hi, img in generate(G, ctx, items.emb, TAGS[split], what=f"judge, {split} captions"):
+        for lo, hi, img in generate(G, ctx, items.emb, TAGS[split], what=f"judge, {split} captions",
+                                    captions=items.captions):
             tally.add(img, lo, hi)
         return tally.result()
 
@@ -266,9 +268,11 @@ def diversity_samples(G, ctx: EvalContext) -> list[torch.Tensor]:
         k, m = ctx.diversity_captions, ctx.diversity_z
         sample, cap, _ = draw_items(data, k, ctx.seed, TAGS["diversity"])
         emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
+        texts = [data.captions[s][c] for s, c in zip(sample, cap) for _ in range(m)]
         bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
         return [resize(img, 64).cpu().reshape(-1, m, 3, 64, 64)
-                for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs, what="diversity")]
+                for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs, what="diversity",
+                                          captions=texts)]
 
     return ctx.shared(DiversitySamples(), make)
 
