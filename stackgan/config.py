@@ -70,7 +70,7 @@ class ModelConfig:
     upsample_skip: bool = False  # stage II: G draws a correction on top of the bicubically upsampled stage-I
     # image (zero at the start), instead of a new image from its 16x16 code (official)
     word_attn: bool = False  # stage I: G's 32- and 64-px maps attend over the caption's word vectors
-    # (AttnGAN's attention; not in StackGAN). Words: the sentence encoder's word-piece vectors (stackgan.words)
+    # (AttnGAN's attention; not in StackGAN); the words: the sentence encoder's word pieces (stackgan.words)
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -390,8 +390,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.word_attn is a stage-I option of the pytorch family (model.stage=1, "
                           "model.family=pytorch); stage II passes the words to a stage-I export that has it")
     if (cfg.model.word_attn or cfg.loss.word_coef > 0) and cfg.data.emb_k != 1:
-        raise ConfigError(f"model.word_attn and loss.word_coef read one caption's words: they need data.emb_k=1 "
-                          f"(the embedding of one caption), got data.emb_k={cfg.data.emb_k}")
+        raise ConfigError(f"model.word_attn and loss.word_coef read one caption's words: they need "
+                          f"data.emb_k=1 (the embedding of one caption), got data.emb_k={cfg.data.emb_k}")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):
         raise ConfigError("model.upsample_skip and loss.recon_coef are stage-II options (model.stage=2)")
     trackers = [n.strip() for n in cfg.train.report_to.split(",")]

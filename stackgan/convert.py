@@ -40,6 +40,7 @@ from .export import (WEIGHTS_NAME, ExportError, build_from_export, model_config,
 from .models import build_discriminator, build_generator
 from .run import standing_inputs
 from .text import CHAR_CNN_RNN
+from .words import reads_words
 
 OFFICIAL = "hanzhanggit/StackGAN-Pytorch"
 D_WEIGHTS_NAME = "discriminator.safetensors"
@@ -242,7 +243,7 @@ def from_checkpoint(path: str | Path, out: str | Path, bn_stats: str = "standing
         g.load_state_dict({**g.state_dict(), **{k: v for k, v in state["G"].items() if k in buffers}})
     if ema and bn_stats == "standing":  # statistics of the averaged weights' own, as the trainer exports
         sampler = EMA(g, ema["decay"])
-        sampler.set_standing_inputs(standing_inputs(cfg, words=getattr(g, "word_attn", False)))
+        sampler.set_standing_inputs(standing_inputs(cfg, words=reads_words(g)))
         g = sampler.sampler()
     return save_export(Path(out) / WEIGHTS_NAME, g, cfg.model, text_encoder=encoder, text_dim=text_dim,
                        step=int(state["step"]), config=to_dict(cfg), stage1_model=stage1_cfg)

@@ -81,6 +81,6 @@ def apply_layout(G: nn.Module, D: nn.Module, example_g: tuple, d_cond: str, min_
     n_g, (fake, mu, _) = channels_last_where_large(G, example_g, min_hw)
     cond = example_g[0] if d_cond == "text" else mu
     words = example_g[2] if len(example_g) > 2 else None
-    n_d, _ = channels_last_where_large(D, (fake.contiguous(memory_format=torch.channels_last), cond, None, words),
-                                       min_hw)
+    fake = fake.contiguous(memory_format=torch.channels_last)
+    n_d, _ = channels_last_where_large(D, (fake, cond, None, words), min_hw)
     return n_g, n_d

@@ -70,7 +70,7 @@ def contrastive_loss(out: DOut, labels: Tensor | None = None,
     return (F.cross_entropy(to_text, target) + F.cross_entropy(to_image, target)) / 2
 
 
-WORD_GAMMAS = (5.0, 5.0, 10.0)  # DAMSM's gamma1 (region attention), gamma2 (word pooling), gamma3 (scale); AttnGAN birds
+WORD_GAMMAS = (5.0, 5.0, 10.0)  # AttnGAN's birds values of DAMSM's gamma1 (region attention), gamma2, gamma3
 
 
 def word_region_loss(out: DOut, mask: Tensor, labels: Tensor | None = None,

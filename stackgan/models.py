@@ -327,10 +327,10 @@ class Stage1G(nn.Module):
             raise ValueError("Stage1G: this generator attends over its captions' words (model.word_attn): "
                              "pass words=stackgan.words.word_vectors(captions)")
         _check_input("Stage1G words", words.vectors, (emb.shape[0], None, WORD_DIM))
-        film = self.film or [None] * 4
-        h = up_with_film(self.upsample[:2], self.film and film[:2], h, c)  # 16 px
+        film = self.film
+        h = up_with_film(self.upsample[:2], film and film[:2], h, c)  # 16 px
         for i, attend in zip((2, 3), self.attend):  # 32 and 64 px: up, then read the words
-            h = attend(up_with_film(self.upsample[i:i + 1], self.film and film[i:i + 1], h, c), words)
+            h = attend(up_with_film(self.upsample[i:i + 1], film and film[i:i + 1], h, c), words)
         return self.img(h), mu, logvar
 
 
@@ -648,7 +648,7 @@ class _Discriminator(nn.Module):
         regions = word_codes = None
         if self.region_code is not None:
             if words is None:
-                raise ValueError(f"{type(self).__name__}: D has word codes (loss.word_coef > 0): pass the words")
+                raise ValueError(f"{type(self).__name__}: D has word codes (loss.word_coef > 0): pass words")
             regions = F.normalize(self.region_code(h).float().flatten(2).transpose(1, 2), dim=-1)
             word_codes = F.normalize(self.word_code(words.vectors.float()), dim=-1)
         return DOut(cond_logits, uncond, wrong, img_code, txt_code, cls_logits, attr_logits, regions, word_codes)

@@ -36,7 +36,7 @@ from .metrics import EvalContext, MetricError, check as check_metric_names
 from .models import CODE_DIM, build_discriminator, build_generator
 from .resume import MAY_CHANGE, check_changes, config_changes, describe_changes, record_config
 from .step import needs_words
-from .words import WORD_DIM, Words, word_vectors
+from .words import WORD_DIM, Words, reads_words, word_vectors
 
 SPLIT = "train"  # the split the trainer streams; metrics score the test split's unseen species
 CPU_NCHW_BELOW = 32  # CPU: layers on maps narrower than this stay NCHW (faster there; docs/performance.md)
@@ -337,7 +337,7 @@ def build_run(cfg: Config, resume: str = "auto") -> Run:
         cache_dir=cfg.data.cache_dir, cache_gb=cfg.data.cache_gb, attributes=cfg.loss.attr_coef > 0,
     )
     if run.ema is not None:
-        run.ema.set_standing_inputs(standing_inputs(cfg, words=getattr(run.G_inner, "word_attn", False)))
+        run.ema.set_standing_inputs(standing_inputs(cfg, words=reads_words(run.G_inner)))
     if state is not None and state.get("stream") not in (None, run.stream.signature()):
         log("WARNING: the data stream differs from the checkpoint's (shards, batch size, world size or "
             "augmentation settings changed): training continues, but not on the batches an uninterrupted run saw")

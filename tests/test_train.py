@@ -424,8 +424,7 @@ def test_fp16_loss_scaling_skips_an_inf_step_and_logs_it():
     from stackgan.config import load_config
     from stackgan.models import build_discriminator, build_generator
     from stackgan.backends import AccelerateGAN
-    from stackgan.step import Batch, gan_step, needs_words
-    from stackgan.words import word_vectors
+    from stackgan.step import Batch, gan_step
 
     from .test_amp import INIT_SCALE, _accelerator
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from stackgan.data.meta import ShardError, ShardMeta, load_metadata
 from stackgan.errors import StackGANError
 from stackgan.images import resize, stored_size  # noqa: F401 -- resize: the metrics import it from here
-from stackgan.words import word_vectors
+from stackgan.words import reads_words, word_vectors
 
 
 class MetricError(StackGANError, RuntimeError):
@@ -309,23 +309,17 @@ def noise(n: int, z_dim: int, *seed: int) -> torch.Tensor:
     return torch.randn(n, z_dim, generator=g)
 
 
-def needs_words(G) -> bool:
-    """Whether G attends over its captions' words (``model.word_attn``, its own or its stage I's;
-    ``G`` may also be a bound ``low_res``)."""
-    return bool(getattr(getattr(G, "__self__", G), "word_attn", False))
-
-
 def run_generator(G: nn.Module, emb: torch.Tensor, z: torch.Tensor, seed: int,
                   captions: list[str] | None = None) -> torch.Tensor:
     """G(emb, z) images with the CA-Net noise drawn from a global RNG seeded with ``seed``
     inside ``fork_rng`` (the caller's RNG state is left as it was). ``captions``: the texts of
-    ``emb``'s rows, for a generator that reads their words (:func:`needs_words`)."""
+    ``emb``'s rows, for a generator that reads their words (:func:`stackgan.words.reads_words`)."""
     dev = emb.device
     more = {}
-    if needs_words(G):
+    if reads_words(G):
         if captions is None:
-            raise MetricError("this generator reads its captions' words (model.word_attn): the metric must "
-                              "pass the caption texts (this one does not support it yet)")
+            raise MetricError("this generator reads its captions' words (model.word_attn): pass the "
+                              "caption texts of emb (captions=...)")
         more["words"] = word_vectors(captions, dev)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

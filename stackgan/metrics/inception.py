@@ -186,10 +186,11 @@ def inception_pass(G, ctx: EvalContext, need: str) -> dict:
         perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
         i = np.arange(n)
         emb = data.emb[perm[i % s], (i // s) % c]
+        texts = [data.captions[a][b] for a, b in zip(perm[i % s], (i // s) % c)]
         feats = {k: GaussianSums(2048) for k in kinds}
         tv = nets.get("torchvision")
         is_sums = ISSums(ctx.is_splits, tv.net.fc.out_features) if tv is not None else None
-        for lo, hi, img in generate(G, ctx, emb, TAG, what="Inception samples"):
+        for lo, hi, img in generate(G, ctx, emb, TAG, what="Inception samples", captions=texts):
             for k, net in nets.items():
                 pool, logits = net(img)
                 feats[k].add(pool)

@@ -130,7 +130,8 @@ def judge_items(ctx: EvalContext, judge: Judge, split: str) -> JudgeItems:
     data = split_data(ctx, split, judge.holdout_mod)
     sample, cap, partner = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
     tgt = targets(ctx, data, sample, cap)
-    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner], [data.captions[s][c] for s, c in zip(sample, cap)])
+    texts = [data.captions[s][c] for s, c in zip(sample, cap)]
+    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner], texts)
 
 
 class JudgeTally:

@@ -68,14 +68,16 @@ def _check_generator(G: nn.Module, asking: str) -> None:
                           "image it refines; stage-II metrics need a stage-II generator (Stage2G)")
 
 
-def stage_batches(G: nn.Module, ctx: EvalContext, emb: np.ndarray,
-                  tag: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """This rank's ``(lo, hi, stage-II images, their stage-I inputs)`` for ``emb``. Both come
-    from :func:`generate` with the same tag, so the same noise and CA-Net seeds: the stage-I
-    images are exactly the ones G refined (its ``forward`` draws ``low_res`` first)."""
+def stage_batches(G: nn.Module, ctx: EvalContext, emb: np.ndarray, tag: int,
+                  captions: list[str] | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """This rank's ``(lo, hi, stage-II images, their stage-I inputs)`` for ``emb`` (whose texts
+    are ``captions``). Both come from :func:`generate` with the same tag, so the same noise and
+    CA-Net seeds: the stage-I images are exactly the ones G refined (its ``forward`` draws
+    ``low_res`` first)."""
     low_ctx = dataclasses.replace(ctx, image_size=LOW, progress=False)  # shares ctx.cache; one bar
-    stage1 = generate(G.low_res, low_ctx, emb, tag)
-    for (lo, hi, high), (_, _, low) in zip(generate(G, ctx, emb, tag, what="stage II and its input"), stage1):
+    stage1 = generate(G.low_res, low_ctx, emb, tag, captions=captions)
+    both = generate(G, ctx, emb, tag, what="stage II and its input", captions=captions)
+    for (lo, hi, high), (_, _, low) in zip(both, stage1):
         yield lo, hi, high, low
 
 
@@ -114,14 +116,15 @@ def _stage_pass(G: nn.Module, ctx: EvalContext, split: str, asking: str) -> Stag
     net: DetailFile | None = ensure_detail_net(ctx) if want_detail else None
     if judge is not None:
         items = judge_items(ctx, judge, split)
-        emb = items.emb
+        emb, texts = items.emb, items.captions
         tallies = {v: JudgeTally(judge, items) for v in VIEWS}
     else:  # the same items judge_items would give (the test split does not depend on the judge)
         data = split_data(ctx, split)
         sample, cap, _ = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
         emb, tallies = data.emb[sample, cap], {}
+        texts = [data.captions[s][c] for s, c in zip(sample, cap)]
     sums = {v: ImageSums(net) for v in ("stage2", "upsampled")} if want_images else {}
-    for lo, hi, high, low in stage_batches(G, ctx, emb, TAGS[split]):
+    for lo, hi, high, low in stage_batches(G, ctx, emb, TAGS[split], texts):
         up = upsample(low)
         for view, img in (("stage2", high), ("stage1", low), ("upsampled", up)):
             if view in tallies:

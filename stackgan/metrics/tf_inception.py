@@ -421,9 +421,10 @@ def inception_score_paper_metric(G, ctx: EvalContext) -> dict:
     perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
     i = np.arange(n)
     emb = data.emb[perm[i % s], (i // s) % c]
+    texts = [data.captions[a][b] for a, b in zip(perm[i % s], (i // s) % c)]
     sums = ISSums(ctx.is_splits, net.logits.out_features - 1)
     with torch.no_grad(), full_precision(ctx.device):
-        for lo, hi, img in generate(G, ctx, emb, TAG, what="paper IS samples"):
+        for lo, hi, img in generate(G, ctx, emb, TAG, what="paper IS samples", captions=texts):
             logits = net(paper_preprocess(img).to(ctx.device))
             sums.add(logits[:, 1:], torch.arange(lo, hi) * ctx.is_splits // n)
     mean, std = sums.reduce().score()
