@@ -70,7 +70,8 @@ class ModelConfig:
     upsample_skip: bool = False  # stage II: G draws a correction on top of the bicubically upsampled stage-I
     # image (zero at the start), instead of a new image from its 16x16 code (official)
     word_attn: bool = False  # stage I: G's 32- and 64-px maps attend over the caption's word vectors
-    # (AttnGAN's attention; not in StackGAN); the words: the sentence encoder's word pieces (stackgan.words)
+    # (AttnGAN's attention; not in StackGAN); the words: the sentence encoder's word pieces (stackgan.words).
+    # Needs loss.word_coef > 0
     stage1_export: str = ""  # stage II: path of the stage-I generator export (frozen)
 
 
@@ -91,7 +92,8 @@ class LossConfig:
     # colour) trained on real images' labels (attr.npy), and G is trained to make its fakes read as the
     # groups its caption states, and no others (not in StackGAN; needs shards with attributes)
     word_coef: float = 0.0  # > 0: D gets word and region codes (its 4x4 map), and AttnGAN's word-region
-    # matching loss (DAMSM's, in D's space) trains D on real pairs and G on its fakes (not in StackGAN)
+    # matching loss (DAMSM's, in D's space) trains D on real pairs and G on its fakes (not in StackGAN).
+    # Stage I, together with model.word_attn (each alone measured no better)
     recon_coef: float = 0.0  # stage II: G also refines the real 64-px crops, and the L1 distance of that
     # refinement to the real 256-px crop is in its loss (a super-resolution signal real images give for free)
 
@@ -386,9 +388,14 @@ def validate(cfg: Config) -> None:
     if cfg.model.family == "tf" and (cfg.model.d_cond != "text" or cfg.model.ca_act != "leaky" or cfg.model.g_film):
         raise ConfigError("model.family=tf is the TensorFlow birds network: it needs model.d_cond=text, "
                           "model.ca_act=leaky and model.g_film=false")
-    if cfg.model.word_attn and (cfg.model.stage != 1 or cfg.model.family != "pytorch"):
-        raise ConfigError("model.word_attn is a stage-I option of the pytorch family (model.stage=1, "
-                          "model.family=pytorch); stage II passes the words to a stage-I export that has it")
+    if (cfg.model.word_attn or cfg.loss.word_coef > 0) and (cfg.model.stage != 1 or cfg.model.family != "pytorch"):
+        raise ConfigError("model.word_attn and loss.word_coef are stage-I options of the pytorch family "
+                          "(model.stage=1, model.family=pytorch); stage II passes the words to a stage-I "
+                          "export that has them")
+    if cfg.model.word_attn != (cfg.loss.word_coef > 0):
+        raise ConfigError(f"model.word_attn={cfg.model.word_attn} with loss.word_coef={cfg.loss.word_coef}: the "
+                          "two go together (G's attention over the words and the word-region loss that asks "
+                          "for them; each alone measured no better: docs/quality.md, 'Word-level conditioning')")
     if (cfg.model.word_attn or cfg.loss.word_coef > 0) and cfg.data.emb_k != 1:
         raise ConfigError(f"model.word_attn and loss.word_coef read one caption's words: they need "
                           f"data.emb_k=1 (the embedding of one caption), got data.emb_k={cfg.data.emb_k}")

@@ -104,11 +104,16 @@ def test_word_region_loss_rewards_images_that_show_their_words_and_ignores_paddi
         word_region_loss(DOut(torch.zeros(6)), mask)
 
 
+WORDS = ["model.word_attn=true", "loss.word_coef=1"]
+
+
 @pytest.mark.parametrize("overrides,key", [
-    (["model.stage=2", "model.word_attn=true"], "model.word_attn"),
-    (["model.family=tf", "model.d_cond=text", "model.ca_act=leaky", "model.word_attn=true"], "model.word_attn"),
-    (["loss.word_coef=1", "data.emb_k=4"], "data.emb_k"),
+    (["model.stage=2", *WORDS], "model.word_attn"),
+    (["model.family=tf", "model.d_cond=text", "model.ca_act=leaky", *WORDS], "model.word_attn"),
+    ([*WORDS, "data.emb_k=4"], "data.emb_k"),
     (["loss.word_coef=-1"], "loss.word_coef"),
+    (["model.word_attn=true"], "go together"),
+    (["loss.word_coef=3"], "go together"),
 ])
 def test_word_options_refuse_what_they_cannot_do(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -117,7 +122,8 @@ def test_word_options_refuse_what_they_cannot_do(overrides, key):
 
 def test_a_word_attention_run_trains_resumes_evaluates_and_samples(tiny_shards, tmp_path):
     """The way users run it: train (loader workers and the trainer's own snapshot metrics on),
-    resume, evaluate the export with the judge metrics, sample from new text."""
+    resume, evaluate the export with the judge metrics, train stage II on it, sample both
+    stages from new text."""
     run = tmp_path / "words"
     words = ["model.word_attn=true", "loss.word_coef=1", "data.num_workers=1", "train.log_every=1"]
     p = run_cmd(train_args(tiny_shards, run, "train.steps=2", "train.ckpt_every=2", *words))
@@ -134,8 +140,12 @@ def test_a_word_attention_run_trains_resumes_evaluates_and_samples(tiny_shards, 
     p = run_cmd([sys.executable, "-m", "stackgan.evaluate", "--export", str(export), "--shards", str(tiny_shards),
                  "--judge-samples", "8", "--metrics", "judge_consistency,judge_fd,diversity", "--device", "cpu"])
     assert p.returncode == 0, p.stderr[-3000:]
-    out = tmp_path / "samples"
-    p = run_cmd([sys.executable, "-m", "stackgan.sample", "--export", str(export), "--out", str(out),
-                 "--prompt", YELLOW, "--prompt", RED, "--n", "2"])
+    s2 = tmp_path / "stage2"  # stage II refines the word-reading stage I: the words reach it
+    p = run_cmd(train_args(tiny_shards, s2, "train.steps=1", f"model.stage1_export={export}",
+                           config="configs/birds_stage2.yaml"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (out / "grid.png").is_file()
+    out = tmp_path / "samples"
+    p = run_cmd([sys.executable, "-m", "stackgan.sample", "--export", str(s2 / "export" / "generator.safetensors"),
+                 "--out", str(out), "--prompt", YELLOW, "--prompt", RED, "--n", "2", "--stages"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "grid.png").is_file() and (out / "stages.png").is_file()
