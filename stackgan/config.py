@@ -396,7 +396,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.word_attn={cfg.model.word_attn} with loss.word_coef={cfg.loss.word_coef}: the "
                           "two go together (G's attention over the words and the word-region loss that asks "
                           "for them; each alone measured no better: docs/quality.md, 'Word-level conditioning')")
-    if (cfg.model.word_attn or cfg.loss.word_coef > 0) and cfg.data.emb_k != 1:
+    if cfg.model.word_attn and cfg.data.emb_k != 1:  # (with loss.word_coef, checked just above)
         raise ConfigError(f"model.word_attn and loss.word_coef read one caption's words: they need "
                           f"data.emb_k=1 (the embedding of one caption), got data.emb_k={cfg.data.emb_k}")
     if cfg.model.stage == 1 and (cfg.model.upsample_skip or cfg.loss.recon_coef > 0):

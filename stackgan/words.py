@@ -35,11 +35,6 @@ class Words(NamedTuple):
     def repeat_interleave(self, k: int) -> "Words":
         return Words(self.vectors.repeat_interleave(k, 0), self.mask.repeat_interleave(k, 0))
 
-    def __getitem__(self, idx) -> "Words":  # type: ignore[override]
-        if isinstance(idx, int):  # a NamedTuple's own fields
-            return tuple.__getitem__(self, idx)
-        return Words(self.vectors[idx], self.mask[idx])
-
 
 class WordVectors:
     """Caption text -> :class:`Words` (tokenizer + frozen word table, loaded on first use;

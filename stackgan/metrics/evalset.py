@@ -88,6 +88,10 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def texts(self, sample, cap) -> list[str]:
+        """The caption texts of ``emb[sample, cap]`` (index arrays of equal length)."""
+        return [self.captions[s][c] for s, c in zip(sample, cap)]
+
 
 def load_split(
     meta: ShardMeta,

@@ -185,8 +185,8 @@ def inception_pass(G, ctx: EvalContext, need: str) -> dict:
         s, c, n = len(data), data.emb.shape[1], ctx.num_samples
         perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
         i = np.arange(n)
-        emb = data.emb[perm[i % s], (i // s) % c]
-        texts = [data.captions[a][b] for a, b in zip(perm[i % s], (i // s) % c)]
+        rows, caps = perm[i % s], (i // s) % c
+        emb, texts = data.emb[rows, caps], data.texts(rows, caps)
         feats = {k: GaussianSums(2048) for k in kinds}
         tv = nets.get("torchvision")
         is_sums = ISSums(ctx.is_splits, tv.net.fc.out_features) if tv is not None else None

@@ -130,8 +130,7 @@ def judge_items(ctx: EvalContext, judge: Judge, split: str) -> JudgeItems:
     data = split_data(ctx, split, judge.holdout_mod)
     sample, cap, partner = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
     tgt = targets(ctx, data, sample, cap)
-    texts = [data.captions[s][c] for s, c in zip(sample, cap)]
-    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner], texts)
+    return JudgeItems(data.emb[sample, cap], tgt, tgt[partner], data.texts(sample, cap))
 
 
 class JudgeTally:
@@ -269,7 +268,7 @@ def diversity_samples(G, ctx: EvalContext) -> list[torch.Tensor]:
         k, m = ctx.diversity_captions, ctx.diversity_z
         sample, cap, _ = draw_items(data, k, ctx.seed, TAGS["diversity"])
         emb = np.repeat(data.emb[sample, cap], m, axis=0)  # caption-major: item i -> caption i // m
-        texts = [data.captions[s][c] for s, c in zip(sample, cap) for _ in range(m)]
+        texts = [t for t in data.texts(sample, cap) for _ in range(m)]
         bs = max(1, ctx.batch_size // m) * m  # whole captions per batch
         return [resize(img, 64).cpu().reshape(-1, m, 3, 64, 64)
                 for _, _, img in generate(G, ctx, emb, TAGS["diversity"], batch_size=bs, what="diversity",

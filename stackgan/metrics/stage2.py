@@ -122,7 +122,7 @@ def _stage_pass(G: nn.Module, ctx: EvalContext, split: str, asking: str) -> Stag
         data = split_data(ctx, split)
         sample, cap, _ = draw_items(data, ctx.judge_samples, ctx.seed, TAGS[split])
         emb, tallies = data.emb[sample, cap], {}
-        texts = [data.captions[s][c] for s, c in zip(sample, cap)]
+        texts = data.texts(sample, cap)
     sums = {v: ImageSums(net) for v in ("stage2", "upsampled")} if want_images else {}
     for lo, hi, high, low in stage_batches(G, ctx, emb, TAGS[split], texts):
         up = upsample(low)

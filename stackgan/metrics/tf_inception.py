@@ -420,8 +420,8 @@ def inception_score_paper_metric(G, ctx: EvalContext) -> dict:
     s, c, n = len(data), data.emb.shape[1], ctx.num_samples
     perm = np.random.default_rng([ctx.seed, TAG]).permutation(s)
     i = np.arange(n)
-    emb = data.emb[perm[i % s], (i // s) % c]
-    texts = [data.captions[a][b] for a, b in zip(perm[i % s], (i // s) % c)]
+    rows, caps = perm[i % s], (i // s) % c
+    emb, texts = data.emb[rows, caps], data.texts(rows, caps)
     sums = ISSums(ctx.is_splits, net.logits.out_features - 1)
     with torch.no_grad(), full_precision(ctx.device):
         for lo, hi, img in generate(G, ctx, emb, TAG, what="paper IS samples", captions=texts):
