@@ -164,6 +164,9 @@ def test_url_forms_for_metadata_trainer_launcher_and_evaluation(remote_set, tmp_
     with pytest.raises(ShardError, match="cat: .*metadata.json"):
         load_metadata(f"pipe:cat {tmp_path}/{{name}}")
     over = [f"data.shards={url}", f"data.cache_dir={tmp_path / 'c'}", "data.cache_gb=0.01"]
+    with pytest.raises(ShardError, match=r"attr_coef=\S+ needs attribute labels: http://.*/set/metadata\.json"):
+        check_inputs(load_config(str(ROOT / "configs/birds_stage1.yaml"), over))  # the config's head, a set without labels
+    over.append("loss.attr_coef=0")
     cfg = load_config(str(ROOT / "configs/birds_stage1.yaml"), over)
     assert check_inputs(cfg).splits["train"].num_samples == sum(SIZES)
     assert check_train_config(str(ROOT / "configs/birds_stage1.yaml"), over).data.shards == url
