@@ -163,13 +163,14 @@ def test_url_forms_for_metadata_trainer_launcher_and_evaluation(remote_set, tmp_
         load_metadata("s3://bucket/set")
     with pytest.raises(ShardError, match="cat: .*metadata.json"):
         load_metadata(f"pipe:cat {tmp_path}/{{name}}")
+    config = str(ROOT / "configs/birds_stage1.yaml")
     over = [f"data.shards={url}", f"data.cache_dir={tmp_path / 'c'}", "data.cache_gb=0.01"]
-    with pytest.raises(ShardError, match=r"attr_coef=\S+ needs attribute labels: http://.*/set/metadata\.json"):
-        check_inputs(load_config(str(ROOT / "configs/birds_stage1.yaml"), over))  # the config's head, a set without labels
+    refused = r"attr_coef=\S+ needs attribute labels: http://.*/set/metadata\.json"
+    with pytest.raises(ShardError, match=refused):
+        check_inputs(load_config(config, over))  # the config's attribute head on a set without labels
     over.append("loss.attr_coef=0")
-    cfg = load_config(str(ROOT / "configs/birds_stage1.yaml"), over)
-    assert check_inputs(cfg).splits["train"].num_samples == sum(SIZES)
-    assert check_train_config(str(ROOT / "configs/birds_stage1.yaml"), over).data.shards == url
+    assert check_inputs(load_config(config, over)).splits["train"].num_samples == sum(SIZES)
+    assert check_train_config(config, over).data.shards == url
     monkeypatch.setenv("STACKGAN_SHARD_CACHE", str(tmp_path / "eval-cache"))  # evaluation's cache folder
     remote = load_split(load_metadata(url), "train", image=76)
     local = load_split(load_metadata(folder), "train", image=76)
